@@ -1,0 +1,175 @@
+"""`facert`: one command, with subcommands.
+
+  facert init  --model SPEC --out DIR          write a checkpoint with seeded random weights
+  facert ask   IMAGE QUESTION --checkpoint DIR  answer a question about a face image, in-process
+  facert demo                                   init the demo model and ask about a real face photo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets"
+DEMO_IMAGE = ASSETS / "astronaut.png"
+DEMO_QUESTION = "Describe this person's face: hair, expression and any accessories."
+
+
+def _err(msg: str) -> int:
+    print(f"facert: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _progress(msg: str) -> None:
+    print(f"[facert] {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_init(args) -> int:
+    from runtime.checkpoint import init_checkpoint
+
+    init_checkpoint(args.model, args.out, layers=args.layers, seed=args.seed, dtype=args.dtype, progress=_progress)
+    return 0
+
+
+def _sampling(args):
+    from runtime.generate import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          seed=args.seed).validate()
+
+
+def print_answer(answer, spec: dict, streamed: bool, out=sys.stdout) -> None:
+    if not streamed:
+        print(answer.text, file=out)
+    else:
+        print(file=out)
+    random_parts = spec.get("random_parts", [])
+    if random_parts:
+        print(f"\nnote: these parts have seeded RANDOM weights, so their outputs carry no meaning: "
+              f"{', '.join(random_parts)}", file=out)
+    real = spec.get("real_parts", {})
+    if real:
+        print("real weights: " + "; ".join(f"{k}: {v}" for k, v in real.items()), file=out)
+    if answer.attributes:
+        present = sorted(((p, n) for n, p in answer.attributes.items() if p >= 0.5), reverse=True)
+        label = "attributes (random head)" if "attributes" in random_parts else "attributes"
+        print(f"\n{label}, p >= 0.5 after constraints: "
+              + (", ".join(f"{n} {p:.2f}" for p, n in present) or "none"), file=out)
+        print("constraint rules fired: " + (", ".join(answer.constraints_fired) or "none"), file=out)
+    t = answer.timings
+    stages = " | ".join(f"{k[:-3]} {v:.1f} ms" for k, v in t.items() if k.endswith("_ms") and k != "total_ms")
+    print(f"\ntimings: {stages}\n         decode {t['decode_tokens_per_s']:.1f} tokens/s | total {t['total_ms']:.1f} ms "
+          f"| {len(answer.token_ids)} tokens, finished by {answer.finish_reason}", file=out)
+
+
+def _ask_local(checkpoint: str, image: Path, question: str, args) -> int:
+    from runtime.pipeline import FacePipeline
+
+    data = image.read_bytes()
+    params = _sampling(args)
+    _progress(f"loading {checkpoint}")
+    pipe = FacePipeline.from_checkpoint(checkpoint, device=args.device)
+    on_text = None
+    if args.stream and not args.json:
+        def on_text(piece: str) -> None:
+            print(piece, end="", flush=True)
+    answer = pipe.ask(data, question, params, on_text=on_text)
+    if args.json:
+        print(json.dumps({**answer.to_dict(), "random_parts": pipe.random_parts}, indent=2))
+    else:
+        print_answer(answer, pipe.spec, streamed=args.stream)
+    return 0
+
+
+def cmd_ask(args) -> int:
+    image = Path(args.image)
+    if not image.is_file():
+        return _err(f"image {image} does not exist")
+    if not args.checkpoint:
+        return _err("say where the model is: --checkpoint DIR")
+    return _ask_local(args.checkpoint, image, args.question, args)
+
+
+def cmd_demo(args) -> int:
+    from runtime.checkpoint import CheckpointError, load_checkpoint  # noqa: F401 (fail early if broken)
+
+    ckpt = Path(args.out) / "checkpoints" / "demo"
+    if not (ckpt / "config.json").exists():
+        cmd_init(argparse.Namespace(model="demo", out=str(ckpt), layers=None, seed=args.seed, dtype=None))
+    else:
+        _progress(f"reusing {ckpt} (delete it to rebuild)")
+    print(f"Q: {args.question}\n(image: {args.image})\nA: ", end="", flush=True)
+    args.stream, args.json = True, False
+    return _ask_local(str(ckpt), Path(args.image), args.question, args)
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, for reproducible answers (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device for the in-process runtime (default cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from runtime.specs import SPEC_NAMES
+
+    ap = argparse.ArgumentParser(
+        prog="facert",
+        description="Run face-perception multimodal LLMs (FaceInsight, FaceLLM) in production.",
+        epilog="Start with `facert demo`. Every subcommand has its own --help.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="write a checkpoint with seeded random weights",
+                       description="Write a facert checkpoint (config.json + model.safetensors + tokenizer) "
+                                   "with seeded random weights; the demo spec's LLM is the real SmolLM2-135M. "
+                                   "The same spec, --layers and --seed give a byte-identical directory.")
+    p.add_argument("--model", required=True, choices=SPEC_NAMES, help="model spec")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--layers", type=int, help="cap the vision and LLM depth (widths stay full size)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
+                   help="weight dtype (default fp32; bf16 for full-size 7B/8B)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("ask", help="answer a question about a face image",
+                       description="Answer a question about a face image with a checkpoint, in-process; "
+                                   "prints the answer, the facial attributes and per-stage timings.")
+    p.add_argument("image", help="image file (JPEG, PNG, WebP, ...)")
+    p.add_argument("question", help="the question, in plain text")
+    p.add_argument("--checkpoint", help="checkpoint directory (facert, llava-hf or InternVL3-hf)")
+    p.add_argument("--stream", action="store_true", help="print the answer token by token")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("demo", help="init the demo model and ask about a real face photo",
+                       description="The main job, on any laptop: builds the demo checkpoint (real SmolLM2-135M "
+                                   "LLM, seeded random vision/parser/seg/attribute parts) once, then asks about "
+                                   "a public-domain face photo and streams the answer.")
+    p.add_argument("--out", default="demo_out", help="working directory (default demo_out/)")
+    p.add_argument("--image", default=str(DEMO_IMAGE), help="image (default: the NASA astronaut photo)")
+    p.add_argument("--question", default=DEMO_QUESTION, help="question to ask")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from runtime.checkpoint import CheckpointError
+    from runtime.preprocess import ImageError
+    from runtime.prompt import PromptError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, ImageError, PromptError, ValueError) as e:
+        return _err(str(e))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
