@@ -14,6 +14,8 @@ from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
 DEMO_IMAGE = ASSETS / "astronaut.png"
+# build (export), serve/repo (serving), eval, bench: registered if present.
+EXTRA_COMMAND_MODULES = ("export.cli", "runtime.serve_cli", "runtime.eval_cli", "runtime.bench_cli")
 DEMO_QUESTION = "Describe this person's face: hair, expression and any accessories."
 
 
@@ -64,13 +66,23 @@ def print_answer(answer, spec: dict, streamed: bool, out=sys.stdout) -> None:
           f"| {len(answer.token_ids)} tokens, finished by {answer.finish_reason}", file=out)
 
 
-def _ask_local(checkpoint: str, image: Path, question: str, args) -> int:
+def _open_pipeline(args):
+    """The in-process pipeline for --checkpoint (torch) or --engines (built engines)."""
     from runtime.pipeline import FacePipeline
 
+    if getattr(args, "engines", None):
+        from runtime.engines import open_pipeline  # issue 3: engines folders and their backends
+
+        _progress(f"loading engines {args.engines} ({args.backend})")
+        return open_pipeline(args.engines, backend=args.backend, device=args.device)
+    _progress(f"loading {args.checkpoint}")
+    return FacePipeline.from_checkpoint(args.checkpoint, device=args.device)
+
+
+def _ask_local(image: Path, question: str, args) -> int:
     data = image.read_bytes()
     params = _sampling(args)
-    _progress(f"loading {checkpoint}")
-    pipe = FacePipeline.from_checkpoint(checkpoint, device=args.device)
+    pipe = _open_pipeline(args)
     on_text = None
     if args.stream and not args.json:
         def on_text(piece: str) -> None:
@@ -87,9 +99,13 @@ def cmd_ask(args) -> int:
     image = Path(args.image)
     if not image.is_file():
         return _err(f"image {image} does not exist")
-    if not args.checkpoint:
-        return _err("say where the model is: --checkpoint DIR")
-    return _ask_local(args.checkpoint, image, args.question, args)
+    if args.url:
+        from runtime.client import cli_ask  # issue 5: the gRPC/HTTP client
+
+        return cli_ask(image, args.question, args)
+    if not (args.checkpoint or args.engines):
+        return _err("say where the model is: --checkpoint DIR, --engines DIR or --url HOST:PORT")
+    return _ask_local(image, args.question, args)
 
 
 def cmd_demo(args) -> int:
@@ -101,8 +117,8 @@ def cmd_demo(args) -> int:
     else:
         _progress(f"reusing {ckpt} (delete it to rebuild)")
     print(f"Q: {args.question}\n(image: {args.image})\nA: ", end="", flush=True)
-    args.stream, args.json = True, False
-    return _ask_local(str(ckpt), Path(args.image), args.question, args)
+    args.stream, args.json, args.checkpoint, args.engines = True, False, str(ckpt), None
+    return _ask_local(Path(args.image), args.question, args)
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -139,7 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "prints the answer, the facial attributes and per-stage timings.")
     p.add_argument("image", help="image file (JPEG, PNG, WebP, ...)")
     p.add_argument("question", help="the question, in plain text")
-    p.add_argument("--checkpoint", help="checkpoint directory (facert, llava-hf or InternVL3-hf)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--checkpoint", help="checkpoint directory (facert, llava-hf or InternVL3-hf): torch, in-process")
+    where.add_argument("--engines", help="engines folder built by `facert build`, in-process")
+    where.add_argument("--url", help="HOST:PORT of a running `facert serve`")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
+                   help="backend for --engines (default onnxruntime)")
+    p.add_argument("--protocol", default="grpc", choices=("grpc", "http"), help="protocol for --url (default grpc)")
     p.add_argument("--stream", action="store_true", help="print the answer token by token")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     _add_sampling(p)
@@ -154,6 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", default=DEMO_QUESTION, help="question to ask")
     _add_sampling(p)
     p.set_defaults(func=cmd_demo)
+
+    # Subcommands that live beside the parts they drive (each module has `register(subparsers)`).
+    import importlib
+
+    for name in EXTRA_COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register(sub)
     return ap
 
 
