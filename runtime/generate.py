@@ -1,7 +1,11 @@
 """Generation: prefill + decode with a static KV cache, as a short loop.
 
 The loop only needs an LLM object with `embed(ids)`, `new_cache(batch, max_len)` and
-`forward(embeds, attention_mask, position_ids, cache, cache_position) -> last-position logits`;
+`forward(embeds, attention_mask, position_ids, cache, cache_position) -> last-position logits`.
+With a cache, `attention_mask` is always [B, max_len] (the whole cache: 1 for slots holding a real
+token, including the ones being written now, 0 for left padding and not-yet-written slots) and
+`cache_position` gives the slots the new tokens go to; without one (use_cache=False) it is
+[B, T] for the T tokens passed.
 `TorchLLM` is the torch backend's, other backends bring their own. Requests of different prompt
 lengths share one batch by left padding; each request samples with its own seeded generator, so
 its tokens do not depend on what it was batched with.
@@ -124,7 +128,12 @@ def generate(llm, prompt_embeds: list[torch.Tensor], params: SamplingParams | li
     embeds, mask = _left_pad(prompt_embeds)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     t_prompt = embeds.shape[1]
-    cache = llm.new_cache(batch, t_prompt + max_new) if use_cache else None
+    cache = None
+    if use_cache:
+        cache = llm.new_cache(batch, t_prompt + max_new)
+        # The mask spans the whole cache from the start, so every decode step has the same shapes
+        # (what CUDA-graph capture needs); slots not yet written are masked out.
+        mask = torch.cat([mask, mask.new_zeros(batch, max_new)], dim=1)
 
     t0 = time.perf_counter()
     logits = llm.forward(embeds, mask, positions, cache, torch.arange(t_prompt, device=embeds.device))
@@ -159,11 +168,12 @@ def generate(llm, prompt_embeds: list[torch.Tensor], params: SamplingParams | li
             break
         step_ids = torch.tensor(chosen, dtype=torch.long).view(batch, 1)
         step_embeds = llm.embed(step_ids).to(embeds.dtype)
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], dim=1)
         if use_cache:
+            mask[:, t_prompt + steps] = 1
             logits = llm.forward(step_embeds, mask, next_pos, cache,
                                  torch.tensor([t_prompt + steps], device=embeds.device))
         else:
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], dim=1)
             embeds = torch.cat([embeds, step_embeds], dim=1)
             positions = torch.cat([positions, next_pos], dim=1)
             logits = llm.forward(embeds, mask, positions, None, None)
