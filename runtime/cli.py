@@ -76,7 +76,8 @@ def _open_pipeline(args):
         _progress(f"loading engines {args.engines} ({args.backend})")
         return open_pipeline(args.engines, backend=args.backend, device=args.device)
     _progress(f"loading {args.checkpoint}")
-    return FacePipeline.from_checkpoint(args.checkpoint, device=args.device)
+    return FacePipeline.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype,
+                                        cuda_graphs=not args.no_cuda_graphs)
 
 
 def _ask_local(image: Path, question: str, args) -> int:
@@ -127,6 +128,10 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, for reproducible answers (default 0)")
     p.add_argument("--device", default="cpu", help="torch device for the in-process runtime (default cpu)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
+                   help="run the checkpoint in this dtype (default: as stored; bf16 is the GPU fast path's)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA, decode eagerly instead of through compiled CUDA graphs")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,11 +51,25 @@ class GenerationResult:
 
 
 class TorchLLM:
-    """transformers' *ForCausalLM driven with a preallocated StaticCache."""
+    """transformers' *ForCausalLM driven with a preallocated StaticCache.
 
-    def __init__(self, model):
+    `cuda_graphs=True` is the GPU fast path: the one-token decode step is compiled with
+    torch.compile(mode="reduce-overhead"), which captures it in CUDA graphs, and caches are reused
+    per (batch, length bucket) so a captured graph always sees the same KV buffers. It switches
+    itself off on CPU. The first decode at each shape pays the compile; `compile_seconds` says how much.
+    """
+
+    CACHE_BUCKET = 256
+
+    def __init__(self, model, cuda_graphs: bool = False, reuse_caches: bool | None = None):
         self.model = model
         self.vocab_size = model.config.vocab_size
+        self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
+        self.reuse_caches = self.cuda_graphs if reuse_caches is None else reuse_caches
+        self.compile_seconds = 0.0
+        self._caches: dict[tuple[int, int], object] = {}
+        self._compiled_shapes: set[tuple[int, int]] = set()
+        self._decode = torch.compile(self._step, mode="reduce-overhead", dynamic=False) if self.cuda_graphs else None
 
     @property
     def device(self):
@@ -67,14 +81,37 @@ class TorchLLM:
     def new_cache(self, batch: int, max_len: int):
         from transformers import StaticCache
 
-        return StaticCache(config=self.model.config, max_cache_len=max_len)
+        if not self.reuse_caches:
+            return StaticCache(config=self.model.config, max_cache_len=max_len)
+        length = -(-max_len // self.CACHE_BUCKET) * self.CACHE_BUCKET
+        cache = self._caches.get((batch, length))
+        if cache is None:
+            cache = self._caches[(batch, length)] = StaticCache(config=self.model.config, max_cache_len=length)
+        else:
+            cache.reset()
+        return cache
 
-    @torch.inference_mode()
-    def forward(self, embeds, attention_mask, position_ids, cache, cache_position) -> torch.Tensor:
+    def cache_length(self, cache) -> int:
+        return int(cache.get_max_length())
+
+    def _step(self, embeds, attention_mask, position_ids, cache, cache_position):
         out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=cache, cache_position=cache_position, use_cache=cache is not None,
                          logits_to_keep=1)
         return out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def forward(self, embeds, attention_mask, position_ids, cache, cache_position) -> torch.Tensor:
+        if self._decode is None or cache is None or embeds.shape[1] != 1:
+            return self._step(embeds, attention_mask, position_ids, cache, cache_position)
+        shape = (embeds.shape[0], attention_mask.shape[1])
+        t0 = time.perf_counter()
+        logits = self._decode(embeds, attention_mask, position_ids, cache, cache_position).clone()
+        if shape not in self._compiled_shapes:
+            self._compiled_shapes.add(shape)
+            torch.cuda.synchronize()
+            self.compile_seconds += time.perf_counter() - t0
+        return logits
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
@@ -132,8 +169,10 @@ def generate(llm, prompt_embeds: list[torch.Tensor], params: SamplingParams | li
     if use_cache:
         cache = llm.new_cache(batch, t_prompt + max_new)
         # The mask spans the whole cache from the start, so every decode step has the same shapes
-        # (what CUDA-graph capture needs); slots not yet written are masked out.
-        mask = torch.cat([mask, mask.new_zeros(batch, max_new)], dim=1)
+        # (what CUDA-graph capture needs); slots not yet written are masked out. A backend may
+        # round the cache up (length buckets), so its own length is the one that counts.
+        cache_len = llm.cache_length(cache) if hasattr(llm, "cache_length") else t_prompt + max_new
+        mask = torch.cat([mask, mask.new_zeros(batch, cache_len - t_prompt)], dim=1)
 
     t0 = time.perf_counter()
     logits = llm.forward(embeds, mask, positions, cache, torch.arange(t_prompt, device=embeds.device))

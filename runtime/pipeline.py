@@ -30,15 +30,17 @@ class TorchComponents:
 
     backend = "torch"
 
-    def __init__(self, model, device: str | torch.device = "cpu"):
+    def __init__(self, model, device: str | torch.device = "cpu", cuda_graphs: bool | None = None):
         self.model = model.to(device).eval()
         self.device = torch.device(device)
+        if cuda_graphs is None:  # the GPU fast path is the default wherever there is a GPU
+            cuda_graphs = self.device.type == "cuda"
         self.spec = model.spec
         self.family = model.family
         self.vocab_size = model.vocab_size
         self.num_image_tokens = model.num_image_tokens
         self.num_seg_tokens = model.num_seg_tokens
-        self.llm = TorchLLM(model.llm)
+        self.llm = TorchLLM(model.llm, cuda_graphs=cuda_graphs)
 
     def _t(self, x) -> torch.Tensor:
         return torch.as_tensor(x).to(self.device)
@@ -113,11 +115,12 @@ class FacePipeline:
         self.eos_token_ids = tuple(x for x in ([eos] if isinstance(eos, int) else (eos or [])) if x is not None)
 
     @classmethod
-    def from_checkpoint(cls, path, device: str = "cpu", dtype: str | None = None, **kw) -> "FacePipeline":
+    def from_checkpoint(cls, path, device: str = "cpu", dtype: str | None = None,
+                        cuda_graphs: bool | None = None, **kw) -> "FacePipeline":
         from runtime.checkpoint import load_checkpoint
 
         model, tok, _ = load_checkpoint(path, dtype=dtype)
-        return cls(TorchComponents(model, device), tok, **kw)
+        return cls(TorchComponents(model, device, cuda_graphs=cuda_graphs), tok, **kw)
 
     @property
     def random_parts(self) -> list[str]:

@@ -180,3 +180,15 @@ def test_streaming_callback_concatenates_to_answer(tiny_checkpoint, face_images)
     assert set(ans.timings) >= {"preprocess_ms", "vision_ms", "parser_ms", "seg_ms", "prefill_ms", "decode_ms", "total_ms"}
     assert np.isclose(sum(ans.attributes_raw.values()) > 0, True)
     assert len(ans.attributes) == 40
+
+
+def test_reused_bucketed_caches_give_the_same_tokens(tiny_checkpoint, face_images):
+    """The GPU fast path's cache reuse (per batch and length bucket, reset between requests), run on CPU."""
+    pipe = FacePipeline.from_checkpoint(tiny_checkpoint)
+    params = SamplingParams(max_new_tokens=9)
+    expected = [a.token_ids for a in pipe.ask_batch(face_images, QUESTIONS, params)]
+    pipe.c.llm = TorchLLM(pipe.c.model.llm, reuse_caches=True)
+    for _ in range(2):  # the second round runs on the reset caches of the first
+        assert [a.token_ids for a in pipe.ask_batch(face_images, QUESTIONS, params)] == expected
+    assert all(length % TorchLLM.CACHE_BUCKET == 0 for _, length in pipe.c.llm._caches)
+    assert not pipe.c.llm.cuda_graphs  # switched off on CPU
