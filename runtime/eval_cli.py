@@ -30,7 +30,7 @@ def _model_identity(args) -> dict:
         return {"url": args.url, "protocol": args.protocol}
     if args.engines:
         return {"engines": str(Path(args.engines).resolve()), "backend": args.backend}
-    return {"checkpoint": str(Path(args.checkpoint).resolve())}
+    return {"checkpoint": str(Path(args.checkpoint).resolve()), "dtype": args.dtype}
 
 
 def _open_backend(args):
@@ -40,9 +40,17 @@ def _open_backend(args):
         return RemoteBackend(args.url, args.protocol, args.concurrency)
     if not (args.checkpoint or args.engines):
         raise EvalError("say where the model is: --checkpoint DIR, --engines DIR or --url HOST:PORT")
-    from runtime.cli import _open_pipeline
+    if args.engines:
+        from runtime.engines import open_pipeline  # the engines folders and their backends
 
-    return PipelineBackend(_open_pipeline(args), args.concurrency)
+        _progress(f"loading engines {args.engines} ({args.backend})")
+        pipeline = open_pipeline(args.engines, backend=args.backend, device=args.device)
+    else:
+        from runtime.pipeline import FacePipeline
+
+        _progress(f"loading {args.checkpoint}")
+        pipeline = FacePipeline.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
+    return PipelineBackend(pipeline, args.concurrency)
 
 
 def _log(args, command: str, settings: dict):
@@ -128,7 +136,9 @@ def _common(p: argparse.ArgumentParser, embedding: bool = False, max_tokens: int
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
                    help="backend for --engines (default onnxruntime)")
     p.add_argument("--protocol", default="grpc", choices=("grpc", "http"), help="protocol for --url (default grpc)")
-    p.add_argument("--device", default="cpu", help="torch device for --checkpoint (default cpu)")
+    p.add_argument("--device", default="cpu", help="device for the in-process runtime (default cpu)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
+                   help="run the --checkpoint in this dtype (default: as stored)")
     p.add_argument("--out", help="output folder (default eval_results/COMMAND-DATA); rerun to resume")
     p.add_argument("--concurrency", type=int, default=4,
                    help="requests in flight against --url, or per batched call in-process (default 4)")

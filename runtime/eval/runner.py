@@ -180,9 +180,9 @@ class RemoteBackend:
     """A running `facert serve` (--url): one request per call, `concurrency` calls in flight,
     through runtime.client.ask_remote."""
 
-    def __init__(self, url: str, protocol: str = "grpc", concurrency: int = 8):
-        from runtime.client import ask_remote  # the serving client; imported only for --url
-
+    def __init__(self, url: str, protocol: str = "grpc", concurrency: int = 8, ask_remote=None):
+        if ask_remote is None:
+            from runtime.client import ask_remote  # the serving client; imported only for --url
         self.ask_remote = ask_remote
         self.url, self.protocol = url, protocol
         self.batch_size = 1
