@@ -1,0 +1,302 @@
+"""The onnxruntime backend: the ONNX graphs of an engines folder behind the components interface.
+
+`OrtComponents` has the surface of runtime.pipeline.TorchComponents (encode_image, parse_face,
+seg_tokens, attributes, llm), so `FacePipeline(components, tokenizer)` runs it unchanged;
+`OrtLLM` is runtime.generate's LLM interface over the llm_prefill / llm_decode graphs
+(export/onnx_export.py documents their inputs and outputs).
+
+Providers: TensorRT -> CUDA -> CPU, the ones this onnxruntime has (onnxruntime-gpu brings the
+first two); device "cpu" uses the CPU provider only. The TensorRT provider keeps its engines and
+timing cache in `trt_cache_dir` (default: `ort_trt_cache/` in the engines folder), so only the
+first session build pays for TensorRT's tactic search.
+
+Threads: `intra_op_threads` (default: the env var FACERT_ORT_THREADS, else onnxruntime's default,
+one per physical core); one inter-op thread, since the graphs run their nodes in sequence.
+
+The KV cache: `new_cache` preallocates, per layer, K and V buffers [B, Hkv, max_len, hd] as torch
+tensors (on the CUDA device when a GPU provider runs the graphs) plus the decode step's inputs and
+outputs. The decode graph takes the whole buffer as `past_*` and returns only the new rows,
+`present_*` [B, Hkv, 1, hd], which are copied into the buffer at cache_position: a decode step
+reads the cache in place and writes B*Hkv*hd values per layer, it never copies the cache. All of
+it is bound once through one IOBinding (by address; the addresses never change), so a step is:
+copy the new token's embedding and position into the bound inputs, run, copy the new K/V rows.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.manifest import EngineError
+
+PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_PROVIDERS = PROVIDER_ORDER[:2]
+NUMPY_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.uint8: np.uint8}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise EngineError("the onnxruntime backend needs onnxruntime: pip install 'facert[onnx]' "
+                          "(onnxruntime-gpu for the CUDA and TensorRT providers)") from e
+    return onnxruntime
+
+
+def choose_providers(device: str = "cpu", trt_cache_dir: str | Path | None = None,
+                     precision: str = "fp32") -> list:
+    """Execution providers in the order TensorRT -> CUDA -> CPU, as installed; device 'cpu' takes CPU only."""
+    ort = _ort()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    device_id = int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
+    available = set(ort.get_available_providers())
+    chosen: list = []
+    if "TensorrtExecutionProvider" in available:
+        trt = {"device_id": device_id, "trt_fp16_enable": precision == "fp16"}
+        if trt_cache_dir is not None:
+            Path(trt_cache_dir).mkdir(parents=True, exist_ok=True)
+            trt.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(trt_cache_dir),
+                       trt_timing_cache_enable=True, trt_timing_cache_path=str(trt_cache_dir))
+        chosen.append(("TensorrtExecutionProvider", trt))
+    if "CUDAExecutionProvider" in available:
+        chosen.append(("CUDAExecutionProvider", {"device_id": device_id}))
+    if not chosen and device != "auto":
+        raise EngineError(f"device {device!r} asked for, but this onnxruntime has only "
+                          f"{', '.join(sorted(available))}: install onnxruntime-gpu, or use --device cpu")
+    return chosen + ["CPUExecutionProvider"]
+
+
+def session_options(intra_op_threads: int | None = None):
+    ort = _ort()
+    so = ort.SessionOptions()
+    threads = intra_op_threads if intra_op_threads is not None else int(os.environ.get("FACERT_ORT_THREADS", "0"))
+    so.intra_op_num_threads = threads  # 0: onnxruntime's default, one thread per physical core
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # errors only: the CPU provider warns about every node it does not fuse
+    return so
+
+
+class Graph:
+    """One InferenceSession, run with torch tensors bound by address (no copies in or out)."""
+
+    def __init__(self, path: Path, providers: list, options):
+        ort = _ort()
+        self.name = path.stem
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise EngineError(f"onnxruntime cannot load {path}: {e}") from None
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.providers = self.session.get_providers()
+        on_gpu = self.providers[0] in GPU_PROVIDERS
+        self.device = torch.device("cuda") if on_gpu else torch.device("cpu")
+        self.device_type = "cuda" if on_gpu else "cpu"
+
+    def bind(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]):
+        binding = self.session.io_binding()
+        for name, t in list(feeds.items()) + list(outputs.items()):
+            if not t.is_contiguous():
+                raise ValueError(f"{self.name}: {name} must be contiguous to be bound")
+        for name, t in feeds.items():
+            binding.bind_input(name, self.device_type, t.device.index or 0, NUMPY_TYPES[t.dtype],
+                               list(t.shape), t.data_ptr())
+        for name, t in outputs.items():
+            binding.bind_output(name, self.device_type, t.device.index or 0, NUMPY_TYPES[t.dtype],
+                                list(t.shape), t.data_ptr())
+        return binding
+
+    def run_bound(self, binding) -> None:
+        self.session.run_with_iobinding(binding)
+
+    def run(self, **feeds) -> list[np.ndarray]:
+        """Plain run with numpy inputs (the small graphs: one call per request batch)."""
+        return self.session.run(None, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
+
+
+class OrtKVCache:
+    """Preallocated K/V buffers for every layer, plus the decode step's bound inputs and outputs."""
+
+    def __init__(self, layout: dict, batch: int, max_len: int, device: torch.device, vocab_size: int):
+        shape = (batch, layout["num_kv_heads"], max_len, layout["head_dim"])
+        self.keys = [torch.zeros(shape, device=device) for _ in range(layout["num_layers"])]
+        self.values = [torch.zeros(shape, device=device) for _ in range(layout["num_layers"])]
+        self.batch, self.max_len = batch, max_len
+        # decode step (one token): the graph's attention_mask covers the buffer then the new token
+        self.step_embeds = torch.zeros(batch, 1, layout["hidden_size"], device=device)
+        self.step_mask = torch.zeros(batch, max_len + 1, dtype=torch.long, device=device)
+        self.step_position = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        new_shape = (batch, layout["num_kv_heads"], 1, layout["head_dim"])
+        self.new_keys = [torch.empty(new_shape, device=device) for _ in self.keys]
+        self.new_values = [torch.empty(new_shape, device=device) for _ in self.keys]
+        self.logits = torch.empty(batch, vocab_size, device=device)
+        self.binding = None  # made by OrtLLM on the first decode step
+
+
+class OrtLLM:
+    """runtime.generate's LLM interface (vocab_size, device, embed, new_cache, forward) over ONNX graphs."""
+
+    def __init__(self, prefill: Graph, decode: Graph, embed_table: np.ndarray, layout: dict):
+        self.prefill, self.decode = prefill, decode
+        self.table = embed_table
+        self.layout = layout
+        self.vocab_size = int(embed_table.shape[0])
+        self.num_layers = int(layout["num_layers"])
+
+    @property
+    def device(self) -> torch.device:
+        return self.decode.device
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(ids).cpu().numpy()
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got [{ids.min()}, {ids.max()}]")
+        return torch.from_numpy(self.table[ids]).to(self.device)  # numpy gather from the mapped table
+
+    def new_cache(self, batch: int, max_len: int) -> OrtKVCache:
+        limit = int(self.layout.get("max_position_embeddings", max_len))
+        if max_len > limit:
+            raise ValueError(f"prompt + max_tokens = {max_len} tokens, over the model's {limit}-token context")
+        return OrtKVCache(self.layout, batch, max_len, self.device, self.vocab_size)
+
+    def _kv_outputs(self, b: int, s: int) -> dict[str, torch.Tensor]:
+        shape = (b, self.layout["num_kv_heads"], s, self.layout["head_dim"])
+        out = {}
+        for i in range(self.num_layers):
+            out[f"present_key_{i}"] = torch.empty(shape, device=self.device)
+            out[f"present_value_{i}"] = torch.empty(shape, device=self.device)
+        return out
+
+    def _step_binding(self, cache: OrtKVCache):
+        feeds = {"inputs_embeds": cache.step_embeds, "attention_mask": cache.step_mask,
+                 "position_ids": cache.step_position}
+        outputs = {"logits": cache.logits}
+        for i in range(self.num_layers):
+            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = cache.keys[i], cache.values[i]
+            outputs[f"present_key_{i}"], outputs[f"present_value_{i}"] = cache.new_keys[i], cache.new_values[i]
+        return self.decode.bind(feeds, outputs)
+
+    @torch.inference_mode()
+    def forward(self, embeds, attention_mask, position_ids, cache: OrtKVCache | None, cache_position) -> torch.Tensor:
+        """Last-position logits [B, V] float32.
+
+        With a cache, attention_mask spans the whole cache ([B, max_len], runtime.generate) and the
+        new tokens go to the slots cache_position[0] ...; without one it covers the tokens passed.
+        """
+        dev = self.device
+        embeds = torch.as_tensor(embeds).to(dev, torch.float32).contiguous()
+        attention_mask = torch.as_tensor(attention_mask).to(dev, torch.long)
+        position_ids = torch.as_tensor(position_ids).to(dev, torch.long).contiguous()
+        b, s = embeds.shape[0], embeds.shape[1]
+        start = 0 if cache is None or cache_position is None else int(cache_position[0])
+        if cache is not None:
+            if b != cache.batch:
+                raise ValueError(f"batch {b} does not match the cache's {cache.batch}")
+            if start + s > cache.max_len:
+                raise ValueError(f"writing tokens {start}..{start + s} past the cache's {cache.max_len} slots")
+
+        if start == 0:  # prefill (or a full recompute without a cache)
+            outputs = {"logits": torch.empty(b, self.vocab_size, device=dev), **self._kv_outputs(b, s)}
+            feeds = {"inputs_embeds": embeds, "attention_mask": attention_mask[:, :s].contiguous(),
+                     "position_ids": position_ids}
+            self.prefill.run_bound(self.prefill.bind(feeds, outputs))
+            if cache is not None:
+                for i in range(self.num_layers):
+                    cache.keys[i][:, :, :s].copy_(outputs[f"present_key_{i}"])
+                    cache.values[i][:, :, :s].copy_(outputs[f"present_value_{i}"])
+            return outputs["logits"]
+
+        # decode: the graph's mask is [B, max_len + S], buffer rows not yet written (>= start) are masked
+        if s == 1:
+            if cache.binding is None:
+                cache.binding = self._step_binding(cache)
+            cache.step_embeds.copy_(embeds)
+            cache.step_position.copy_(position_ids)
+            cache.step_mask[:, :start].copy_(attention_mask[:, :start])
+            cache.step_mask[:, start:cache.max_len].zero_()
+            cache.step_mask[:, cache.max_len:].copy_(attention_mask[:, start:start + 1])
+            self.decode.run_bound(cache.binding)
+            new_keys, new_values, logits = cache.new_keys, cache.new_values, cache.logits.clone()
+        else:  # several tokens at once onto a filled cache: bound for this call only
+            mask = torch.zeros(b, cache.max_len + s, dtype=torch.long, device=dev)
+            mask[:, :start] = attention_mask[:, :start]
+            mask[:, cache.max_len:] = attention_mask[:, start:start + s]
+            outputs = {"logits": torch.empty(b, self.vocab_size, device=dev), **self._kv_outputs(b, s)}
+            feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": position_ids}
+            for i in range(self.num_layers):
+                feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = cache.keys[i], cache.values[i]
+            self.decode.run_bound(self.decode.bind(feeds, outputs))
+            new_keys = [outputs[f"present_key_{i}"] for i in range(self.num_layers)]
+            new_values = [outputs[f"present_value_{i}"] for i in range(self.num_layers)]
+            logits = outputs["logits"]
+        for i in range(self.num_layers):
+            cache.keys[i][:, :, start:start + s].copy_(new_keys[i])
+            cache.values[i][:, :, start:start + s].copy_(new_values[i])
+        return logits
+
+
+def _as_numpy(x, dtype) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+class OrtComponents:
+    """runtime.pipeline's components interface over an engines folder's ONNX graphs."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, engines_dir: str | Path, manifest: dict, device: str = "cpu",
+                 intra_op_threads: int | None = None, trt_cache_dir: str | Path | None = None):
+        root = Path(engines_dir)
+        comps = manifest["components"]
+        providers = choose_providers(device, trt_cache_dir or root / "ort_trt_cache", manifest.get("precision", "fp32"))
+        options = session_options(intra_op_threads)
+        self.graphs = {name: Graph(root / e["file"], providers, options)
+                       for name, e in comps.items() if e.get("kind") == "onnx"}
+        self.spec = manifest["spec"]
+        self.family = self.spec["family"]
+        model = manifest["model"]
+        self.vocab_size = int(model["vocab_size"])
+        self.num_image_tokens = int(model["num_image_tokens"])
+        self.num_seg_tokens = int(model["num_seg_tokens"])
+        self.num_classes = model.get("num_classes")
+        table = np.load(root / comps["embed_tokens"]["file"], mmap_mode="r")
+        self.llm = OrtLLM(self.graphs["llm_prefill"], self.graphs["llm_decode"], table, model["llm"])
+        self.device = self.llm.device
+        self.providers = self.graphs["llm_decode"].providers
+
+    def _require(self, name: str) -> Graph:
+        if name not in self.graphs:
+            raise EngineError(f"this engines folder ({self.family}) has no {name} graph")
+        return self.graphs[name]
+
+    def encode_image(self, pixel_values):
+        tokens, pooled = self._require("vision").run(pixel_values=_as_numpy(pixel_values, np.float32))
+        return torch.from_numpy(tokens), torch.from_numpy(pooled)
+
+    def parse_face(self, parser_pixels):
+        (labels,) = self._require("parser").run(parser_pixels=_as_numpy(parser_pixels, np.float32))
+        return torch.from_numpy(labels)
+
+    def seg_tokens(self, labels):
+        from kernels.seg_projection import check_labels
+
+        labels = torch.as_tensor(labels).cpu()
+        check_labels(labels, int(self.num_classes))  # the graph itself would one-hot any value silently
+        (tokens,) = self._require("seg").run(labels=labels.to(torch.uint8).numpy())
+        return torch.from_numpy(tokens)
+
+    def attributes(self, pooled):
+        (probs,) = self._require("attributes").run(pooled=_as_numpy(pooled, np.float32))
+        return torch.from_numpy(probs)
+
+
+def open_components(engines_dir: str | Path, manifest: dict, device: str = "cpu", **options) -> OrtComponents:
+    return OrtComponents(engines_dir, manifest, device, **options)

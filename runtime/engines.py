@@ -1,0 +1,43 @@
+"""Engines folders: open one (verified against its manifest) as components or as a FacePipeline.
+
+    pipe = open_pipeline("engines/demo", backend="onnxruntime")
+    answer = pipe.ask(image_bytes, "Is this person smiling?")
+
+Opening checks the folder first (export.manifest.verify): the manifest, the backend and target
+it was built for, the sha256 of every file and the shapes of every graph. Anything wrong is
+refused with an EngineError that names the file and the check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from export.manifest import EngineError, read_manifest, verify
+from runtime.backends import BACKENDS, open_components as _backend_components, target_for
+
+__all__ = ["EngineError", "open_components", "open_pipeline", "verify_engines"]
+
+
+def verify_engines(path: str | Path, backend: str = "onnxruntime", check_hashes: bool = True) -> dict:
+    """The manifest of an engines folder that `backend` can run here, or an EngineError."""
+    if backend not in BACKENDS:
+        raise EngineError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if read_manifest(path)["backend"] != backend:  # before target_for, which may need a GPU to answer
+        verify(path, backend=backend, check_hashes=False)  # raises, naming both backends
+    return verify(path, backend=backend, target=target_for(backend), check_hashes=check_hashes)
+
+
+def open_components(path: str | Path, backend: str = "onnxruntime", device: str = "cpu",
+                    verify_files: bool = True, **options):
+    """The components object (encode_image, parse_face, seg_tokens, attributes, llm) of an engines folder."""
+    manifest = verify_engines(path, backend, check_hashes=verify_files)
+    return _backend_components(backend, Path(path), manifest, device, **options)
+
+
+def open_pipeline(path: str | Path, backend: str = "onnxruntime", device: str = "cpu", **options):
+    """A FacePipeline over an engines folder: the folder's own tokenizer and config, no checkpoint needed."""
+    from runtime.pipeline import FacePipeline
+    from runtime.tokenizer import load_tokenizer
+
+    components = open_components(path, backend, device, **options)
+    return FacePipeline(components, load_tokenizer(Path(path)))
