@@ -77,8 +77,9 @@ def _limited(items: list, limit: int | None) -> list:
 
 def cmd_verify(args) -> int:
     from runtime.eval.datasets import load_pairs
-    from runtime.eval.tasks import run_verify
+    from runtime.eval.tasks import VERIFY_QUESTION, run_verify
 
+    args.question = args.question or VERIFY_QUESTION
     pairs = _limited(load_pairs(args.data, args.images), args.limit)
     title = f"verify {Path(args.data).stem}"
     if args.embedding_model:
@@ -149,8 +150,7 @@ def _common(p: argparse.ArgumentParser, embedding: bool = False, max_tokens: int
 
 
 def register(sub) -> None:
-    from runtime.eval.tasks import VERIFY_QUESTION
-
+    # Nothing heavy is imported here: every `facert` command builds this parser.
     ev = sub.add_parser("eval", help="evaluate a model: face verification, FaceXBench, CelebA attributes",
                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     tasks = ev.add_subparsers(dest="eval_command", required=True, metavar="TASK")
@@ -161,7 +161,9 @@ def register(sub) -> None:
                                      "or an LFW-style pairs.txt (images in --images DIR/name/name_0001.jpg).")
     _common(p, embedding=True, max_tokens=8)
     p.add_argument("--images", help="image folder for a pairs.txt (default: the folder holding it)")
-    p.add_argument("--question", default=VERIFY_QUESTION, help="the question asked about the side-by-side pair")
+    p.add_argument("--question", help="the question asked about the side-by-side pair (default: \"The image shows "
+                                     "two face photos side by side. Are these two face images of the same person? "
+                                     "Answer yes or no.\")")
     p.set_defaults(func=cmd_verify)
 
     p = tasks.add_parser("mcq", help="FaceXBench multiple choice",

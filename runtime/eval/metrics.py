@@ -136,7 +136,7 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path, title: str,
     smallest = [f[f > 0].min() / 2 for f, _ in curves.values() if np.any(f > 0)]
     floor = min([min(fmr_marks) / 10] + smallest)
     for label, (fmr, tmr) in curves.items():
-        ax.step(np.maximum(fmr, floor), tmr, where="post", label=label)
+        ax.plot(np.maximum(fmr, floor), tmr, label=label)
     for m in fmr_marks:
         ax.axvline(m, color="grey", linestyle=":", linewidth=0.8)
     ax.set_xscale("log")

@@ -182,7 +182,10 @@ class RemoteBackend:
 
     def __init__(self, url: str, protocol: str = "grpc", concurrency: int = 8, ask_remote=None):
         if ask_remote is None:
-            from runtime.client import ask_remote  # the serving client; imported only for --url
+            try:
+                from runtime.client import ask_remote  # the serving client; imported only for --url
+            except ImportError as e:
+                raise EvalError(f"--url needs the serving client (runtime.client): {e}") from None
         self.ask_remote = ask_remote
         self.url, self.protocol = url, protocol
         self.batch_size = 1
