@@ -116,9 +116,10 @@ def profile_shapes(entry: dict, max_batch: int, max_seq: int) -> dict[str, dict[
 
 
 def default_max_seq(onnx_manifest: dict) -> int:
-    """The model's context (manifest `llm.max_position_embeddings` or the spec's), capped at DEFAULT_MAX_SEQ."""
-    context = (onnx_manifest.get("llm") or {}).get("max_position_embeddings")
+    """The model's context (the manifest's model.llm layout, else its spec), capped at DEFAULT_MAX_SEQ."""
+    layout = (onnx_manifest.get("model") or {}).get("llm") or {}
     spec_llm = (onnx_manifest.get("spec") or {}).get("llm")
+    context = layout.get("max_position_embeddings")
     if context is None and isinstance(spec_llm, dict):
         context = spec_llm.get("max_position_embeddings")
     return min(int(context), DEFAULT_MAX_SEQ) if context else DEFAULT_MAX_SEQ

@@ -87,7 +87,9 @@ def test_profiles_cover_every_graph_input(onnx_export):
 
 def test_default_max_seq_follows_the_model_and_is_capped():
     assert tb.default_max_seq({"spec": {"llm": {"max_position_embeddings": 512}}}) == 512
-    assert tb.default_max_seq({"llm": {"max_position_embeddings": 32768}}) == tb.DEFAULT_MAX_SEQ
+    assert tb.default_max_seq({"model": {"llm": {"max_position_embeddings": 32768}}}) == tb.DEFAULT_MAX_SEQ
+    assert tb.default_max_seq({"model": {"llm": {"max_position_embeddings": 300}},
+                               "spec": {"llm": "smollm2-135m-instruct"}}) == 300
     assert tb.default_max_seq({"spec": {"llm": "smollm2-135m-instruct"}}) == tb.DEFAULT_MAX_SEQ
 
 

@@ -64,7 +64,8 @@ class TrtEngine:
             t = torch.as_tensor(feeds[name]).to(self.device, self.dtypes[name]).contiguous()
             self._check_shape(name, tuple(t.shape))
             keep.append(t)
-            self.context.set_input_shape(name, tuple(t.shape))
+            if not self.context.set_input_shape(name, tuple(t.shape)):
+                raise TensorRTError(f"{self.name}: TensorRT refused shape {list(t.shape)} for input {name}")
             self.context.set_tensor_address(name, t.data_ptr() if t.numel() else self._empty.data_ptr())
         out = {}
         for name in self.outputs:
