@@ -628,3 +628,29 @@ def test_attributes_refuses_facellm(tmp_path, tiny_facellm_checkpoint, capsys):
                "--out", str(tmp_path / "out")])
     assert rc == 2
     assert "needs FaceInsight's attribute head" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- --engines backend
+
+def test_engines_backend_matches_the_checkpoint(tmp_path, tiny_checkpoint):
+    """The same evaluation through an ONNX Runtime engines folder (built here from the tiny
+    checkpoint) gives the torch run's P(yes) to fp32 tolerance, and the same attribute accuracies."""
+    build = pytest.importorskip("export.build")
+    engines = build.build_engines(tiny_checkpoint, "onnxruntime", tmp_path / "engines",
+                                  progress=build.Progress(4, quiet=True))
+    data = write_bin(tmp_path / "calfw.bin", n=10)
+    celeba = write_celeba(tmp_path / "celeba", n=3)
+    runs = {}
+    for where in ("--checkpoint", "--engines"):
+        model = str(tiny_checkpoint if where == "--checkpoint" else engines)
+        out = tmp_path / where.strip("-")
+        assert main(["eval", "verify", str(data), where, model, "--out", str(out / "v"), "--max-tokens", "2"]) == 0
+        assert main(["eval", "attributes", str(celeba), where, model, "--out", str(out / "a")]) == 0
+        runs[where] = ({r["id"]: r for r in read_jsonl(out / "v" / "results.jsonl")},
+                       json.loads((out / "a" / "summary.json").read_text()))
+    (torch_v, torch_a), (ort_v, ort_a) = runs["--checkpoint"], runs["--engines"]
+    for pid, r in torch_v.items():
+        assert ort_v[pid]["p_yes"] == pytest.approx(r["p_yes"], rel=1e-4)
+        assert ort_v[pid]["text"] == r["text"]
+    assert ort_a["before_constraints"] == torch_a["before_constraints"]
+    assert ort_a["after_constraints"] == torch_a["after_constraints"]
