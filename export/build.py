@@ -106,10 +106,10 @@ def build_engines(checkpoint: str | Path, backend: str, out: str | Path, precisi
     """Build an engines folder at `out`; returns its path."""
     from runtime.checkpoint import checkpoint_hash, load_checkpoint
 
-    from export.onnx_export import export_onnx, llm_layout
-
     checkpoint, out = Path(checkpoint), Path(out)
     _check_args(backend, precision, max_batch, out, force)
+    if backend != "onnxruntime":
+        _require_gpu_toolchain(backend)  # before minutes of export that could not be built
     steps = {"onnxruntime": 4, "tensorrt": 5, "tensorrt-llm": 6}[backend]
     progress = progress or Progress(steps)
     t0 = time.perf_counter()
@@ -121,57 +121,89 @@ def build_engines(checkpoint: str | Path, backend: str, out: str | Path, precisi
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
-
-        work = out if backend == "onnxruntime" else Path(tempfile.mkdtemp(prefix=".onnx-", dir=out))
-        progress.step(f"exporting ONNX graphs (opset 17{', onnxslim' if simplify else ''})")
-        components = export_onnx(model, work, simplify=simplify, progress=progress)
-        for entry in components.values():
-            entry.setdefault("precision", "fp32")
-            if entry["kind"] == "onnx":
-                entry["target"] = "cpu"
-        spec_model = {
-            "family": model.family, "vocab_size": model.vocab_size,
-            "num_image_tokens": model.num_image_tokens, "num_seg_tokens": model.num_seg_tokens,
-            "num_classes": config["parser"]["num_classes"] if model.family == "faceinsight" else None,
-            "llm": llm_layout(model),
-            "limits": {"max_batch": max_batch, "max_new_tokens": max_new_tokens},
-        }
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "backend": backend, "target": "cpu",
-                    "precision": precision, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "build_command": command or build_command(checkpoint, backend, out, precision, max_batch,
-                                                              max_new_tokens),
-                    "source": source, "tools": tool_versions(), "exporter": "torch.onnx.export(dynamo=False)",
-                    "spec": config, "model": spec_model}
-        onnx_manifest = {**manifest, "backend": "onnxruntime", "components": components}
-
-        if backend == "tensorrt":
-            progress.step(f"building TensorRT plans ({precision})")
-            manifest["components"] = _tensorrt_plans(onnx_manifest, work, out, precision, max_batch, progress)
-        elif backend == "tensorrt-llm":
-            progress.step(f"building TensorRT plans for the vision side ({precision})")
-            vision_side = {k: v for k, v in components.items() if not k.startswith("llm_")}
-            manifest["components"] = _tensorrt_plans({**onnx_manifest, "components": vision_side}, work, out,
-                                                     precision, max_batch, progress)
-            progress.step("converting the LLM to a TensorRT-LLM checkpoint and building its engine")
-            manifest["components"]["llm"] = _trtllm_engine(model, config, out, precision, max_batch,
-                                                           max_new_tokens, progress)
-        else:
-            manifest["components"] = components
-        if work != out:
-            shutil.rmtree(work)
-        if backend != "onnxruntime":
-            targets = {e.get("target") for e in manifest["components"].values() if e.get("kind") != "npy"}
-            manifest["target"] = ",".join(sorted(t for t in targets if t)) or "cpu"
-            manifest["tools"] = tool_versions("tensorrt", "tensorrt-llm", "tensorrt_llm")
-
-        progress.step("copying config.json and the tokenizer; writing manifest.json (sha256 of every file)")
-        manifest["files"] = _copy_standalone_files(checkpoint, config, tokenizer, out)
-        manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
-        write_manifest(out, manifest)
-        progress(f"wrote {out} in {manifest['build_seconds']} s")
+        _build_into(out, model, tokenizer, config, checkpoint, source, backend, precision, max_batch,
+                    max_new_tokens, simplify, command, progress, t0)
+    except BaseException:
+        if out.is_dir() and not (out / "manifest.json").exists():
+            shutil.rmtree(out, ignore_errors=True)  # no half-built folder left behind
+        raise
     finally:
         progress.close()
     return out
+
+
+def _build_into(out, model, tokenizer, config, checkpoint, source, backend, precision, max_batch,
+                max_new_tokens, simplify, command, progress, t0) -> None:
+    """The build proper, into the fresh folder `out`."""
+    from export.onnx_export import export_onnx, llm_layout
+
+    work = out if backend == "onnxruntime" else Path(tempfile.mkdtemp(prefix=".onnx-", dir=out))
+    progress.step(f"exporting ONNX graphs (opset 17{', onnxslim' if simplify else ''})")
+    components = export_onnx(model, work, simplify=simplify, progress=progress)
+    for entry in components.values():
+        entry.setdefault("precision", "fp32")
+        if entry["kind"] == "onnx":
+            entry["target"] = "cpu"
+    spec_model = {
+        "family": model.family, "vocab_size": model.vocab_size,
+        "num_image_tokens": model.num_image_tokens, "num_seg_tokens": model.num_seg_tokens,
+        "num_classes": config["parser"]["num_classes"] if model.family == "faceinsight" else None,
+        "llm": llm_layout(model),
+        "limits": {"max_batch": max_batch, "max_new_tokens": max_new_tokens},
+    }
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "backend": backend, "target": "cpu",
+                "precision": precision, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "build_command": command or build_command(checkpoint, backend, out, precision, max_batch,
+                                                          max_new_tokens),
+                "source": source, "tools": tool_versions(), "exporter": "torch.onnx.export(dynamo=False)",
+                "spec": config, "model": spec_model}
+    onnx_manifest = {**manifest, "backend": "onnxruntime", "components": components}
+
+    if backend == "tensorrt":
+        progress.step(f"building TensorRT plans ({precision})")
+        manifest["components"] = _tensorrt_plans(onnx_manifest, work, out, precision, max_batch, progress)
+    elif backend == "tensorrt-llm":
+        progress.step(f"building TensorRT plans for the vision side ({precision})")
+        vision_side = {k: v for k, v in components.items() if not k.startswith("llm_")}
+        manifest["components"] = _tensorrt_plans({**onnx_manifest, "components": vision_side}, work, out,
+                                                 precision, max_batch, progress)
+        progress.step("converting the LLM to a TensorRT-LLM checkpoint and building its engine")
+        manifest["components"]["llm"] = _trtllm_engine(model, config, out, precision, max_batch,
+                                                       max_new_tokens, progress)
+    else:
+        manifest["components"] = components
+    if work != out:
+        shutil.rmtree(work)
+    if backend != "onnxruntime":
+        targets = {e.get("target") for e in manifest["components"].values() if e.get("kind") != "npy"}
+        manifest["target"] = ",".join(sorted(t for t in targets if t)) or "cpu"
+        manifest["tools"] = tool_versions("tensorrt", "tensorrt-llm", "tensorrt_llm")
+
+    progress.step("copying config.json and the tokenizer; writing manifest.json (sha256 of every file)")
+    manifest["files"] = _copy_standalone_files(checkpoint, config, tokenizer, out)
+    manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
+    write_manifest(out, manifest)
+    progress(f"wrote {out} in {manifest['build_seconds']} s")
+
+
+def _require_gpu_toolchain(backend: str) -> None:
+    """Fail fast, saying what to install, where TensorRT (or TensorRT-LLM) or a GPU is missing."""
+    try:
+        from export.tensorrt_build import device_target, require_tensorrt
+    except ModuleNotFoundError as e:
+        if e.name != "export.tensorrt_build":
+            raise
+        raise EngineError("this facert has no TensorRT builder (export/tensorrt_build.py)") from None
+    require_tensorrt()
+    device_target()
+    if backend == "tensorrt-llm":
+        try:
+            from export.trtllm_convert import require_tensorrt_llm
+        except ModuleNotFoundError as e:
+            if e.name != "export.trtllm_convert":
+                raise
+            raise EngineError("this facert has no TensorRT-LLM converter (export/trtllm_convert.py)") from None
+        require_tensorrt_llm()
 
 
 def _tensorrt_plans(onnx_manifest: dict, onnx_dir: Path, out: Path, precision: str, max_batch: int,
@@ -193,7 +225,6 @@ def _trtllm_engine(model, config: dict, out: Path, precision: str, max_batch: in
         if e.name != "export.trtllm_convert":
             raise
         raise EngineError("this facert has no TensorRT-LLM converter (export/trtllm_convert.py)") from None
-    trtllm_convert.require_tensorrt_llm()  # before the conversion writes gigabytes it cannot build
     ckpt = trtllm_convert.convert_checkpoint(model, config, out / "trtllm_checkpoint", dtype=precision)
     prompt_rows = model.num_image_tokens + model.num_seg_tokens
     engine_dir = trtllm_convert.build_engine(

@@ -8,11 +8,17 @@ import sys
 
 def cmd_build(args) -> int:
     from export.build import build_engines
+    from export.tensorrt_build import TensorRTError
+    from export.trtllm_convert import TrtLlmError
 
     command = shlex.join(["facert", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("facert") else None
-    out = build_engines(args.checkpoint, args.backend, args.out, precision=args.precision,
-                        max_batch=args.max_batch, max_new_tokens=args.max_new_tokens,
-                        simplify=not args.no_simplify, force=args.force, command=command)
+    try:
+        out = build_engines(args.checkpoint, args.backend, args.out, precision=args.precision,
+                            max_batch=args.max_batch, max_new_tokens=args.max_new_tokens,
+                            simplify=not args.no_simplify, force=args.force, command=command)
+    except (TensorRTError, TrtLlmError) as e:  # TensorRT missing, no GPU, or a failed build: no traceback
+        print(f"facert: error: {e}", file=sys.stderr)
+        return 2
     print(out)
     return 0
 

@@ -1,0 +1,283 @@
+"""ONNX export and the onnxruntime backend against torch.
+
+Every graph runs on fresh random inputs (other batch sizes and lengths than the ones it was traced
+with) in a real onnxruntime session and is compared with the torch module it came from.
+Tolerance, fp32 throughout: max |ort - torch| <= 1e-4 x max |torch| (relative to the output's
+scale). The parser's uint8 labels are an argmax, compared exactly (ties at random weights are
+allowed on at most 0.1% of pixels). Greedy generation must give the same tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.build import Progress, build_engines
+from runtime.checkpoint import load_checkpoint
+from runtime.engines import open_components, open_pipeline
+from runtime.generate import SamplingParams, TorchLLM, generate
+from runtime.pipeline import FacePipeline
+
+REL = 1e-4
+
+
+def assert_rel_close(actual, expected, rel=REL, what=""):
+    actual = torch.as_tensor(actual).float()
+    expected = torch.as_tensor(expected).float()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert err <= rel * max(scale, 1e-6), f"{what}: max abs error {err:.3g} over {rel} x scale {scale:.3g}"
+
+
+def _build(checkpoint, out):
+    return build_engines(checkpoint, "onnxruntime", out, progress=Progress(0, quiet=True))
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny_checkpoint, tmp_path_factory):
+    return _build(tiny_checkpoint, tmp_path_factory.mktemp("engines") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_facellm_engines(tiny_facellm_checkpoint, tmp_path_factory):
+    return _build(tiny_facellm_checkpoint, tmp_path_factory.mktemp("engines") / "tiny-facellm")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    return load_checkpoint(tiny_checkpoint)[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_facellm_model(tiny_facellm_checkpoint):
+    return load_checkpoint(tiny_facellm_checkpoint)[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_ort(tiny_engines):
+    return open_components(tiny_engines)
+
+
+@pytest.fixture(scope="session")
+def tiny_facellm_ort(tiny_facellm_engines):
+    return open_components(tiny_facellm_engines)
+
+
+def test_graphs_are_checker_clean_opset17_with_dynamic_batch(tiny_engines):
+    import json
+
+    manifest = json.loads((tiny_engines / "manifest.json").read_text())
+    graphs = {k: v for k, v in manifest["components"].items() if v["kind"] == "onnx"}
+    assert set(graphs) == {"vision", "parser", "seg", "attributes", "llm_prefill", "llm_decode"}
+    for name, entry in graphs.items():
+        path = tiny_engines / entry["file"]
+        onnx.checker.check_model(str(path))  # by path: follows the external data of the LLM graphs
+        model = onnx.load(str(path), load_external_data=False)
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        for tensor in entry["inputs"] + entry["outputs"]:
+            assert tensor["shape"][0] == "batch", f"{name}.{tensor['name']} has a static batch axis"
+        assert entry["simplify"]["nodes_after"] <= entry["simplify"]["nodes_before"]
+    for name in ("llm_prefill", "llm_decode"):
+        assert "seq" in graphs[name]["inputs"][0]["shape"]
+    assert graphs["llm_prefill"]["data_files"] == graphs["llm_decode"]["data_files"] == ["llm.onnx.data"]
+
+
+def test_llm_weights_are_stored_once(tiny_engines, tiny_model):
+    params = sum(p.numel() * 4 for p in tiny_model.llm.parameters())
+    data = (tiny_engines / "llm.onnx.data").stat().st_size
+    # both graphs point into one file: about one copy of the weights (alignment padding, small
+    # tensors kept inline and folded constants aside), not two
+    assert 0.5 * params < data < 1.3 * params
+
+
+def test_vision_parity(tiny_ort, tiny_model):
+    g = torch.Generator().manual_seed(11)
+    pixels = torch.randn(3, 3, 32, 32, generator=g)
+    tokens, pooled = tiny_ort.encode_image(pixels.numpy())
+    with torch.no_grad():
+        ref_tokens, ref_pooled = tiny_model.encode_image(pixels)
+    assert_rel_close(tokens, ref_tokens, what="image_tokens")
+    assert_rel_close(pooled, ref_pooled, what="pooled")
+
+
+def test_parser_parity(tiny_ort, tiny_model):
+    g = torch.Generator().manual_seed(12)
+    pixels = torch.randn(3, 3, 64, 64, generator=g)
+    labels = tiny_ort.parse_face(pixels.numpy())
+    with torch.no_grad():
+        ref = tiny_model.parse_face(pixels)
+    assert labels.dtype == torch.uint8 and labels.shape == ref.shape
+    assert (labels == ref).float().mean().item() >= 0.999
+    assert len(torch.unique(ref)) > 1  # a label map with several classes, so the comparison means something
+
+
+def test_seg_parity_and_label_validation(tiny_ort, tiny_model):
+    g = torch.Generator().manual_seed(13)
+    labels = torch.randint(0, 19, (3, 32, 32), generator=g, dtype=torch.uint8)
+    tokens = tiny_ort.seg_tokens(labels)
+    with torch.no_grad():
+        ref = tiny_model.seg.reference(labels)
+    assert_rel_close(tokens, ref, what="seg_tokens")
+    with pytest.raises(ValueError, match="outside"):
+        tiny_ort.seg_tokens(torch.full((1, 32, 32), 19, dtype=torch.uint8))
+
+
+def test_attribute_parity(tiny_ort, tiny_model):
+    g = torch.Generator().manual_seed(14)
+    pooled = torch.randn(5, 32, generator=g)
+    probs = tiny_ort.attributes(pooled)
+    with torch.no_grad():
+        ref = tiny_model.attributes(pooled)
+    assert probs.shape == (5, 40)
+    assert_rel_close(probs, ref, what="probs")
+
+
+def _random_prompt(hidden, batch, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(batch, length, hidden, generator=g) * 0.5
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for i in range(1, batch):
+        mask[i, : 2 * i] = 0  # left padding of different lengths
+    return embeds, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny-facellm"])
+def test_llm_prefill_and_decode_parity(which, tiny_ort, tiny_model, tiny_facellm_ort, tiny_facellm_model):
+    """Prefill logits and K/V, then decode steps of 1 and 3 tokens, against transformers with its cache."""
+    ort_c, model = (tiny_ort, tiny_model) if which == "tiny" else (tiny_facellm_ort, tiny_facellm_model)
+    llm, hf = ort_c.llm, model.llm
+    embeds, mask, pos = _random_prompt(hf.config.hidden_size, batch=3, length=9, seed=21)
+    max_len = 9 + 4
+    cache = llm.new_cache(3, max_len)
+    full_mask = torch.cat([mask, torch.zeros(3, 4, dtype=torch.long)], dim=1)
+    logits = llm.forward(embeds, full_mask, pos, cache, torch.arange(9))
+    with torch.no_grad():
+        ref = hf(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
+    valid = mask.bool()
+    assert_rel_close(logits, ref.logits[:, -1], what="prefill logits")
+    for i in (0, hf.config.num_hidden_layers - 1):
+        ref_k = ref.past_key_values.layers[i].keys
+        assert_rel_close(cache.keys[i][:, :, :9][..., valid[0], :][0], ref_k[0], what=f"layer {i} keys")
+        assert_rel_close(cache.values[i][0, :, :9], ref.past_key_values.layers[i].values[0], what=f"layer {i} values")
+
+    hf_cache, hf_mask, next_pos = ref.past_key_values, mask, pos[:, -1:] + 1
+    start = 9
+    for s in (1, 3):
+        g = torch.Generator().manual_seed(30 + s)
+        step = torch.randn(3, s, hf.config.hidden_size, generator=g) * 0.5
+        step_pos = next_pos + torch.arange(s)
+        full_mask[:, start:start + s] = 1
+        logits = llm.forward(step, full_mask, step_pos, cache, torch.arange(start, start + s))
+        hf_mask = torch.cat([hf_mask, torch.ones(3, s, dtype=torch.long)], dim=1)
+        with torch.no_grad():
+            ref = hf(inputs_embeds=step, attention_mask=hf_mask, position_ids=step_pos, past_key_values=hf_cache,
+                     use_cache=True)
+        assert_rel_close(logits, ref.logits[:, -1], what=f"decode logits ({s} tokens)")
+        start += s
+        next_pos = step_pos[:, -1:] + 1
+    last = hf.config.num_hidden_layers - 1
+    assert_rel_close(cache.keys[last][0], hf_cache.layers[last].keys[0], what="cache after decode")
+
+
+def test_decode_step_reads_the_cache_in_place(tiny_ort):
+    """The one-token decode step is bound once to the cache buffers: no cache is copied or reallocated."""
+    llm = tiny_ort.llm
+    embeds, mask, pos = _random_prompt(64, batch=2, length=6, seed=3)
+    cache = llm.new_cache(2, 10)
+    addresses = [t.data_ptr() for t in cache.keys + cache.values]
+    full = torch.cat([mask, torch.zeros(2, 4, dtype=torch.long)], dim=1)
+    llm.forward(embeds, full, pos, cache, torch.arange(6))
+    bindings = []
+    for step in range(3):
+        full[:, 6 + step] = 1
+        llm.forward(torch.randn(2, 1, 64), full, pos[:, -1:] + 1 + step, cache, torch.tensor([6 + step]))
+        bindings.append(cache.binding)
+    assert all(b is bindings[0] for b in bindings)
+    assert [t.data_ptr() for t in cache.keys + cache.values] == addresses
+    assert cache.keys[0][:, :, 6:9].abs().sum() > 0 and cache.keys[0][:, :, 9:].abs().sum() == 0
+
+
+def test_llm_refuses_a_cache_overflow(tiny_ort):
+    llm = tiny_ort.llm
+    cache = llm.new_cache(1, 4)
+    with pytest.raises(ValueError, match="past the cache"):
+        llm.forward(torch.zeros(1, 5, 64), torch.ones(1, 5, dtype=torch.long), torch.arange(5)[None], cache,
+                    torch.arange(5))
+    with pytest.raises(ValueError, match="context"):
+        llm.new_cache(1, 10_000)
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny-facellm"])
+def test_greedy_generation_matches_torch(which, tiny_ort, tiny_model, tiny_facellm_ort, tiny_facellm_model):
+    """The generation loop on random prompts (batched, left padded): same tokens, cache or not."""
+    ort_c, model = (tiny_ort, tiny_model) if which == "tiny" else (tiny_facellm_ort, tiny_facellm_model)
+    torch_llm = TorchLLM(model.llm)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randn(n, model.llm.config.hidden_size, generator=g) * 0.5 for n in (7, 12, 4)]
+    params = SamplingParams(max_new_tokens=10)
+    ours = generate(ort_c.llm, prompts, params)
+    ref = generate(torch_llm, prompts, params)
+    assert ours.tokens == ref.tokens
+    assert len(set(map(tuple, ref.tokens))) > 1  # the prompts lead to different answers
+    no_cache = generate(ort_c.llm, prompts, params, use_cache=False)
+    assert no_cache.tokens == ref.tokens
+    assert_rel_close(ours.first_logits, ref.first_logits, what="first logits")
+
+
+def test_pipeline_answers_match_torch(tiny_engines, tiny_checkpoint, face_images):
+    """FacePipeline over the engines folder == FacePipeline over the checkpoint, several image/question pairs."""
+    ort_pipe = open_pipeline(tiny_engines)
+    torch_pipe = FacePipeline.from_checkpoint(tiny_checkpoint)
+    questions = ["Is this person smiling?", "What colour is the hair?", "Describe the face."]
+    params = SamplingParams(max_new_tokens=12)
+    ours = ort_pipe.ask_batch(face_images, questions, params)
+    ref = torch_pipe.ask_batch(face_images, questions, params)
+    for a, b in zip(ours, ref):
+        assert a.token_ids == b.token_ids
+        assert a.text == b.text
+        assert a.constraints_fired == b.constraints_fired
+        assert_rel_close(list(a.attributes_raw.values()), list(b.attributes_raw.values()), what="attributes")
+    one = ort_pipe.ask(face_images[1], questions[1], params)
+    assert one.token_ids == ref[1].token_ids  # alone or batched: the same answer
+
+
+def test_facellm_pipeline_matches_torch(tiny_facellm_engines, tiny_facellm_checkpoint, face_images):
+    ort_pipe = open_pipeline(tiny_facellm_engines)
+    torch_pipe = FacePipeline.from_checkpoint(tiny_facellm_checkpoint)
+    params = SamplingParams(max_new_tokens=8)
+    for image, q in zip(face_images[:2], ["Who is this?", "How old is this person?"]):
+        assert ort_pipe.ask(image, q, params).token_ids == torch_pipe.ask(image, q, params).token_ids
+
+
+def test_onnxruntime_threads_and_providers(tiny_engines):
+    from runtime.backends.onnxruntime_backend import choose_providers, session_options
+
+    assert choose_providers("cpu") == ["CPUExecutionProvider"]
+    assert session_options(1).intra_op_num_threads == 1
+    comps = open_components(tiny_engines, intra_op_threads=1)
+    assert comps.providers == ["CPUExecutionProvider"]
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(ValueError, match="onnxruntime-gpu"):
+            choose_providers("cuda")
+        assert choose_providers("auto") == ["CPUExecutionProvider"]
+
+
+@pytest.mark.slow
+def test_demo_greedy_tokens_match_torch(demo_checkpoint, face_images, tmp_path_factory):
+    """The real SmolLM2-135M: onnxruntime and torch give the same greedy answers on several pairs."""
+    engines = _build(demo_checkpoint, tmp_path_factory.mktemp("engines") / "demo")
+    ort_pipe = open_pipeline(engines)
+    torch_pipe = FacePipeline.from_checkpoint(demo_checkpoint)
+    questions = ["Is this person smiling?", "What is this person wearing?", "Describe the hair."]
+    params = SamplingParams(max_new_tokens=16)
+    for image, question in zip(face_images, questions):
+        ours = ort_pipe.ask(image, question, params)
+        ref = torch_pipe.ask(image, question, params)
+        assert ours.token_ids == ref.token_ids, (question, ours.text, ref.text)
+        assert_rel_close(ours.first_logits, ref.first_logits, rel=1e-4, what="first logits")
+    assert np.isfinite(ours.timings["decode_tokens_per_s"])
