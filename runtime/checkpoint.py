@@ -291,25 +291,34 @@ def _hf_shards(path: Path) -> list[Path]:
     return shards
 
 
-def llava_key_to_facert(key: str) -> str | None:
-    for old, new in (
-        ("model.vision_tower.", "vision_tower."), ("vision_tower.", "vision_tower."),
-        ("model.multi_modal_projector.", "projector."), ("multi_modal_projector.", "projector."),
-        ("model.language_model.", "llm.model."), ("language_model.model.", "llm.model."),
-        ("language_model.lm_head.", "llm.lm_head."), ("lm_head.", "llm.lm_head."),
-    ):
+# LLaVA and InternVL checkpoints share one layout: transformers v5 names (model.vision_tower.,
+# model.multi_modal_projector., model.language_model., lm_head.) or the older ones
+# (vision_tower., multi_modal_projector., language_model.model., language_model.lm_head.).
+_HF_TO_FACERT = (
+    ("model.vision_tower.", "vision_tower."), ("vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "projector."), ("multi_modal_projector.", "projector."),
+    ("model.language_model.", "llm.model."), ("language_model.model.", "llm.model."),
+    ("language_model.lm_head.", "llm.lm_head."), ("lm_head.", "llm.lm_head."),
+)
+_FACERT_TO_HF = (("vision_tower.", "model.vision_tower."), ("projector.", "model.multi_modal_projector."),
+                 ("llm.model.", "model.language_model."), ("llm.lm_head.", "lm_head."))
+
+
+def _rename(key: str, table) -> str | None:
+    for old, new in table:
         if key.startswith(old):
             return new + key[len(old):]
     return None
 
 
-def facert_key_to_llava(key: str) -> str | None:
-    """facert name -> transformers v5 LlavaForConditionalGeneration name (None: not part of LLaVA)."""
-    for ours, theirs in (("vision_tower.", "model.vision_tower."), ("projector.", "model.multi_modal_projector."),
-                         ("llm.model.", "model.language_model."), ("llm.lm_head.", "lm_head.")):
-        if key.startswith(ours):
-            return theirs + key[len(ours):]
-    return None
+def hf_key_to_facert(key: str) -> str | None:
+    """LlavaForConditionalGeneration / InternVLForConditionalGeneration name -> facert name."""
+    return _rename(key, _HF_TO_FACERT)
+
+
+def facert_key_to_hf(key: str) -> str | None:
+    """facert name -> transformers v5 Llava/InternVL name (None: a facert-only component)."""
+    return _rename(key, _FACERT_TO_HF)
 
 
 def spec_from_llava_config(cfg: dict, parser_width: int = 64) -> dict:
@@ -349,7 +358,7 @@ def load_llava_hf(path: str | Path, parser_pth: str | Path | None = None, dtype:
     model = build_model(spec, DTYPES[spec["dtype"]])
     tensors = {}
     for k, t in _read_safetensors(_hf_shards(path)).items():
-        new = llava_key_to_facert(k)
+        new = hf_key_to_facert(k)
         if new is None:
             raise CheckpointError(f"{path}: unexpected tensor {k!r} in a llava-hf checkpoint")
         tensors[new] = t
@@ -390,24 +399,6 @@ def load_parser_pth(path: str | Path, parser) -> dict[str, torch.Tensor]:
 
 # --- InternVL3-hf / FaceLLM directories ---
 
-def internvl_key_to_facert(key: str) -> str | None:
-    for old, new in (("model.vision_tower.", "vision_tower."), ("vision_tower.", "vision_tower."),
-                     ("model.multi_modal_projector.", "projector."), ("multi_modal_projector.", "projector."),
-                     ("model.language_model.", "llm.model."), ("language_model.model.", "llm.model."),
-                     ("language_model.lm_head.", "llm.lm_head."), ("lm_head.", "llm.lm_head.")):
-        if key.startswith(old):
-            return new + key[len(old):]
-    return None
-
-
-def facert_key_to_internvl(key: str) -> str | None:
-    for ours, theirs in (("vision_tower.", "model.vision_tower."), ("projector.", "model.multi_modal_projector."),
-                         ("llm.model.", "model.language_model."), ("llm.lm_head.", "lm_head.")):
-        if key.startswith(ours):
-            return theirs + key[len(ours):]
-    return None
-
-
 def spec_from_internvl_config(cfg: dict) -> dict:
     from runtime.specs import IMAGENET_MEAN, IMAGENET_STD
 
@@ -439,7 +430,7 @@ def load_internvl_hf(path: str | Path, dtype: str | None = None):
     model = _build_empty(spec, DTYPES[spec["dtype"]])
     tensors = {}
     for k, t in _read_safetensors(_hf_shards(path)).items():
-        new = internvl_key_to_facert(k)
+        new = hf_key_to_facert(k)
         if new is None:
             raise CheckpointError(f"{path}: unexpected tensor {k!r} in an InternVL checkpoint")
         tensors[new] = t

@@ -38,6 +38,16 @@ def _parser(width: int = 64, input_size: int = 512) -> dict:
             "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 
 
+# InternVL3-1B/8B's vision side: InternViT-300M-448px, last layer, pixel-unshuffle 0.5 -> 256 tokens.
+_INTERNVIT_300M = {
+    "family": "facellm",
+    "image_size": 448, "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD, "pad_to_square": False,
+    "vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+               "num_attention_heads": 16, "image_size": [448, 448], "patch_size": [14, 14]},
+    "vision_feature_layer": -1,
+    "downsample_ratio": 0.5,
+}
+
 _SPECS: dict[str, dict] = {
     # Seconds on a CPU: for tests. Every component present, every dimension small and odd where it can be.
     "tiny": {
@@ -103,12 +113,7 @@ _SPECS: dict[str, dict] = {
         "tokenizer": "bytes",
     },
     "facellm-1b": {
-        "family": "facellm",
-        "image_size": 448, "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD, "pad_to_square": False,
-        "vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                   "num_attention_heads": 16, "image_size": [448, 448], "patch_size": [14, 14]},
-        "vision_feature_layer": -1,
-        "downsample_ratio": 0.5,
+        **_INTERNVIT_300M,
         "llm": {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
                 "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
                 "vocab_size": 151674, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
@@ -116,12 +121,7 @@ _SPECS: dict[str, dict] = {
         "tokenizer": "bytes",
     },
     "facellm-8b": {
-        "family": "facellm",
-        "image_size": 448, "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD, "pad_to_square": False,
-        "vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                   "num_attention_heads": 16, "image_size": [448, 448], "patch_size": [14, 14]},
-        "vision_feature_layer": -1,
-        "downsample_ratio": 0.5,
+        **_INTERNVIT_300M,
         "llm": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
                 "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
                 "vocab_size": 151674, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.checkpoint import facert_key_to_internvl, facert_key_to_llava, load_checkpoint
+from runtime.checkpoint import facert_key_to_hf, load_checkpoint
 from runtime.generate import SamplingParams, TorchLLM, generate
 from runtime.pipeline import FacePipeline, TorchComponents
 from runtime.preprocess import preprocess
@@ -44,7 +44,7 @@ def _llava_from(model):
                       vision_feature_layer=-2, vision_feature_select_strategy="default",
                       projector_hidden_act="gelu", image_seq_length=model.num_image_tokens)
     llava = LlavaForConditionalGeneration(cfg).eval()
-    state = {facert_key_to_llava(k): v for k, v in model.state_dict().items() if facert_key_to_llava(k)}
+    state = {facert_key_to_hf(k): v for k, v in model.state_dict().items() if facert_key_to_hf(k)}
     missing, unexpected = llava.load_state_dict(state, strict=False)
     assert not unexpected and all("lm_head" in m for m in missing) is (not missing or True)
     assert not [m for m in missing if not m.startswith("lm_head")], missing
@@ -90,7 +90,7 @@ def _internvl_from(model):
                          vision_feature_select_strategy="default", projector_hidden_act="gelu",
                          tie_word_embeddings=spec["llm"]["tie_word_embeddings"])
     hf = InternVLForConditionalGeneration(cfg).eval()
-    state = {facert_key_to_internvl(k): v for k, v in model.state_dict().items()}
+    state = {facert_key_to_hf(k): v for k, v in model.state_dict().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected, unexpected
     assert not [m for m in missing if not m.startswith("lm_head")], missing
