@@ -1,0 +1,41 @@
+"""Postprocessing step: runs once per LLM response and shapes what the client receives.
+
+Text and token ids pass through as they stream. On a request's last response (the one with a
+finish reason) it applies the attributes' logical constraints (runtime.models.attributes) and
+writes the attributes and the per-stage timings, with the end-to-end time, as JSON.
+"""
+
+import json
+import time
+
+import numpy as np
+import torch
+
+from runtime.models.attributes import CELEBA_ATTRIBUTES, apply_constraints
+from runtime.serving.python_backend import PerRequestStep, bytes_tensor
+
+
+def attributes_json(probs: np.ndarray) -> str:
+    raw = torch.from_numpy(np.ascontiguousarray(probs.reshape(1, -1), dtype=np.float32))
+    fixed = apply_constraints(raw)
+    return json.dumps({"attributes": dict(zip(CELEBA_ATTRIBUTES, map(float, fixed.probs[0]))),
+                       "attributes_raw": dict(zip(CELEBA_ATTRIBUTES, map(float, raw[0]))),
+                       "constraints_fired": list(fixed.fired[0])})
+
+
+class TritonPythonModel(PerRequestStep):
+    uses_pipeline = False
+
+    def compute_one(self, x):
+        finish = bytes(x["FINISH_REASON"].reshape(-1)[0]).decode()
+        attributes, timings = "", ""
+        if finish:
+            probs = x.get("ATTRIBUTE_PROBS")
+            attributes = attributes_json(probs) if probs is not None and probs.size else "null"
+            t = json.loads(bytes(x["TIMINGS"].reshape(-1)[0]))
+            received_at = t.pop("received_at", None)
+            if received_at is not None:
+                t["total_ms"] = (time.time() - received_at) * 1e3
+            timings = json.dumps(t)
+        return {"TEXT_OUT": x["TEXT"], "TOKEN_IDS_OUT": x["TOKEN_IDS"], "FINISH_REASON_OUT": x["FINISH_REASON"],
+                "ATTRIBUTES": bytes_tensor([attributes]), "TIMINGS_OUT": bytes_tensor([timings])}

@@ -1,0 +1,276 @@
+"""Ask a running `facert serve` over gRPC or HTTP.
+
+The served model is one Triton ensemble (`faceinsight` or `facellm`) whose LLM step is decoupled,
+so Triton answers it only through its streaming entry points:
+- gRPC: the bidirectional stream (ModelStreamInfer), for streamed and whole answers alike. Each
+  response carries the next piece of TEXT; the last one also the finish reason, the attributes
+  and the per-stage timings as JSON.
+- HTTP: Triton's generate extension: `POST /v2/models/NAME/generate_stream` (server-sent events,
+  one per piece) when streaming, `POST /v2/models/NAME/generate` for a whole answer. JSON cannot
+  carry raw bytes, so the image travels base64-encoded as IMAGE_BASE64.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import queue
+import sys
+import uuid
+from typing import Callable
+
+import numpy as np
+
+from runtime.generate import SamplingParams
+
+ENSEMBLES = ("faceinsight", "facellm")
+
+
+class RemoteError(RuntimeError):
+    """The server refused the request or could not be reached; the message says why."""
+
+
+def _split_url(url: str) -> str:
+    url = url.strip()
+    for scheme in ("grpc://", "http://", "https://"):
+        if url.startswith(scheme):
+            url = url[len(scheme):]
+    return url.rstrip("/")
+
+
+def _result(model: str) -> dict:
+    return {"model": model, "text": "", "token_ids": [], "finish_reason": None, "timings": {},
+            "attributes": None, "attributes_raw": None, "constraints_fired": []}
+
+
+def _absorb(out: dict, text: str, token_ids, finish: str, attributes: str, timings: str,
+            on_text: Callable[[str], None] | None) -> None:
+    """Fold one response's outputs into the answer."""
+    if text:
+        out["text"] += text
+        if on_text is not None:
+            on_text(text)
+    out["token_ids"].extend(int(t) for t in token_ids)
+    if finish:
+        out["finish_reason"] = finish
+    if attributes and attributes != "null":
+        a = json.loads(attributes)
+        out["attributes"], out["attributes_raw"] = a["attributes"], a["attributes_raw"]
+        out["constraints_fired"] = a["constraints_fired"]
+    if timings:
+        out["timings"] = json.loads(timings)
+
+
+# ------------------------------------------------------------------------------------------- gRPC
+
+def _grpc_inputs(image: bytes, question: str, params: SamplingParams, stream: bool):
+    import tritonclient.grpc as grpcclient
+
+    def tensor(name, array, dtype):
+        t = grpcclient.InferInput(name, list(array.shape), dtype)
+        t.set_data_from_numpy(array)
+        return t
+
+    inputs = [tensor("IMAGE", np.array([[bytes(image)]], dtype=np.object_), "BYTES"),
+              tensor("QUESTION", np.array([[question.encode("utf-8")]], dtype=np.object_), "BYTES"),
+              tensor("MAX_TOKENS", np.array([[params.max_new_tokens]], np.int32), "INT32"),
+              tensor("TEMPERATURE", np.array([[params.temperature]], np.float32), "FP32"),
+              tensor("TOP_P", np.array([[params.top_p]], np.float32), "FP32"),
+              tensor("STREAM", np.array([[stream]], np.bool_), "BOOL")]
+    if params.seed is not None:
+        inputs.append(tensor("SEED", np.array([[params.seed]], np.int64), "INT64"))
+    return inputs
+
+
+def find_model(url: str, protocol: str = "grpc") -> str:
+    """The served ensemble's name (the repository holds one family's ensemble)."""
+    url = _split_url(url)
+    try:
+        if protocol == "grpc":
+            import tritonclient.grpc as grpcclient
+
+            with grpcclient.InferenceServerClient(url) as c:
+                index = [(m.name, m.state) for m in c.get_model_repository_index().models]
+        else:
+            index = [(m["name"], m.get("state", "")) for m in _http_json(url, "POST", "/v2/repository/index", {})]
+    except RemoteError:
+        raise
+    except Exception as e:  # noqa: BLE001 (connection refused, DNS, ...)
+        raise RemoteError(f"cannot reach a server at {url} over {protocol}: {e}") from None
+    ready = [n for n, state in index if n in ENSEMBLES and state == "READY"]
+    if not ready:
+        raise RemoteError(f"{url} serves no ready facert ensemble ({' or '.join(ENSEMBLES)}); it has "
+                          f"{sorted(n for n, _ in index) or 'no models'}")
+    return ready[0]
+
+
+def _ask_grpc(url, image, question, params, stream, on_text, model, timeout_s) -> dict:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    responses: queue.Queue = queue.Queue()
+    out = _result(model)
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        client.async_stream_infer(model, _grpc_inputs(image, question, params, stream),
+                                  request_id=uuid.uuid4().hex, enable_empty_final_response=True)
+        while True:
+            try:
+                result, error = responses.get(timeout=timeout_s)
+            except queue.Empty:
+                raise RemoteError(f"no response from {url} within {timeout_s:.0f} s") from None
+            if error is not None:
+                raise RemoteError(error.message() if isinstance(error, InferenceServerException) else str(error))
+            if result.as_numpy("TEXT") is not None:
+                _absorb(out, _str(result.as_numpy("TEXT")), result.as_numpy("TOKEN_IDS").reshape(-1),
+                        _str(result.as_numpy("FINISH_REASON")), _str(result.as_numpy("ATTRIBUTES")),
+                        _str(result.as_numpy("TIMINGS")), on_text)
+            final = result.get_response().parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                break
+    except InferenceServerException as e:
+        raise RemoteError(e.message()) from None
+    finally:
+        try:
+            client.stop_stream()
+        finally:
+            client.close()
+    return out
+
+
+def _str(array) -> str:
+    return bytes(array.reshape(-1)[0]).decode("utf-8") if array is not None and array.size else ""
+
+
+# ------------------------------------------------------------------------------------------- HTTP
+
+def _http_json(url: str, method: str, path: str, body: dict | None, timeout_s: float = 30.0):
+    host, _, port = url.rpartition(":")
+    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout_s)
+    try:
+        conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        data = r.read()
+    finally:
+        conn.close()
+    payload = json.loads(data) if data else {}
+    if r.status != 200:
+        raise RemoteError(payload.get("error", f"HTTP {r.status}") if isinstance(payload, dict) else f"HTTP {r.status}")
+    return payload
+
+
+def _ask_http(url, image, question, params, stream, on_text, model, timeout_s) -> dict:
+    body = {"IMAGE_BASE64": base64.b64encode(bytes(image)).decode("ascii"), "QUESTION": question,
+            "MAX_TOKENS": params.max_new_tokens, "TEMPERATURE": params.temperature, "TOP_P": params.top_p,
+            "STREAM": bool(stream)}
+    if params.seed is not None:
+        body["SEED"] = params.seed
+    out = _result(model)
+
+    def absorb(event: dict) -> None:
+        if "error" in event:
+            raise RemoteError(event["error"])
+        ids = event.get("TOKEN_IDS", [])
+        _absorb(out, event.get("TEXT", ""), ids if isinstance(ids, list) else [ids], event.get("FINISH_REASON", ""),
+                event.get("ATTRIBUTES", ""), event.get("TIMINGS", ""), on_text)
+
+    if not stream:
+        absorb(_http_json(url, "POST", f"/v2/models/{model}/generate", body, timeout_s))
+        return out
+    host, _, port = url.rpartition(":")
+    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout_s)
+    try:
+        conn.request("POST", f"/v2/models/{model}/generate_stream", body=json.dumps(body),
+                     headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+        r = conn.getresponse()
+        if r.status != 200:
+            data = r.read()
+            raise RemoteError(json.loads(data).get("error", f"HTTP {r.status}") if data else f"HTTP {r.status}")
+        for raw in r:  # server-sent events: "data: {json}" lines separated by blank lines
+            line = raw.decode("utf-8").strip()
+            if line.startswith("data:"):
+                absorb(json.loads(line[5:]))
+    except (OSError, http.client.HTTPException) as e:
+        raise RemoteError(f"HTTP stream from {url} failed: {e}") from None
+    finally:
+        conn.close()
+    return out
+
+
+# -------------------------------------------------------------------------------------------- API
+
+def ask_remote(url: str, image_bytes: bytes, question: str, params: SamplingParams | None = None,
+               protocol: str = "grpc", stream: bool = False, on_text: Callable[[str], None] | None = None,
+               model: str | None = None, timeout_s: float = 300.0) -> dict:
+    """Ask the served model; returns text, token_ids, finish_reason, attributes, timings (and model).
+
+    on_text(piece) is called for each piece of text as it arrives (one piece when not streaming).
+    Raises RemoteError with the server's message when the request is refused.
+    """
+    if protocol not in ("grpc", "http"):
+        raise ValueError(f"protocol must be grpc or http, got {protocol!r}")
+    params = (params or SamplingParams()).validate()
+    url = _split_url(url)
+    model = model or find_model(url, protocol)
+    ask = _ask_grpc if protocol == "grpc" else _ask_http
+    try:
+        return ask(url, image_bytes, question, params, stream, on_text, model, timeout_s)
+    except RemoteError:
+        raise
+    except Exception as e:  # noqa: BLE001 (transport failures: say where and what)
+        raise RemoteError(f"request to {url} over {protocol} failed: {e}") from None
+
+
+def model_card(url: str, model: str, protocol: str = "grpc") -> dict:
+    """random_parts / real_parts of the served model (from its ensemble config), for printing."""
+    url = _split_url(url)
+    try:
+        if protocol == "grpc":
+            import tritonclient.grpc as grpcclient
+
+            with grpcclient.InferenceServerClient(url) as c:
+                params = c.get_model_config(model).config.parameters
+                card = params["model_card"].string_value if "model_card" in params else ""
+        else:
+            cfg = _http_json(url, "GET", f"/v2/models/{model}/config", None)
+            card = cfg.get("parameters", {}).get("model_card", {}).get("string_value", "")
+        return json.loads(card) if card else {}
+    except Exception:  # noqa: BLE001 (the card is only for printing)
+        return {}
+
+
+def cli_ask(image_path, question: str, args) -> int:
+    """`facert ask IMAGE QUESTION --url HOST:PORT [--protocol grpc|http] [--stream] [--json]`."""
+    from runtime.cli import print_answer
+    from runtime.pipeline import Answer
+
+    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    try:
+        params.validate()
+    except ValueError as e:
+        print(f"facert: error: {e}", file=sys.stderr)
+        return 2
+    on_text = None
+    if args.stream and not args.json:
+        def on_text(piece: str) -> None:
+            print(piece, end="", flush=True)
+    try:
+        out = ask_remote(args.url, open(image_path, "rb").read(), question, params, protocol=args.protocol,
+                         stream=args.stream, on_text=on_text)
+    except RemoteError as e:
+        if on_text is not None:
+            print(file=sys.stderr)
+        print(f"facert: error: {e}", file=sys.stderr)
+        return 2
+    card = model_card(args.url, out["model"], args.protocol)
+    if args.json:
+        print(json.dumps({**out, **card}, indent=2))
+        return 0
+    answer = Answer(out["text"], out["token_ids"], out["finish_reason"] or "", out["timings"],
+                    out["attributes"], out["attributes_raw"], out["constraints_fired"])
+    print_answer(answer, card, streamed=args.stream)
+    return 0

@@ -1,0 +1,248 @@
+"""Fill a Triton model repository from the templates in model_repository/, and validate it.
+
+`fill_repository(out, checkpoint=... | engines=..., target="portable"|"native")` renders one
+folder per step (config.pbtxt from its jinja2 template, plus the step's 1/model.py) and the
+family's ensemble (`faceinsight`, with the segmentation branch and attribute head, or `facellm`
+without), then parses every config.pbtxt against Triton's ModelConfig protobuf (the one
+tritonclient ships) and checks the ensemble's wiring against the step configs.
+
+Targets:
+- portable: every step is a python-backend model calling facert's runtime (torch components from
+  a checkpoint, or ONNX Runtime / TensorRT components from an engines folder). Runs anywhere,
+  including the CPU-only tritonserver from nvidia-pytriton.
+- native: for NVIDIA's Triton containers on GPU hosts. The vision encoder, face parser and seg
+  projection become `onnxruntime_onnx` or `tensorrt_plan` models on their engine files, the LLM a
+  `tensorrt_llm` model on the `tensorrtllm` backend (its engine built by `facert build --backend
+  tensorrt-llm`); the `llm` step stays a python model that streams from it through BLS, so the
+  ensemble and its inputs/outputs are the same as portable's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TEMPLATES = REPO_ROOT / "model_repository"
+STEPS = ("preprocessing", "vision_encoder", "face_parser", "seg_projection", "attribute_head", "llm", "postprocessing")
+SEG_BRANCH_STEPS = ("face_parser", "seg_projection", "attribute_head")
+ENCODER_STEPS = ("vision_encoder", "face_parser", "seg_projection")  # native: platform models
+# Which engines-manifest component each encoder step runs (native target).
+ENGINE_COMPONENTS = {"vision_encoder": "vision", "face_parser": "parser", "seg_projection": "seg"}
+# The step tensors each encoder's engine inputs/outputs stand for, in the manifest's order.
+ENGINE_ROLES = {"vision_encoder": (["PIXEL_VALUES"], ["IMAGE_TOKENS", "POOLED"]),
+                "face_parser": (["PARSER_PIXELS"], ["LABELS"]),
+                "seg_projection": (["LABELS"], ["SEG_TOKENS"])}
+NUM_ATTRIBUTES = 40
+TARGETS = ("portable", "native")
+
+
+class RepositoryError(ValueError):
+    """A model repository (or its source) that Triton would refuse, with the file and the reason."""
+
+
+# ------------------------------------------------------------------------------------ validation
+
+def parse_config(path: str | Path):
+    """The ModelConfig protobuf in a config.pbtxt; RepositoryError naming the file and line if invalid."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    path = Path(path)
+    try:
+        return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    except FileNotFoundError:
+        raise RepositoryError(f"{path} does not exist") from None
+    except text_format.ParseError as e:
+        raise RepositoryError(f"{path}:{e}") from None
+
+
+def validate_repository(root: str | Path) -> dict:
+    """Parse every model's config and check ensembles against their steps. Returns {name: ModelConfig}."""
+    root = Path(root)
+    if not root.is_dir():
+        raise RepositoryError(f"{root} is not a directory")
+    configs = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+        cfg = parse_config(d / "config.pbtxt")
+        if cfg.name and cfg.name != d.name:
+            raise RepositoryError(f"{d / 'config.pbtxt'}: name {cfg.name!r} differs from its folder {d.name!r}")
+        versions = [v for v in d.iterdir() if v.is_dir() and v.name.isdigit()]
+        if cfg.platform != "ensemble" and not versions:
+            raise RepositoryError(f"{d}: no version folder (1/) with the model's files")
+        if cfg.backend == "python" and not any((v / "model.py").exists() for v in versions):
+            raise RepositoryError(f"{d}: python-backend model without 1/model.py")
+        configs[d.name] = cfg
+    if not configs:
+        raise RepositoryError(f"{root} holds no models (no */config.pbtxt)")
+    for name, cfg in configs.items():
+        if cfg.platform == "ensemble":
+            _check_ensemble(name, cfg, configs)
+    return configs
+
+
+def _check_ensemble(name: str, cfg, configs: dict) -> None:
+    for i, step in enumerate(cfg.ensemble_scheduling.step):
+        if step.model_name not in configs:
+            raise RepositoryError(f"ensemble {name}: step {i} runs {step.model_name!r}, which is not in the repository")
+        model = configs[step.model_name]
+        inputs = {t.name for t in model.input}
+        outputs = {t.name for t in model.output}
+        for key in step.input_map:
+            if key not in inputs:
+                raise RepositoryError(f"ensemble {name}: step {step.model_name!r} has no input {key!r} "
+                                      f"(it has {sorted(inputs)})")
+        for key in step.output_map:
+            if key not in outputs:
+                raise RepositoryError(f"ensemble {name}: step {step.model_name!r} has no output {key!r} "
+                                      f"(it has {sorted(outputs)})")
+        missing = [t.name for t in model.input if not t.optional and t.name not in step.input_map]
+        if missing:
+            raise RepositoryError(f"ensemble {name}: step {step.model_name!r} gets no value for its required "
+                                  f"inputs {missing}")
+
+
+# ---------------------------------------------------------------------------------------- source
+
+def describe_checkpoint(path: str | Path) -> dict:
+    """Shapes the configs need, read from a checkpoint without loading its weights where possible."""
+    import torch
+
+    from runtime.checkpoint import detect_format, load_checkpoint
+
+    path = Path(path).resolve()
+    if detect_format(path) == "facert":
+        from runtime.models.mllm import build_model
+
+        config = json.loads((path / "config.json").read_text())
+        with torch.device("meta"):  # shapes only: no memory, no weights read
+            model = build_model(config)
+    else:
+        model, _, config = load_checkpoint(path)
+    return _describe_model(model, config)
+
+
+def _describe_model(model, config: dict) -> dict:
+    spec = model.spec
+    has_seg = model.num_seg_tokens > 0
+    d = {"family": model.family, "spec_name": spec.get("spec", config.get("spec", "")),
+         "has_seg": has_seg, "image_size": spec["image_size"],
+         "num_image_tokens": model.num_image_tokens, "num_seg_tokens": model.num_seg_tokens,
+         "llm_hidden": model.llm.config.hidden_size, "vision_hidden": model.vision_tower.config.hidden_size,
+         "num_attributes": NUM_ATTRIBUTES,
+         "model_card": {"random_parts": list(config.get("random_parts", [])),
+                        "real_parts": dict(config.get("real_parts", {}))}}
+    if has_seg:
+        d["parser_size"] = spec["parser"]["input_size"]
+        d["label_size"] = model.seg.label_size
+    return d
+
+
+def describe_engines(path: str | Path, backend: str) -> dict:
+    """Shapes from an engines folder (opened through runtime.engines, the export issue's loader)."""
+    from runtime.engines import open_pipeline
+
+    pipe = open_pipeline(str(path), backend=backend, device="cpu")
+    c, spec = pipe.c, pipe.spec
+    d = {"family": c.family, "spec_name": spec.get("spec", ""), "has_seg": c.num_seg_tokens > 0,
+         "image_size": spec["image_size"], "num_image_tokens": c.num_image_tokens,
+         "num_seg_tokens": c.num_seg_tokens, "num_attributes": NUM_ATTRIBUTES,
+         "llm_hidden": _llm_hidden(spec), "vision_hidden": _vision_hidden(spec),
+         "model_card": {"random_parts": list(spec.get("random_parts", [])),
+                        "real_parts": dict(spec.get("real_parts", {}))}}
+    if d["has_seg"]:
+        d["parser_size"] = spec["parser"]["input_size"]
+        d["label_size"] = (spec["image_size"] // spec["vision"]["patch_size"]) * spec["seg"]["patch_size"]
+    return d
+
+
+def _llm_hidden(spec: dict) -> int:
+    return int(spec["llm"]["hidden_size"])
+
+
+def _vision_hidden(spec: dict) -> int:
+    return int(spec["vision"]["hidden_size"])
+
+
+def _read_manifest(engines: Path) -> dict:
+    path = engines / "manifest.json"
+    if not path.exists():
+        raise RepositoryError(f"{engines}: manifest.json is missing (build the folder with `facert build`)")
+    return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------------------------ fill
+
+def _pbtxt_string(value) -> str:
+    """A protobuf text-format string literal."""
+    s = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{s}"'
+
+
+def _environment():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True, trim_blocks=False, lstrip_blocks=False)
+    env.filters["q"] = _pbtxt_string
+    return env
+
+
+def fill_repository(out: str | Path, checkpoint: str | Path | None = None, engines: str | Path | None = None,
+                    backend: str = "onnxruntime", target: str = "portable", device: str | None = None,
+                    max_batch_size: int = 8, queue_delay_us: int = 2000, overwrite: bool = False) -> dict:
+    """Render the repository for one model into `out`; returns {model name: ModelConfig} after validation."""
+    if target not in TARGETS:
+        raise RepositoryError(f"target must be one of {TARGETS}, got {target!r}")
+    if (checkpoint is None) == (engines is None):
+        raise RepositoryError("give exactly one source: a checkpoint directory or an engines folder")
+    if not 1 <= max_batch_size <= 256:
+        raise RepositoryError(f"max_batch_size must be in [1, 256], got {max_batch_size}")
+    if target == "native" and engines is None:
+        raise RepositoryError("the native target runs engine files: give --engines (built by `facert build`)")
+    out = Path(out).resolve()
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise RepositoryError(f"{out} exists and is not empty (pass overwrite / --force to replace it)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if device is None:
+        device = "cuda" if target == "native" else "cpu"
+    if engines is not None:
+        engines = Path(engines).resolve()
+        info = describe_engines(engines, backend)
+        source = {"engines": str(engines), "backend": backend, "device": device}
+    else:
+        checkpoint = Path(checkpoint).resolve()
+        info = describe_checkpoint(checkpoint)
+        source = {"checkpoint": str(checkpoint), "device": device}
+
+    has_seg = info["has_seg"]
+    upstream = ["PREPROCESS_MS", "VISION_MS"] + (["PARSER_MS", "SEG_MS", "ATTRIBUTES_MS"] if has_seg else [])
+    io = {step: {name: name for name in ("PIXEL_VALUES", "IMAGE_TOKENS", "POOLED", "PARSER_PIXELS", "LABELS",
+                                         "SEG_TOKENS", "ATTRIBUTE_PROBS")} for step in STEPS}
+    ctx = dict(info, source=source, target=target, max_batch_size=max_batch_size, queue_delay_us=queue_delay_us,
+               instance_kind="KIND_GPU" if device.startswith("cuda") else "KIND_CPU",
+               ensemble_name=info["family"], upstream_timings=upstream, io=io)
+    steps = [s for s in STEPS if has_seg or s not in SEG_BRANCH_STEPS]
+    env = _environment()
+
+    native_steps: set[str] = set()
+    if target == "native":
+        from runtime.serving.native import render_native
+
+        native_steps = render_native(out, env, ctx, engines, _read_manifest(engines), steps)
+        ctx["upstream_timings"] = [t for t in upstream if t not in ("VISION_MS", "PARSER_MS", "SEG_MS")]
+    for step in steps:
+        if step in native_steps:
+            continue
+        (out / step / "1").mkdir(parents=True)
+        (out / step / "config.pbtxt").write_text(env.get_template(f"{step}/config.pbtxt.j2").render(ctx))
+        shutil.copy2(TEMPLATES / step / "1" / "model.py", out / step / "1" / "model.py")
+    ens = out / ctx["ensemble_name"]
+    ens.mkdir()
+    (ens / "1").mkdir()  # Triton wants a version folder for ensembles too
+    (ens / "config.pbtxt").write_text(env.get_template("ensemble/config.pbtxt.j2").render(ctx))
+    return validate_repository(out)
