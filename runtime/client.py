@@ -129,6 +129,8 @@ def _ask_grpc(url, image, question, params, stream, on_text, model, timeout_s) -
                         _str(result.as_numpy("TIMINGS")), on_text)
             final = result.get_response().parameters.get("triton_final_response")
             if final is not None and final.bool_param:
+                if out["finish_reason"] is None:
+                    raise RemoteError(f"{url} closed the request without an answer (see the server log)")
                 break
     except InferenceServerException as e:
         raise RemoteError(e.message()) from None
@@ -156,10 +158,20 @@ def _http_json(url: str, method: str, path: str, body: dict | None, timeout_s: f
         data = r.read()
     finally:
         conn.close()
-    payload = json.loads(data) if data else {}
     if r.status != 200:
-        raise RemoteError(payload.get("error", f"HTTP {r.status}") if isinstance(payload, dict) else f"HTTP {r.status}")
-    return payload
+        raise RemoteError(_http_error(r.status, data))
+    return json.loads(data) if data else {}
+
+
+def _http_error(status: int, body: bytes) -> str:
+    """The server's message from an error body: JSON, or a server-sent event ("data: {json}")."""
+    text = body.decode("utf-8", "replace").strip()
+    if text.startswith("data:"):
+        text = text[5:].strip()
+    try:
+        return json.loads(text).get("error") or f"HTTP {status}"
+    except (ValueError, AttributeError):
+        return f"HTTP {status}: {text[:500]}"
 
 
 def _ask_http(url, image, question, params, stream, on_text, model, timeout_s) -> dict:
@@ -187,8 +199,7 @@ def _ask_http(url, image, question, params, stream, on_text, model, timeout_s) -
                      headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
         r = conn.getresponse()
         if r.status != 200:
-            data = r.read()
-            raise RemoteError(json.loads(data).get("error", f"HTTP {r.status}") if data else f"HTTP {r.status}")
+            raise RemoteError(_http_error(r.status, r.read()))
         for raw in r:  # server-sent events: "data: {json}" lines separated by blank lines
             line = raw.decode("utf-8").strip()
             if line.startswith("data:"):
@@ -197,6 +208,8 @@ def _ask_http(url, image, question, params, stream, on_text, model, timeout_s) -
         raise RemoteError(f"HTTP stream from {url} failed: {e}") from None
     finally:
         conn.close()
+    if out["finish_reason"] is None:
+        raise RemoteError(f"{url} closed the stream without an answer (see the server log)")
     return out
 
 
@@ -272,5 +285,5 @@ def cli_ask(image_path, question: str, args) -> int:
         return 0
     answer = Answer(out["text"], out["token_ids"], out["finish_reason"] or "", out["timings"],
                     out["attributes"], out["attributes_raw"], out["constraints_fired"])
-    print_answer(answer, card, streamed=args.stream)
+    print_answer(answer, card, streamed=args.stream, out=sys.stdout)
     return 0

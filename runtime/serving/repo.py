@@ -139,37 +139,34 @@ def _describe_model(model, config: dict) -> dict:
     return d
 
 
-def describe_engines(path: str | Path, backend: str) -> dict:
-    """Shapes from an engines folder (opened through runtime.engines, the export issue's loader)."""
-    from runtime.engines import open_pipeline
+def describe_engines(path: str | Path) -> dict:
+    """Shapes the configs need, from an engines folder's manifest.json (written by `facert build`)."""
+    manifest = _read_manifest(Path(path))
+    spec, model, comps = manifest["spec"], manifest["model"], manifest["components"]
 
-    pipe = open_pipeline(str(path), backend=backend, device="cpu")
-    c, spec = pipe.c, pipe.spec
-    d = {"family": c.family, "spec_name": spec.get("spec", ""), "has_seg": c.num_seg_tokens > 0,
-         "image_size": spec["image_size"], "num_image_tokens": c.num_image_tokens,
-         "num_seg_tokens": c.num_seg_tokens, "num_attributes": NUM_ATTRIBUTES,
-         "llm_hidden": _llm_hidden(spec), "vision_hidden": _vision_hidden(spec),
+    def shape(component: str, side: str, index: int) -> list:
+        return comps[component][side][index]["shape"]
+
+    has_seg = model.get("num_seg_tokens", 0) > 0
+    d = {"family": model["family"], "spec_name": spec.get("spec", ""), "has_seg": has_seg,
+         "image_size": spec["image_size"], "num_image_tokens": model["num_image_tokens"],
+         "num_seg_tokens": model.get("num_seg_tokens", 0), "llm_hidden": model["llm"]["hidden_size"],
+         "vision_hidden": shape("vision", "outputs", 1)[-1], "num_attributes": NUM_ATTRIBUTES,
          "model_card": {"random_parts": list(spec.get("random_parts", [])),
                         "real_parts": dict(spec.get("real_parts", {}))}}
-    if d["has_seg"]:
-        d["parser_size"] = spec["parser"]["input_size"]
-        d["label_size"] = (spec["image_size"] // spec["vision"]["patch_size"]) * spec["seg"]["patch_size"]
+    if has_seg:
+        d["parser_size"] = shape("parser", "inputs", 0)[-1]
+        d["label_size"] = shape("seg", "inputs", 0)[-1]
     return d
 
 
-def _llm_hidden(spec: dict) -> int:
-    return int(spec["llm"]["hidden_size"])
-
-
-def _vision_hidden(spec: dict) -> int:
-    return int(spec["vision"]["hidden_size"])
-
-
 def _read_manifest(engines: Path) -> dict:
-    path = engines / "manifest.json"
-    if not path.exists():
-        raise RepositoryError(f"{engines}: manifest.json is missing (build the folder with `facert build`)")
-    return json.loads(path.read_text())
+    from export.manifest import EngineError, read_manifest
+
+    try:
+        return read_manifest(engines)
+    except EngineError as e:
+        raise RepositoryError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------ fill
@@ -191,7 +188,8 @@ def _environment():
 
 def fill_repository(out: str | Path, checkpoint: str | Path | None = None, engines: str | Path | None = None,
                     backend: str = "onnxruntime", target: str = "portable", device: str | None = None,
-                    max_batch_size: int = 8, queue_delay_us: int = 2000, overwrite: bool = False) -> dict:
+                    max_batch_size: int = 8, queue_delay_us: int = 2000, overwrite: bool = False,
+                    llm_engines: str | Path | None = None) -> dict:
     """Render the repository for one model into `out`; returns {model name: ModelConfig} after validation."""
     if target not in TARGETS:
         raise RepositoryError(f"target must be one of {TARGETS}, got {target!r}")
@@ -212,7 +210,7 @@ def fill_repository(out: str | Path, checkpoint: str | Path | None = None, engin
         device = "cuda" if target == "native" else "cpu"
     if engines is not None:
         engines = Path(engines).resolve()
-        info = describe_engines(engines, backend)
+        info = describe_engines(engines)
         source = {"engines": str(engines), "backend": backend, "device": device}
     else:
         checkpoint = Path(checkpoint).resolve()
@@ -233,7 +231,7 @@ def fill_repository(out: str | Path, checkpoint: str | Path | None = None, engin
     if target == "native":
         from runtime.serving.native import render_native
 
-        native_steps = render_native(out, env, ctx, engines, _read_manifest(engines), steps)
+        native_steps = render_native(out, env, ctx, engines, _read_manifest(engines), steps, llm_engines)
         ctx["upstream_timings"] = [t for t in upstream if t not in ("VISION_MS", "PARSER_MS", "SEG_MS")]
     for step in steps:
         if step in native_steps:

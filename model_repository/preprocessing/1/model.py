@@ -32,8 +32,12 @@ def _one(inputs, name, default=None):
 class TritonPythonModel(PerRequestStep):
     def compute_one(self, inputs):
         received_at = time.time()
-        if ("IMAGE" in inputs) == ("IMAGE_BASE64" in inputs):
-            raise ValueError("send the image as IMAGE (encoded bytes) or as IMAGE_BASE64 (base64 text), exactly one of them")
+        if "IMAGE" not in inputs and "IMAGE_BASE64" not in inputs:
+            raise ValueError("the image is missing: send IMAGE (encoded bytes) or IMAGE_BASE64 (base64 text)")
+        if "IMAGE" in inputs and "IMAGE_BASE64" in inputs:
+            raise ValueError("send the image once: IMAGE or IMAGE_BASE64, not both")
+        if "QUESTION" not in inputs:
+            raise ValueError("the question is missing: send QUESTION (UTF-8 text)")
         if "IMAGE" in inputs:
             image = bytes(_one(inputs, "IMAGE"))
         else:

@@ -1,0 +1,210 @@
+"""Serving over a real Triton server (nvidia-pytriton's tritonserver 2.51, CPU): the ensemble streams
+the same greedy answer as the in-process pipeline over gRPC and HTTP, serves concurrent requests,
+exposes metrics, and refuses bad input with a message naming the problem."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import queue
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from serving_fixtures import served_tiny, tiny_pipeline  # noqa: F401 (fixtures)
+
+from runtime.client import RemoteError, ask_remote
+from runtime.generate import SamplingParams
+
+GREEDY = SamplingParams(max_new_tokens=10)
+QUESTION = "What can you tell about this face?"
+
+
+def _check_same_answer(served: dict, expected) -> None:
+    assert served["token_ids"] == expected.token_ids
+    assert served["text"] == expected.text
+    assert served["finish_reason"] == expected.finish_reason
+    # attribute probabilities cross process boundaries as FP32 tensors: same numbers, same constraints
+    assert served["attributes"].keys() == expected.attributes.keys()
+    np.testing.assert_allclose([served["attributes"][k] for k in expected.attributes],
+                               list(expected.attributes.values()), rtol=1e-5, atol=1e-6)
+    assert served["constraints_fired"] == expected.constraints_fired
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_streamed_answer_equals_in_process(served_tiny, tiny_pipeline, face_png, protocol):
+    expected = tiny_pipeline.ask(face_png, QUESTION, GREEDY)
+    pieces: list[str] = []
+    served = ask_remote(served_tiny.url(protocol), face_png, QUESTION, GREEDY, protocol=protocol, stream=True,
+                        on_text=pieces.append)
+    assert len(pieces) > 1, "the answer arrived in one piece: not streamed"
+    assert "".join(pieces) == served["text"]
+    _check_same_answer(served, expected)
+    t = served["timings"]
+    for stage in ("preprocess", "vision", "parser", "seg", "attributes", "prefill", "decode", "total"):
+        assert t[f"{stage}_ms"] > 0, stage
+    assert t["total_ms"] >= t["prefill_ms"] + t["decode_ms"]
+
+    whole = ask_remote(served_tiny.url(protocol), face_png, QUESTION, GREEDY, protocol=protocol, stream=False)
+    _check_same_answer(whole, expected)
+
+
+def test_sixteen_concurrent_requests_all_correct(served_tiny, tiny_pipeline, face_images):
+    jobs = [(face_images[i % len(face_images)], f"Request {i}: describe the hair.", "grpc" if i % 2 else "http")
+            for i in range(16)]
+    params = SamplingParams(max_new_tokens=6)
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(ask_remote, served_tiny.url(p), img, q, params, protocol=p, stream=bool(i % 3))
+                   for i, (img, q, p) in enumerate(jobs)]
+        results = [f.result(timeout=120) for f in futures]
+    expected = tiny_pipeline.ask_batch([img for img, _, _ in jobs], [q for _, q, _ in jobs], params)
+    for got, want in zip(results, expected):
+        _check_same_answer(got, want)
+
+
+def test_metrics_endpoint_counts_requests(served_tiny, face_png):
+    ask_remote(served_tiny.grpc_url, face_png, QUESTION, SamplingParams(max_new_tokens=2))
+    with urllib.request.urlopen(served_tiny.server.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+
+    def count(metric: str, model: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(metric + "{") and f'model="{model}"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"{metric} for {model} not in the metrics")
+
+    assert count("nv_inference_request_success", "faceinsight") >= 1
+    assert count("nv_inference_request_success", "llm") >= 1
+    assert count("nv_inference_exec_count", "vision_encoder") >= 1
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+def _grpc_error(url: str, tensors: list[tuple[str, np.ndarray, str]]) -> str | None:
+    """Send raw tensors over the gRPC stream; the error message, or None if the request succeeded."""
+    import tritonclient.grpc as grpcclient
+
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    try:
+        inputs = []
+        for name, array, dtype in tensors:
+            t = grpcclient.InferInput(name, list(array.shape), dtype)
+            t.set_data_from_numpy(array)
+            inputs.append(t)
+        client.async_stream_infer("faceinsight", inputs, enable_empty_final_response=True)
+        while True:
+            result, error = responses.get(timeout=60)
+            if error is not None:
+                return error.message()
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return None
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def _png(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _b(x) -> np.ndarray:
+    return np.array([[x]], dtype=np.object_)
+
+
+BAD_GRPC = {
+    "zero-byte image": ([("IMAGE", _b(b""), "BYTES")], "image is empty"),
+    "undecodable image": ([("IMAGE", _b(b"GIF89a but not really"), "BYTES")], "cannot decode image"),
+    "image over the pixel bound": ([("IMAGE", _b(_png(8000, 6000)), "BYTES")], "over the 40000000-pixel bound"),
+    "wrong dtype": ([("MAX_TOKENS", np.array([[5.0]], np.float32), "FP32")], "'MAX_TOKENS' data-type is 'FP32'"),
+    "wrong shape": ([("MAX_TOKENS", np.array([[5, 6]], np.int32), "INT32")], "unexpected shape for input 'MAX_TOKENS'"),
+    "two images in one request": ([("IMAGE", np.array([[b"a"], [b"b"]], dtype=np.object_), "BYTES"),
+                                   ("QUESTION", np.array([[b"a"], [b"b"]], dtype=np.object_), "BYTES"),
+                                   ("MAX_TOKENS", np.array([[4], [4]], np.int32), "INT32")],
+                                  "IMAGE must hold exactly one value"),
+    "missing image": ([("IMAGE", None, None)], "the image is missing"),
+    "missing question": ([("QUESTION", None, None)], "the question is missing"),
+    "empty question": ([("QUESTION", _b(b"   "), "BYTES")], "question is empty"),
+    "over-long question": ([("QUESTION", _b(b"x" * 600), "BYTES")], "prompt is 653 tokens, over the model's"),
+    "max_tokens zero": ([("MAX_TOKENS", np.array([[0]], np.int32), "INT32")], "max_tokens must be in [1, 4096], got 0"),
+    "max_tokens too large": ([("MAX_TOKENS", np.array([[5000]], np.int32), "INT32")], "max_tokens must be in [1, 4096]"),
+    "top_p zero": ([("TOP_P", np.array([[0.0]], np.float32), "FP32")], "top_p must be in (0, 1]"),
+    "unknown input": ([("PROMPT", _b(b"hi"), "BYTES")], "unexpected inference input 'PROMPT'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GRPC))
+def test_bad_input_over_grpc_is_named(served_tiny, face_png, case):
+    changes, message = BAD_GRPC[case]
+    tensors = {"IMAGE": (_b(face_png), "BYTES"), "QUESTION": (_b(QUESTION.encode()), "BYTES"),
+               "MAX_TOKENS": (np.array([[4]], np.int32), "INT32")}
+    for name, array, dtype in changes:
+        if array is None:
+            tensors.pop(name)
+        else:
+            tensors[name] = (array, dtype)
+    error = _grpc_error(served_tiny.grpc_url, [(n, a, d) for n, (a, d) in tensors.items()])
+    assert error is not None, f"{case}: the server accepted it"
+    assert message in error, f"{case}: {error!r}"
+
+
+BAD_HTTP = {
+    "invalid base64": ({"IMAGE_BASE64": "not base64!"}, "IMAGE_BASE64 is not valid base64"),
+    "zero-byte image": ({"IMAGE_BASE64": ""}, "image is empty"),
+    "wrong type": ({"MAX_TOKENS": "ten"}, "Unable to parse"),
+    "empty question": ({"QUESTION": ""}, "question is empty"),
+    "max_tokens out of range": ({"MAX_TOKENS": -1}, "max_tokens must be in [1, 4096]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_HTTP))
+def test_bad_input_over_http_is_named(served_tiny, face_png, case):
+    change, message = BAD_HTTP[case]
+    body = {"IMAGE_BASE64": base64.b64encode(face_png).decode(), "QUESTION": QUESTION, "MAX_TOKENS": 4, **change}
+    req = urllib.request.Request(f"http://{served_tiny.http_url}/v2/models/faceinsight/generate",
+                                 data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    error = json.loads(e.value.read())["error"]
+    assert message in error, f"{case}: {error!r}"
+
+
+def test_good_request_after_bad_ones_is_still_correct(served_tiny, tiny_pipeline, face_png):
+    for case in ("zero-byte image", "wrong dtype", "over-long question"):  # and the whole bad-input suite, if run
+        test_bad_input_over_grpc_is_named(served_tiny, face_png, case)
+    expected = tiny_pipeline.ask(face_png, QUESTION, GREEDY)
+    _check_same_answer(ask_remote(served_tiny.grpc_url, face_png, QUESTION, GREEDY, stream=True), expected)
+    _check_same_answer(ask_remote(served_tiny.http_url, face_png, QUESTION, GREEDY, protocol="http"), expected)
+
+
+def test_client_raises_the_servers_message(served_tiny):
+    with pytest.raises(RemoteError, match="cannot decode image"):
+        ask_remote(served_tiny.grpc_url, b"\x89PNG broken", QUESTION, GREEDY)
+    with pytest.raises(RemoteError, match="question is empty"):
+        ask_remote(served_tiny.http_url, _png(16, 16), " ", GREEDY, protocol="http", stream=True)
+
+
+def test_cli_ask_url_streams_the_answer(served_tiny, tiny_pipeline, face_png, tmp_path, capsys):
+    from runtime.cli import main
+
+    image = tmp_path / "face.png"
+    image.write_bytes(face_png)
+    expected = tiny_pipeline.ask(face_png, QUESTION, GREEDY)
+    assert main(["ask", str(image), QUESTION, "--url", served_tiny.grpc_url, "--stream", "--max-tokens", "10"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(expected.text)
+    assert "timings:" in out and "constraint rules fired" in out and "seeded RANDOM weights" in out
+    assert main(["ask", str(image), QUESTION, "--url", served_tiny.http_url, "--protocol", "http", "--json",
+                 "--max-tokens", "10"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["token_ids"] == expected.token_ids and got["model"] == "faceinsight"
+    assert main(["ask", str(image), " ", "--url", served_tiny.grpc_url]) == 2
+    assert "question is empty" in capsys.readouterr().err
