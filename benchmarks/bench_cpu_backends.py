@@ -16,9 +16,10 @@ and attribute head), one image and question, in one process, one backend after t
   transformers   the same facert model's vision/parser/seg/attribute modules, then the LLM's own
                  `model.llm.generate(inputs_embeds=...)` (DynamicCache, greedy) on the same prompt
 
-Medians over --repeats after one warm-up. Every backend generates exactly --max-new-tokens tokens
+Medians over --repeats after one warm-up; the backends take turns run by run, so load from other
+processes on a shared machine falls on all of them alike. Every backend generates exactly --max-new-tokens tokens
 (EOS ignored) so decode rates are over the same lengths; the benchmark also says whether the three
-produced the same tokens. Writes results.json and README.md into
+produced the same tokens. Writes results-<threads>-threads.json and README.md (every run in the folder) into
 benchmarks/results/<date>-cpu-<machine id>/.
 """
 
@@ -131,14 +132,22 @@ def run_transformers(pipe: FacePipeline, image: bytes, n: int) -> dict:
             "tokens": tokens, "prompt_tokens": len(ids)}
 
 
-def measure(fn, repeats: int) -> dict:
-    fn()  # warm-up: lazy inits, first-touch allocations, onnxruntime's first-run planning
-    runs = [fn() for _ in range(repeats)]
-    out = {k: median([r[k] for r in runs]) for k in ("vision_ms", "prefill_ms", "decode_tokens_per_s", "end_to_end_ms")}
-    out["runs"] = [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items() if k != "tokens"}
-                   for r in runs]
-    out["tokens"] = runs[-1]["tokens"]
-    out["prompt_tokens"] = runs[-1]["prompt_tokens"]
+def measure(runners: dict, repeats: int) -> dict:
+    """Median stage timings per backend. The backends take turns, run by run, so that load from
+    elsewhere on a shared machine falls on all of them alike instead of on whichever ran then."""
+    for fn in runners.values():
+        fn()  # warm-up: lazy inits, first-touch allocations, onnxruntime's first-run planning
+    runs = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, fn in runners.items():
+            runs[name].append(fn())
+    out = {}
+    for name, rs in runs.items():
+        r = {k: median([x[k] for x in rs]) for k in ("vision_ms", "prefill_ms", "decode_tokens_per_s", "end_to_end_ms")}
+        r["runs"] = [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in x.items() if k != "tokens"}
+                     for x in rs]
+        r["tokens"], r["prompt_tokens"] = rs[-1]["tokens"], rs[-1]["prompt_tokens"]
+        out[name] = r
     return out
 
 
@@ -184,25 +193,23 @@ def main(argv=None) -> int:
     n = args.max_new_tokens
     load_before = load_average()
 
-    results = {}
-    pipes = {"onnxruntime": lambda: open_pipeline(engines, intra_op_threads=args.threads),
-             "torch": lambda: FacePipeline.from_checkpoint(ckpt)}
-    for name, make in pipes.items():
-        t0 = time.perf_counter()
-        pipe = make()
-        load_s = time.perf_counter() - t0
-        print(f"[bench] {name}: loaded in {load_s:.1f} s", file=sys.stderr, flush=True)
-        results[name] = {**measure(lambda: run_facert(pipe, image, n), args.repeats), "load_s": round(load_s, 2)}
-        if name == "torch":
-            results["transformers"] = measure(lambda: run_transformers(pipe, image, n), args.repeats)
-            results["transformers"]["load_s"] = round(load_s, 2)
-        del pipe
-        print(f"[bench] {name}: {results[name]['decode_tokens_per_s']} tokens/s", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    ort_pipe = open_pipeline(engines, intra_op_threads=args.threads)
+    load_s = {"onnxruntime": round(time.perf_counter() - t0, 2)}
+    t0 = time.perf_counter()
+    torch_pipe = FacePipeline.from_checkpoint(ckpt)
+    load_s["torch"] = load_s["transformers"] = round(time.perf_counter() - t0, 2)
+    runners = {"onnxruntime": lambda: run_facert(ort_pipe, image, n),
+               "torch": lambda: run_facert(torch_pipe, image, n),
+               "transformers": lambda: run_transformers(torch_pipe, image, n)}
     if args.compare_unsimplified:
         _, plain = ensure_demo(work, "demo-onnxruntime-unsimplified", simplify=False)
-        pipe = open_pipeline(plain, intra_op_threads=args.threads)
-        results["onnxruntime (no onnxslim)"] = measure(lambda: run_facert(pipe, image, n), args.repeats)
-        del pipe
+        plain_pipe = open_pipeline(plain, intra_op_threads=args.threads)
+        runners["onnxruntime (no onnxslim)"] = lambda: run_facert(plain_pipe, image, n)
+    print(f"[bench] measuring {', '.join(runners)} ({args.repeats} turns each)", file=sys.stderr, flush=True)
+    results = measure(runners, args.repeats)
+    for name, r in results.items():
+        r["load_s"] = load_s.get(name)
     load_after = load_average()
 
     ref = results["torch"]["tokens"]
@@ -236,8 +243,10 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else (ROOT / "benchmarks" / "results"
                                            / f"{datetime.now().strftime('%Y-%m-%d')}-cpu-{machine_id()}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / "README.md").write_text(markdown(record))
+    # one JSON per thread count; README.md shows every run recorded in the folder
+    (out / f"results-{args.threads}-threads.json").write_text(json.dumps(record, indent=2) + "\n")
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("results-*-threads.json"))]
+    (out / "README.md").write_text("\n".join(markdown(r) for r in records))
     print(markdown(record))
     print(f"wrote {out}", file=sys.stderr)
     return 0
@@ -246,7 +255,7 @@ def main(argv=None) -> int:
 def markdown(r: dict) -> str:
     m = r["machine"]
     lines = [
-        f"# CPU backends on the demo model — {r['date'][:10]}",
+        f"# CPU backends on the demo model — {r['date'][:10]}, {r['settings']['threads']} threads",
         "",
         f"- command: `{r['command']}` (git {r['git']})",
         f"- machine: {m['cpu']}, {m['cores']} cores, {m['platform']} (id {m['id']}); load average "
@@ -259,7 +268,7 @@ def markdown(r: dict) -> str:
         f"- versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, "
         f"onnxruntime {v['onnxruntime']}, numpy {v['numpy']}",
         f"- model: demo ({r['model']['llm']}); {r['settings']['max_new_tokens']} new tokens (EOS ignored), greedy, "
-        f"median of {r['settings']['repeats']} after a warm-up, {r['settings']['threads']} threads",
+        f"median of {r['settings']['repeats']} interleaved runs after a warm-up, {r['settings']['threads']} threads",
         "",
         "| backend | vision ms | prefill ms | decode tokens/s | end-to-end ms | prompt tokens | same tokens as torch |",
         "|---|---:|---:|---:|---:|---:|---|",

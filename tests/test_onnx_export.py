@@ -93,12 +93,15 @@ def test_llm_weights_are_stored_once(tiny_engines, tiny_model):
     assert 0.5 * params < data < 1.3 * params
 
 
-def test_vision_parity(tiny_ort, tiny_model):
+@pytest.mark.parametrize("which", ["tiny", "tiny-facellm"])
+def test_vision_parity(which, tiny_ort, tiny_model, tiny_facellm_ort, tiny_facellm_model):
+    """CLIP + LLaVA projector, and InternViT + pixel-unshuffle + InternVL projector."""
+    ort_c, model = (tiny_ort, tiny_model) if which == "tiny" else (tiny_facellm_ort, tiny_facellm_model)
     g = torch.Generator().manual_seed(11)
     pixels = torch.randn(3, 3, 32, 32, generator=g)
-    tokens, pooled = tiny_ort.encode_image(pixels.numpy())
+    tokens, pooled = ort_c.encode_image(pixels.numpy())
     with torch.no_grad():
-        ref_tokens, ref_pooled = tiny_model.encode_image(pixels)
+        ref_tokens, ref_pooled = model.encode_image(pixels)
     assert_rel_close(tokens, ref_tokens, what="image_tokens")
     assert_rel_close(pooled, ref_pooled, what="pooled")
 

@@ -16,9 +16,13 @@ def target_for(backend: str) -> str:
     if backend == "onnxruntime":
         return "cpu"
     if backend == "tensorrt":
-        from export.tensorrt_build import device_target
+        from export.manifest import EngineError
+        from export.tensorrt_build import TensorRTError, device_target
 
-        return device_target()
+        try:
+            return device_target()
+        except TensorRTError as e:  # no GPU here: say so as a refusal, like any other mismatch
+            raise EngineError(f"TensorRT engines cannot run here: {e}") from None
     raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
 
 
