@@ -121,8 +121,9 @@ def build_engines(checkpoint: str | Path, backend: str, out: str | Path, precisi
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
-        _build_into(out, model, tokenizer, config, checkpoint, source, backend, precision, max_batch,
-                    max_new_tokens, simplify, command, progress, t0)
+        _build_into(out, model, tokenizer, config, checkpoint=checkpoint, source=source, backend=backend,
+                    precision=precision, max_batch=max_batch, max_new_tokens=max_new_tokens, simplify=simplify,
+                    command=command, progress=progress, t0=t0)
     except BaseException:
         if out.is_dir() and not (out / "manifest.json").exists():
             shutil.rmtree(out, ignore_errors=True)  # no half-built folder left behind
@@ -132,8 +133,9 @@ def build_engines(checkpoint: str | Path, backend: str, out: str | Path, precisi
     return out
 
 
-def _build_into(out, model, tokenizer, config, checkpoint, source, backend, precision, max_batch,
-                max_new_tokens, simplify, command, progress, t0) -> None:
+def _build_into(out: Path, model, tokenizer, config: dict, *, checkpoint: Path, source: dict, backend: str,
+                precision: str, max_batch: int, max_new_tokens: int, simplify: bool, command: str | None,
+                progress: Progress, t0: float) -> None:
     """The build proper, into the fresh folder `out`."""
     from export.onnx_export import export_onnx, llm_layout
 
