@@ -9,9 +9,8 @@ Native target, on a GPU host with NVIDIA's Triton + TensorRT-LLM container (it h
 tensorrtllm, onnxruntime and tensorrt backends; facert itself must be installed in it, since the
 python steps import it):
 
-  facert build --checkpoint CKPT --backend tensorrt --out engines/NAME          # encoders: TensorRT plans
-  facert build --checkpoint CKPT --backend tensorrt-llm --out engines/NAME-llm  # the LLM
-  facert repo --engines engines/NAME --llm-engines engines/NAME-llm --target native --out repo-native
+  facert build --checkpoint CKPT --backend tensorrt-llm --out engines/NAME   # TensorRT plans + TensorRT-LLM engine
+  facert repo --engines engines/NAME --backend tensorrt-llm --target native --out repo-native
   docker run --rm --gpus all --shm-size=2g -p 8000:8000 -p 8001:8001 -p 8002:8002 \\
       -v $PWD:/work -w /work nvcr.io/nvidia/tritonserver:24.10-trtllm-python-py3 \\
       bash -c "pip install -e '.[serve]' && tritonserver --model-repository=/work/repo-native"
@@ -33,7 +32,7 @@ def cmd_repo(args) -> int:
     try:
         configs = fill_repository(args.out, checkpoint=args.checkpoint, engines=args.engines, backend=args.backend,
                                   target=args.target, device=args.device, max_batch_size=args.max_batch,
-                                  overwrite=args.force, llm_engines=args.llm_engines)
+                                  overwrite=args.force)
     except RepositoryError as e:
         print(f"facert: error: {e}", file=sys.stderr)
         return 2
@@ -144,10 +143,8 @@ def register(sub) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--checkpoint", help="checkpoint directory (portable target: torch components)")
     where.add_argument("--engines", help="engines folder built by `facert build`")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
-                   help="backend of --engines (default onnxruntime)")
-    p.add_argument("--llm-engines", help="native target: the TensorRT-LLM engines folder (facert build --backend "
-                                         "tensorrt-llm) for the tensorrtllm backend")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "tensorrt-llm"),
+                   help="backend the --engines folder was built for (default onnxruntime)")
     p.add_argument("--out", required=True, help="repository directory to write")
     p.add_argument("--target", default="portable", choices=TARGETS, help="portable (default) or native")
     p.add_argument("--device", help="device for the python steps (default cpu; cuda for native)")

@@ -92,8 +92,11 @@ class Step:
         if kind == "GPU":
             device = f"cuda:{args.get('model_instance_device_id', '0')}"
         self.device = device
-        self.pipe = open_pipeline(self.params, device) if self.uses_pipeline else None
+        self.pipe = open_pipeline(self.params, device) if self.wants_pipeline() else None
         self.setup()
+
+    def wants_pipeline(self) -> bool:
+        return self.uses_pipeline
 
     def setup(self) -> None:
         """Per-step set-up after the pipeline is open."""

@@ -10,11 +10,12 @@ Targets:
 - portable: every step is a python-backend model calling facert's runtime (torch components from
   a checkpoint, or ONNX Runtime / TensorRT components from an engines folder). Runs anywhere,
   including the CPU-only tritonserver from nvidia-pytriton.
-- native: for NVIDIA's Triton containers on GPU hosts. The vision encoder, face parser and seg
-  projection become `onnxruntime_onnx` or `tensorrt_plan` models on their engine files, the LLM a
-  `tensorrt_llm` model on the `tensorrtllm` backend (its engine built by `facert build --backend
-  tensorrt-llm`); the `llm` step stays a python model that streams from it through BLS, so the
-  ensemble and its inputs/outputs are the same as portable's.
+- native: for NVIDIA's Triton containers on GPU hosts (runtime/serving/native.py). The vision
+  encoder, face parser, seg projection and attribute head become `onnxruntime_onnx` or
+  `tensorrt_plan` models on their engine files, the LLM a `tensorrt_llm` model on the
+  `tensorrtllm` backend when the folder was built with `--backend tensorrt-llm`; the `llm` step
+  stays a python model that streams from it through BLS, so the ensemble and its inputs/outputs
+  are the same as portable's.
 """
 
 from __future__ import annotations
@@ -27,13 +28,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO_ROOT / "model_repository"
 STEPS = ("preprocessing", "vision_encoder", "face_parser", "seg_projection", "attribute_head", "llm", "postprocessing")
 SEG_BRANCH_STEPS = ("face_parser", "seg_projection", "attribute_head")
-ENCODER_STEPS = ("vision_encoder", "face_parser", "seg_projection")  # native: platform models
-# Which engines-manifest component each encoder step runs (native target).
-ENGINE_COMPONENTS = {"vision_encoder": "vision", "face_parser": "parser", "seg_projection": "seg"}
-# The step tensors each encoder's engine inputs/outputs stand for, in the manifest's order.
-ENGINE_ROLES = {"vision_encoder": (["PIXEL_VALUES"], ["IMAGE_TOKENS", "POOLED"]),
-                "face_parser": (["PARSER_PIXELS"], ["LABELS"]),
-                "seg_projection": (["LABELS"], ["SEG_TOKENS"])}
 NUM_ATTRIBUTES = 40
 TARGETS = ("portable", "native")
 
@@ -188,8 +182,7 @@ def _environment():
 
 def fill_repository(out: str | Path, checkpoint: str | Path | None = None, engines: str | Path | None = None,
                     backend: str = "onnxruntime", target: str = "portable", device: str | None = None,
-                    max_batch_size: int = 8, queue_delay_us: int = 2000, overwrite: bool = False,
-                    llm_engines: str | Path | None = None) -> dict:
+                    max_batch_size: int = 8, queue_delay_us: int = 2000, overwrite: bool = False) -> dict:
     """Render the repository for one model into `out`; returns {model name: ModelConfig} after validation."""
     if target not in TARGETS:
         raise RepositoryError(f"target must be one of {TARGETS}, got {target!r}")
@@ -202,7 +195,7 @@ def fill_repository(out: str | Path, checkpoint: str | Path | None = None, engin
     out = Path(out).resolve()
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise RepositoryError(f"{out} exists and is not empty (pass overwrite / --force to replace it)")
+            raise RepositoryError(f"{out} exists and is not empty (--force replaces it)")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -223,7 +216,7 @@ def fill_repository(out: str | Path, checkpoint: str | Path | None = None, engin
                                          "SEG_TOKENS", "ATTRIBUTE_PROBS")} for step in STEPS}
     ctx = dict(info, source=source, target=target, max_batch_size=max_batch_size, queue_delay_us=queue_delay_us,
                instance_kind="KIND_GPU" if device.startswith("cuda") else "KIND_CPU",
-               ensemble_name=info["family"], upstream_timings=upstream, io=io)
+               ensemble_name=info["family"], upstream_timings=upstream, io=io, llm_parameters={})
     steps = [s for s in STEPS if has_seg or s not in SEG_BRANCH_STEPS]
     env = _environment()
 
@@ -231,8 +224,7 @@ def fill_repository(out: str | Path, checkpoint: str | Path | None = None, engin
     if target == "native":
         from runtime.serving.native import render_native
 
-        native_steps = render_native(out, env, ctx, engines, _read_manifest(engines), steps, llm_engines)
-        ctx["upstream_timings"] = [t for t in upstream if t not in ("VISION_MS", "PARSER_MS", "SEG_MS")]
+        native_steps = render_native(out, env, ctx, engines, _read_manifest(engines), steps)
     for step in steps:
         if step in native_steps:
             continue

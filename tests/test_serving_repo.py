@@ -1,0 +1,158 @@
+"""`facert repo`: the generated repositories parse as Triton ModelConfigs and are wired right;
+`facert serve` refuses a taken port, an invalid repository and a model that fails to load, clearly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+
+import pytest
+
+from runtime.serving.repo import RepositoryError, fill_repository, parse_config, validate_repository
+from runtime.serving.server import ServerError, TritonServer, free_ports
+
+
+def _step_models(cfg) -> list[str]:
+    return [s.model_name for s in cfg.ensemble_scheduling.step]
+
+
+def test_faceinsight_repository_has_every_step_and_the_seg_branch(tiny_checkpoint, tmp_path):
+    configs = fill_repository(tmp_path / "repo", checkpoint=tiny_checkpoint, max_batch_size=4)
+    ens = configs["faceinsight"]
+    assert ens.platform == "ensemble"
+    assert _step_models(ens) == ["preprocessing", "vision_encoder", "face_parser", "seg_projection",
+                                 "attribute_head", "llm", "postprocessing"]
+    llm = configs["llm"]
+    assert llm.model_transaction_policy.decoupled
+    assert {t.name for t in llm.input} >= {"INPUT_IDS", "IMAGE_TOKENS", "SEG_TOKENS", "GENERATION"}
+    # shapes come from the checkpoint: tiny has 16 image + 16 seg tokens of width 64
+    dims = {t.name: list(t.dims) for t in llm.input}
+    assert dims["IMAGE_TOKENS"] == [16, 64] and dims["SEG_TOKENS"] == [16, 64]
+    for name in ("vision_encoder", "face_parser", "seg_projection", "attribute_head"):
+        assert configs[name].max_batch_size == 4 and configs[name].dynamic_batching is not None
+        assert len(configs[name].model_warmup) == 1
+        assert configs[name].instance_group[0].kind == configs[name].instance_group[0].KIND_CPU
+    # every output of the ensemble comes from postprocessing (the decoupled path)
+    post = ens.ensemble_scheduling.step[-1]
+    assert set(post.output_map.values()) == {t.name for t in ens.output}
+    params = configs["vision_encoder"].parameters
+    assert params["checkpoint"].string_value == str(tiny_checkpoint.resolve())
+    card = json.loads(ens.parameters["model_card"].string_value)
+    assert "llm" in card["random_parts"]
+
+
+def test_facellm_repository_has_no_seg_branch(tiny_facellm_checkpoint, tmp_path):
+    configs = fill_repository(tmp_path / "repo", checkpoint=tiny_facellm_checkpoint)
+    assert sorted(configs) == ["facellm", "llm", "postprocessing", "preprocessing", "vision_encoder"]
+    assert _step_models(configs["facellm"]) == ["preprocessing", "vision_encoder", "llm", "postprocessing"]
+    assert "SEG_TOKENS" not in {t.name for t in configs["llm"].input}
+
+
+def test_engines_give_the_same_shapes_as_the_checkpoint(tiny_checkpoint, tmp_path):
+    from export.build import Progress, build_engines
+
+    engines = build_engines(tiny_checkpoint, "onnxruntime", tmp_path / "engines", progress=Progress(4, quiet=True))
+    from_ckpt = fill_repository(tmp_path / "a", checkpoint=tiny_checkpoint)
+    from_engines = fill_repository(tmp_path / "b", engines=engines)
+    for name in from_ckpt:
+        a, b = from_ckpt[name], from_engines[name]
+        assert [(t.name, list(t.dims)) for t in a.input] == [(t.name, list(t.dims)) for t in b.input], name
+        assert [(t.name, list(t.dims)) for t in a.output] == [(t.name, list(t.dims)) for t in b.output], name
+    assert from_engines["llm"].parameters["engines"].string_value == str(engines.resolve())
+
+    native = fill_repository(tmp_path / "native", engines=engines, target="native")
+    for name in ("vision_encoder", "face_parser", "seg_projection", "attribute_head"):
+        assert native[name].platform == "onnxruntime_onnx"
+        assert native[name].instance_group[0].kind == native[name].instance_group[0].KIND_GPU
+    assert (tmp_path / "native" / "vision_encoder" / "1" / "vision.onnx").exists()
+    vision_step = native["faceinsight"].ensemble_scheduling.step[1]
+    assert dict(vision_step.input_map) == {"pixel_values": "PIXEL_VALUES"}
+    assert native["llm"].backend == "python" and "llm_backend" not in native["llm"].parameters
+
+    # a folder built for TensorRT-LLM: plans for the encoders, the tensorrtllm backend for the LLM
+    trt = tmp_path / "trtllm-engines"
+    shutil.copytree(engines, trt)
+    manifest = json.loads((trt / "manifest.json").read_text())
+    for name in ("vision", "parser", "seg", "attributes"):
+        manifest["components"][name]["kind"] = "plan"
+    (trt / "llm_engine").mkdir()
+    (trt / "llm_engine" / "rank0.engine").write_bytes(b"")
+    manifest["components"]["llm"] = {"file": "llm_engine/rank0.engine", "kind": "tensorrt-llm-engine",
+                                     "precision": "bf16", "data_files": []}
+    (trt / "manifest.json").write_text(json.dumps(manifest))
+    native = fill_repository(tmp_path / "native-trtllm", engines=trt, backend="tensorrt-llm", target="native")
+    assert native["vision_encoder"].platform == "tensorrt_plan"
+    trtllm = native["tensorrt_llm"]
+    assert trtllm.backend == "tensorrtllm" and trtllm.model_transaction_policy.decoupled
+    assert trtllm.parameters["gpt_model_path"].string_value == str(trt.resolve() / "llm_engine")
+    table = next(t for t in trtllm.input if t.name == "prompt_embedding_table")
+    from tritonclient.grpc import model_config_pb2
+
+    assert table.data_type == model_config_pb2.TYPE_BF16
+    assert native["llm"].parameters["llm_backend"].string_value == "tensorrtllm"
+
+
+def test_invalid_configs_are_refused_with_file_and_reason(tiny_checkpoint, tmp_path):
+    repo = tmp_path / "repo"
+    fill_repository(repo, checkpoint=tiny_checkpoint)
+    with pytest.raises(RepositoryError, match="exists and is not empty"):
+        fill_repository(repo, checkpoint=tiny_checkpoint)
+
+    cfg = repo / "seg_projection" / "config.pbtxt"
+    good = cfg.read_text()
+    cfg.write_text(good + "\nmax_batch: 3\n")
+    with pytest.raises(RepositoryError, match=r"seg_projection/config.pbtxt:\d+:\d+ .*max_batch"):
+        validate_repository(repo)
+    cfg.write_text(good.replace('name: "LABELS"', 'name: "LABEL_MAP"', 1))
+    with pytest.raises(RepositoryError, match="step 'seg_projection' has no input 'LABELS'"):
+        validate_repository(repo)
+    cfg.write_text(good)
+    shutil.rmtree(repo / "attribute_head")
+    with pytest.raises(RepositoryError, match="runs 'attribute_head', which is not in the repository"):
+        validate_repository(repo)
+    with pytest.raises(RepositoryError, match="does not exist"):
+        parse_config(repo / "nope" / "config.pbtxt")
+
+
+def test_serve_refuses_a_taken_port_and_an_invalid_repository(tiny_checkpoint, tmp_path):
+    repo = tmp_path / "repo"
+    fill_repository(repo, checkpoint=tiny_checkpoint)
+    http, grpc, metrics = free_ports(3)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", grpc))
+        taken.listen()
+        with pytest.raises(ServerError, match=f"grpc port {grpc} on 127.0.0.1 is taken"):
+            TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics).start()
+    (repo / "llm" / "config.pbtxt").write_text('name: "llm"\nbackend: "python"\nbogus_field: 1\n')
+    with pytest.raises(ServerError, match="invalid model repository .*llm/config.pbtxt.*bogus_field"):
+        TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics).start()
+
+
+def test_serve_reports_a_model_that_fails_to_load(tiny_checkpoint, tmp_path):
+    repo = tmp_path / "repo"
+    fill_repository(repo, checkpoint=tiny_checkpoint)
+    for d in repo.iterdir():  # one model is enough to see how a load failure is reported
+        if d.name != "attribute_head":
+            shutil.rmtree(d)
+    cfg = repo / "attribute_head" / "config.pbtxt"
+    cfg.write_text(cfg.read_text().replace(str(tiny_checkpoint.resolve()), str(tmp_path / "missing-checkpoint")))
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, log=lambda _l: None,
+                          exit_timeout_s=2)
+    with pytest.raises(ServerError, match=r"(?s)attribute_head.*missing-checkpoint.*does not exist"):
+        server.start(timeout_s=120)
+    assert server.proc.poll() is not None, "the failed server was left running"
+
+
+def test_cli_repo_and_serve_errors(tiny_checkpoint, tmp_path, capsys):
+    from runtime.cli import main
+
+    out = tmp_path / "repo"
+    assert main(["repo", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--max-batch", "2"]) == 0
+    assert "facert serve --model-repository" in capsys.readouterr().out
+    assert parse_config(out / "llm" / "config.pbtxt").max_batch_size == 2
+    assert main(["repo", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 2
+    assert "--force replaces it" in capsys.readouterr().err
+    assert main(["serve", "--model-repository", str(tmp_path / "nowhere")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
