@@ -52,10 +52,24 @@ def test_streamed_answer_equals_in_process(served_tiny, tiny_pipeline, face_png,
     _check_same_answer(whole, expected)
 
 
+def _metrics(served) -> dict[tuple[str, str], float]:
+    """{(metric, model): value} from the Prometheus endpoint."""
+    with urllib.request.urlopen(served.server.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("nv_inference_") and 'model="' in line:
+            metric = line.split("{", 1)[0]
+            model = line.split('model="', 1)[1].split('"', 1)[0]
+            out[metric, model] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def test_sixteen_concurrent_requests_all_correct(served_tiny, tiny_pipeline, face_images):
     jobs = [(face_images[i % len(face_images)], f"Request {i}: describe the hair.", "grpc" if i % 2 else "http")
             for i in range(16)]
     params = SamplingParams(max_new_tokens=6)
+    before = _metrics(served_tiny)
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(ask_remote, served_tiny.url(p), img, q, params, protocol=p, stream=bool(i % 3))
                    for i, (img, q, p) in enumerate(jobs)]
@@ -63,22 +77,28 @@ def test_sixteen_concurrent_requests_all_correct(served_tiny, tiny_pipeline, fac
     expected = tiny_pipeline.ask_batch([img for img, _, _ in jobs], [q for _, q, _ in jobs], params)
     for got, want in zip(results, expected):
         _check_same_answer(got, want)
+    after = _metrics(served_tiny)
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    assert delta["nv_inference_request_success", "faceinsight"] == 16
+    # the dynamic batcher put several of the waiting requests into one LLM execution
+    assert delta["nv_inference_count", "llm"] == 16
+    assert delta["nv_inference_exec_count", "llm"] < 16
 
 
 def test_metrics_endpoint_counts_requests(served_tiny, face_png):
-    ask_remote(served_tiny.grpc_url, face_png, QUESTION, SamplingParams(max_new_tokens=2))
-    with urllib.request.urlopen(served_tiny.server.metrics_url, timeout=10) as r:
-        text = r.read().decode()
+    before = _metrics(served_tiny)
+    ask_remote(served_tiny.grpc_url, face_png, QUESTION, SamplingParams(max_new_tokens=2), stream=True)
+    after = _metrics(served_tiny)
 
-    def count(metric: str, model: str) -> float:
-        for line in text.splitlines():
-            if line.startswith(metric + "{") and f'model="{model}"' in line:
-                return float(line.rsplit(" ", 1)[1])
-        raise AssertionError(f"{metric} for {model} not in the metrics")
+    def delta(metric: str, model: str) -> float:
+        return after[metric, model] - before.get((metric, model), 0.0)
 
-    assert count("nv_inference_request_success", "faceinsight") >= 1
-    assert count("nv_inference_request_success", "llm") >= 1
-    assert count("nv_inference_exec_count", "vision_encoder") >= 1
+    for model in ("faceinsight", "preprocessing", "vision_encoder", "face_parser", "seg_projection",
+                  "attribute_head", "llm"):
+        assert delta("nv_inference_request_success", model) == 1, model
+    # two tokens streamed plus the closing response: postprocessing ran once per LLM response
+    assert delta("nv_inference_count", "postprocessing") == 3
+    assert delta("nv_inference_request_duration_us", "faceinsight") > 0
 
 
 # ------------------------------------------------------------------------------------- bad input
@@ -208,3 +228,20 @@ def test_cli_ask_url_streams_the_answer(served_tiny, tiny_pipeline, face_png, tm
     assert got["token_ids"] == expected.token_ids and got["model"] == "faceinsight"
     assert main(["ask", str(image), " ", "--url", served_tiny.grpc_url]) == 2
     assert "question is empty" in capsys.readouterr().err
+
+
+def test_facellm_ensemble_serves_the_in_process_answer(tiny_facellm_checkpoint, tmp_path, face_png):
+    """The family without the segmentation branch: its own ensemble, same client, same answer."""
+    from runtime.pipeline import FacePipeline
+    from runtime.serving.repo import fill_repository
+    from runtime.serving.server import TritonServer, free_ports
+
+    fill_repository(tmp_path / "repo", checkpoint=tiny_facellm_checkpoint)
+    http, grpc, metrics = free_ports(3)
+    with TritonServer(tmp_path / "repo", http_port=http, grpc_port=grpc, metrics_port=metrics,
+                      log=lambda _l: None, exit_timeout_s=3) as server:
+        served = ask_remote(server.grpc_url, face_png, QUESTION, GREEDY, stream=True)
+    expected = FacePipeline.from_checkpoint(tiny_facellm_checkpoint).ask(face_png, QUESTION, GREEDY)
+    assert served["model"] == "facellm"
+    assert served["token_ids"] == expected.token_ids and served["text"] == expected.text
+    assert served["attributes"] is None and expected.attributes is None

@@ -326,17 +326,20 @@ class TritonServer:
 
     def serve_forever(self) -> int:
         """Block until SIGINT/SIGTERM or until the server exits; then stop it. Returns an exit code."""
+        def say(msg: str) -> None:
+            print(f"[facert] {msg}", file=sys.stderr, flush=True)
+
         stop = threading.Event()
         old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while not stop.is_set():
                 if self.proc.poll() is not None:
-                    self.log(f"[facert] tritonserver exited with code {self.proc.returncode}")
+                    say(f"tritonserver exited with code {self.proc.returncode}:\n{self.error_summary()}")
                     return self.proc.returncode or 1
                 stop.wait(0.5)
-            self.log("[facert] stopping tritonserver")
+            say("stopping tritonserver")
             code = self.stop()
-            self.log(f"[facert] tritonserver stopped (exit code {code})")
+            say(f"tritonserver stopped (exit code {code})")
             return 0
         finally:
             for s, h in old.items():
