@@ -8,8 +8,10 @@ import base64
 import io
 import json
 import queue
+import struct
 import urllib.error
 import urllib.request
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -136,6 +138,15 @@ def _png(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """65 bytes of PNG that declare width x height pixels (what a decompression bomb looks like)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
 def _b(x) -> np.ndarray:
     return np.array([[x]], dtype=np.object_)
 
@@ -143,7 +154,7 @@ def _b(x) -> np.ndarray:
 BAD_GRPC = {
     "zero-byte image": ([("IMAGE", _b(b""), "BYTES")], "image is empty"),
     "undecodable image": ([("IMAGE", _b(b"GIF89a but not really"), "BYTES")], "cannot decode image"),
-    "image over the pixel bound": ([("IMAGE", _b(_png(8000, 6000)), "BYTES")], "over the 40000000-pixel bound"),
+    "image over the pixel bound": ([("IMAGE", _b(_png_header(8000, 6000)), "BYTES")], "8000x6000 = 48000000 pixels, over the 40000000-pixel bound"),
     "wrong dtype": ([("MAX_TOKENS", np.array([[5.0]], np.float32), "FP32")], "'MAX_TOKENS' data-type is 'FP32'"),
     "wrong shape": ([("MAX_TOKENS", np.array([[5, 6]], np.int32), "INT32")], "unexpected shape for input 'MAX_TOKENS'"),
     "two images in one request": ([("IMAGE", np.array([[b"a"], [b"b"]], dtype=np.object_), "BYTES"),
@@ -180,7 +191,10 @@ BAD_HTTP = {
     "invalid base64": ({"IMAGE_BASE64": "not base64!"}, "IMAGE_BASE64 is not valid base64"),
     "zero-byte image": ({"IMAGE_BASE64": ""}, "image is empty"),
     "wrong type": ({"MAX_TOKENS": "ten"}, "Unable to parse"),
+    "image over the pixel bound": ({"IMAGE_BASE64": base64.b64encode(_png_header(9000, 9000)).decode()},
+                                   "over the 40000000-pixel bound"),
     "empty question": ({"QUESTION": ""}, "question is empty"),
+    "missing question": ({"QUESTION": None}, "the question is missing"),
     "max_tokens out of range": ({"MAX_TOKENS": -1}, "max_tokens must be in [1, 4096]"),
 }
 
@@ -189,6 +203,7 @@ BAD_HTTP = {
 def test_bad_input_over_http_is_named(served_tiny, face_png, case):
     change, message = BAD_HTTP[case]
     body = {"IMAGE_BASE64": base64.b64encode(face_png).decode(), "QUESTION": QUESTION, "MAX_TOKENS": 4, **change}
+    body = {k: v for k, v in body.items() if v is not None}
     req = urllib.request.Request(f"http://{served_tiny.http_url}/v2/models/faceinsight/generate",
                                  data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as e:
