@@ -26,7 +26,7 @@ demo: setup
 	$(VENV)/bin/facert serve-demo
 
 test: setup
-	$(PY) -m pytest -q -x --durations=15 tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache tools
