@@ -1,0 +1,277 @@
+"""The CPU suite: every CPU figure of the demo model, each next to Hugging Face transformers, in one run.
+
+    .venv/bin/python benchmarks/cpu_suite.py [--shared "what else ran"]      (about 10 minutes on 2 cores)
+    facert bench all ...                                                       (the same)
+
+Phases, in this order (each can be left out with --skip):
+  serve          the demo model's onnxruntime engines in a Triton model repository, served by a
+                 real tritonserver on 127.0.0.1; our asynchronous gRPC streaming load generator
+                 (benchmarks/loadgen.py) at concurrency 1, 2, 4, 8: TTFT, inter-token latency,
+                 request latency p50/p90/p99, requests/s, output tokens/s
+  perf_analyzer  Triton's perf_analyzer on the same server (benchmarks/perf_analyzer.py), where it runs
+  stages         per-stage latency at batch 1, 2, 4, 8 for onnxruntime, torch and the peer
+                 (benchmarks/stages.py); `generate` with a static cache at batch 1
+  compile        the peer's static cache + torch.compile at batch 1 (the compile itself is timed apart)
+
+The peer for the server figures is transformers `generate` (eager, DynamicCache) in-process with a
+batch as large as the concurrency: the same image and question, the same weights, no server in
+between; its TTFT is the time to its first token, its inter-token latency its per-step time.
+`--budget-s` (default 600) bounds the run: a phase that would not fit is skipped and recorded so.
+Results: benchmarks/results/<date>-cpu-<machine id>/ (results.json, CSVs, PNGs, README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import loadgen, perf_analyzer  # noqa: E402
+from benchmarks.report import md_table, new_record, results_dir, write_results  # noqa: E402
+from benchmarks.stages import (  # noqa: E402
+    QUESTION, ensure_model, open_pipelines, parse_list, run_stages, stage_markdown,
+)
+
+PHASES = ("serve", "perf_analyzer", "stages", "compile")
+# Rough cost of the optional phases on a quiet 2-core machine (s), to skip them when they would not fit.
+PHASE_ESTIMATE_S = {"perf_analyzer": 60, "compile": 120}
+
+
+def log(message: str) -> None:
+    print(f"[cpu suite {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def load_server(url: str, args, image: bytes, run_perf_analyzer: bool) -> dict:
+    """The load generator (and perf_analyzer) against the server at `url`."""
+    out: dict = {"serve": [], "perf_analyzer": [], "perf_analyzer_skipped": None}
+    out["serve"] = loadgen.sweep(url, args.concurrency_levels, image, QUESTION, args.max_new_tokens,
+                                 requests_per_level=args.requests, max_seconds=args.level_seconds, log=log)
+    if run_perf_analyzer:
+        try:
+            out["perf_analyzer"] = perf_analyzer.run(url, args.pa_levels, image, QUESTION, args.max_new_tokens,
+                                                     requests_per_window=args.pa_window, log=log)
+        except perf_analyzer.PerfAnalyzerUnavailable as e:
+            out["perf_analyzer_skipped"] = str(e)
+            log(f"perf_analyzer skipped: {e}")
+    return out
+
+
+def serve_phase(engines: Path, args, image: bytes, run_perf_analyzer: bool, work: Path) -> dict:
+    """Fill a repository from the engines, start tritonserver on loopback, load it, stop it."""
+    from runtime.serving.repo import fill_repository
+    from runtime.serving.server import TritonServer, free_ports
+
+    repo = work / "bench_repository"
+    fill_repository(repo, engines=engines, backend="onnxruntime", max_batch_size=max(args.concurrency_levels),
+                    overwrite=True)
+    http_port, grpc_port, metrics_port = free_ports(3)
+    server_log: list[str] = []
+    server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                          log=server_log.append, provision_log=log)
+    t0 = time.perf_counter()
+    server.start(timeout_s=300)
+    start_s = round(time.perf_counter() - t0, 2)
+    log(f"tritonserver ready in {start_s} s at {server.grpc_url}")
+    try:
+        out = load_server(server.grpc_url, args, image, run_perf_analyzer)
+    finally:
+        server.stop()
+    return dict(out, server_start_s=start_s)
+
+
+def peer_rows(requests: list[dict], peer: str = "transformers") -> list[dict]:
+    """The peer at batch = concurrency, in the server table's terms."""
+    return [{"backend": peer, "concurrency": r["batch"], "ttft_ms": r["ttft_ms"], "itl_ms": r["itl_ms"],
+             "latency_ms": r["end_to_end_ms"], "requests_per_s": r["requests_per_s"],
+             "output_tokens_per_s": r["output_tokens_per_s"]} for r in requests if r["backend"] == peer]
+
+
+def markdown(record: dict, tables: dict) -> str:
+    m, v, s = record["machine"], record["versions"], record["settings"]
+    lines = [f"# CPU suite, demo model — {record['date'][:10]}", "",
+             f"- command: `{record['command']}` (git {record['git']})",
+             f"- machine: {m['cpu']}, {m['cores']} cores, {m['platform']} (id {m['id']}); load average "
+             f"{m['load_average']} at the start, {record.get('load_average_end')} at the end"]
+    if m.get("shared"):
+        lines.append(f"- **shared machine**: {m['shared']}")
+    lines += [
+        "- versions: " + ", ".join(f"{k} {x}" for k, x in v.items()),
+        f"- model: demo (SmolLM2-135M-Instruct LLM, fp32; seeded random vision tower, parser, seg branch, attribute "
+        f"head); one image ({s['image']}), one question, {s['prompt_tokens']} prompt tokens, "
+        f"{s['max_new_tokens']} new tokens (greedy)",
+        f"- wall time: {record['wall_s']:.0f} s ({', '.join(f'{k} {x:.0f} s' for k, x in record['phase_s'].items())})",
+        "",
+    ]
+    if tables.get("serve"):
+        lines += ["## Served (Triton, onnxruntime engines, gRPC streaming, closed loop)", "",
+                  "Peer: transformers `generate` (eager) in-process, batch = concurrency, same image/question/weights. "
+                  "Ratios > 1 mean facert is better.", "",
+                  loadgen.serve_table(tables["serve"], tables.get("peer")), "",
+                  "![latency](latency_vs_concurrency.png) ![throughput](throughput_vs_concurrency.png)", ""]
+    if tables.get("perf_analyzer"):
+        pa = [r for r in tables["perf_analyzer"] if "error" not in r]
+        peer = {p["concurrency"]: p for p in tables.get("peer", [])}
+        rows = [[r["concurrency"], r.get("measured_requests"), r.get("ttft_ms_p50"), r.get("latency_ms_p50"),
+                 r.get("latency_ms_p99"), r["requests_per_s"],
+                 f"{r['requests_per_s'] / peer[r['concurrency']]['requests_per_s']:.2f}x"
+                 if r["concurrency"] in peer else None] for r in pa]
+        lines += ["## perf_analyzer (tritonclient 2.51.0, streaming, count_windows)", "",
+                  md_table(["concurrency", "requests", "TTFT p50 ms", "latency p50 ms", "latency p99 ms",
+                            "requests/s", "throughput vs peer"], rows), ""]
+        lines += [f"- concurrency {r['concurrency']}: {r['error']}" for r in tables["perf_analyzer"] if "error" in r]
+    if record.get("perf_analyzer_skipped"):
+        lines += [f"perf_analyzer skipped: {record['perf_analyzer_skipped']}", ""]
+    if tables.get("stages"):
+        lines += ["## Per stage, in-process", ""]
+        for b in sorted({r["batch"] for r in tables["requests"]}):
+            lines += [stage_markdown(tables["stages"], tables["requests"], batch=b), ""]
+        lines += ["![stages](stages.png)", ""]
+    if record.get("peer_errors"):
+        lines += ["Peers that did not run: " + "; ".join(f"{k}: {e}" for k, e in record["peer_errors"].items()), ""]
+    if record.get("peer_first_call_s"):
+        lines += ["First call of each extra peer (for transformers-compile: the torch.compile time): "
+                  + ", ".join(f"{k} {x} s" for k, x in record["peer_first_call_s"].items()), ""]
+    if record.get("skipped"):
+        lines += ["Skipped: " + "; ".join(f"{k}: {x}" for k, x in record["skipped"].items()), ""]
+    lines += ["Notes: medians after a warm-up, backends interleaved run by run; decode is one step for the whole "
+              "batch (tokens/s = batch / step time). `transformers` runs the same vision, parser, seg and "
+              "attribute modules as `torch` (those are facert's torch backend), so its ratios differ only in the "
+              "LLM stages and in detokenisation.", ""]
+    return "\n".join(lines)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--work", default=str(ROOT / "demo_out"),
+                    help="where the checkpoint and onnxruntime engines live (built there once; default demo_out/)")
+    ap.add_argument("--spec", default="demo", help="model spec (default demo; tiny for a quick smoke run)")
+    ap.add_argument("--max-new-tokens", type=int, default=16, help="tokens per answer (default 16)")
+    ap.add_argument("--url", help="load this running server (gRPC HOST:PORT on this machine) instead of starting "
+                    "one on the model's onnxruntime engines")
+    ap.add_argument("--concurrency", default="1,2,4,8", help="server load levels (default 1,2,4,8)")
+    ap.add_argument("--requests", type=int, help="requests per level (default 2 x concurrency + 2)")
+    ap.add_argument("--level-seconds", type=float, default=60, help="stop a level's new requests after (default 60)")
+    ap.add_argument("--pa-concurrency", default="1,2", help="perf_analyzer levels (default 1,2)")
+    ap.add_argument("--pa-window", type=int, default=3, help="perf_analyzer count_windows size (default 3)")
+    ap.add_argument("--batches", default="1,2,4,8", help="stage batch sizes (default 1,2,4,8)")
+    ap.add_argument("--repeats", type=int, default=2, help="measured rounds per stage batch (default 2)")
+    ap.add_argument("--skip", default="", help=f"phases to leave out, comma-separated, from {','.join(PHASES)}")
+    ap.add_argument("--budget-s", type=float, default=600, help="wall-time budget; optional phases that would not "
+                    "fit are skipped (default 600)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="in-process intra-op threads")
+    ap.add_argument("--shared", default="", help="a note on other load on the machine, recorded as is")
+    ap.add_argument("--out", help="results folder (default benchmarks/results/<date>-cpu-<machine id>)")
+
+
+def run(args) -> int:
+    from runtime.cli import DEMO_IMAGE
+    from runtime.serving.repo import RepositoryError
+    from runtime.serving.server import ServerError
+
+    t_start = time.perf_counter()
+    args.concurrency_levels = parse_list(args.concurrency, "--concurrency")
+    args.pa_levels = parse_list(args.pa_concurrency, "--pa-concurrency")
+    batches = parse_list(args.batches, "--batches")
+    skip = {p for p in args.skip.split(",") if p}
+    if skip - set(PHASES):
+        raise SystemExit(f"--skip takes phases from {PHASES}, got {sorted(skip - set(PHASES))}")
+    work = Path(args.work)
+    image = DEMO_IMAGE.read_bytes()
+    record = new_record("cpu_suite", shared=args.shared, settings={
+        "spec": args.spec, "max_new_tokens": args.max_new_tokens, "concurrency": args.concurrency_levels,
+        "server": args.url or "started by the suite (onnxruntime engines, portable repository)",
+        "requests_per_level": args.requests, "level_seconds": args.level_seconds, "perf_analyzer": args.pa_levels,
+        "batches": batches, "repeats": args.repeats, "threads": args.threads, "question": QUESTION,
+        "image": DEMO_IMAGE.name, "budget_s": args.budget_s})
+    tables: dict[str, list] = {}
+    phase_s: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+
+    def remaining() -> float:
+        return args.budget_s - (time.perf_counter() - t_start)
+
+    ckpt = engines = None
+    if "stages" not in skip or ("serve" not in skip and not args.url):
+        t0 = time.perf_counter()
+        ckpt, engines = ensure_model(work, args.spec, log=log)
+        phase_s["setup"] = time.perf_counter() - t0
+
+    if "serve" in skip:
+        skipped["serve"] = skipped["perf_analyzer"] = "--skip"
+    else:
+        t0 = time.perf_counter()
+        run_pa = "perf_analyzer" not in skip
+        try:
+            if args.url:
+                served = dict(load_server(args.url, args, image, run_pa), server_start_s=None)
+            else:
+                served = serve_phase(engines, args, image, run_pa, work)
+        except (ServerError, RepositoryError, loadgen.LoadError) as e:
+            print(f"cpu suite: error: the server phase failed: {e}", file=sys.stderr)
+            return 2
+        tables["serve"], tables["perf_analyzer"] = served["serve"], served["perf_analyzer"]
+        record["server_start_s"] = served["server_start_s"]
+        record["perf_analyzer_skipped"] = served["perf_analyzer_skipped"] or ("--skip" if not run_pa else None)
+        phase_s["serve"] = time.perf_counter() - t0
+
+    if "stages" not in skip:
+        t0 = time.perf_counter()
+        ort_pipe, torch_pipe = open_pipelines(ckpt, engines, args.threads)
+        peers = ("transformers", "transformers-static")
+        res = run_stages(ort_pipe, torch_pipe, image, batches, args.max_new_tokens, args.repeats, peers=peers,
+                         peer_batches={"transformers-static": batches[:1]}, log=log)
+        phase_s["stages"] = time.perf_counter() - t0
+        if "compile" in skip:
+            skipped["compile"] = "--skip"
+        elif remaining() < PHASE_ESTIMATE_S["compile"]:
+            skipped["compile"] = f"{remaining():.0f} s of the budget left, it takes about {PHASE_ESTIMATE_S['compile']} s"
+        else:
+            t0 = time.perf_counter()
+            comp = run_stages(None, torch_pipe, image, batches[:1], args.max_new_tokens, args.repeats,
+                              peers=("transformers-compile",), log=log)
+            # its own rounds also timed torch again: keep only the compiled peer's rows
+            res["stages"] += [r for r in comp["stages"] if r["backend"] == "transformers-compile"]
+            res["requests"] += [r for r in comp["requests"] if r["backend"] == "transformers-compile"]
+            res["peer_errors"].update(comp["peer_errors"])
+            res["peer_first_call_s"].update(comp["peer_first_call_s"])
+            phase_s["compile"] = time.perf_counter() - t0
+        del ort_pipe, torch_pipe
+        gc.collect()
+        tables["stages"], tables["requests"] = res["stages"], res["requests"]
+        tables["peer"] = peer_rows(res["requests"])
+        record["peer_errors"], record["peer_first_call_s"] = res["peer_errors"], res["peer_first_call_s"]
+        record["settings"]["prompt_tokens"] = res["requests"][0]["prompt_tokens"]
+    else:
+        skipped["stages"] = skipped["compile"] = "--skip"
+
+    record["settings"].setdefault("prompt_tokens", None)
+    record["skipped"] = skipped
+    record["phase_s"] = {k: round(x, 1) for k, x in phase_s.items()}
+    record["wall_s"] = round(time.perf_counter() - t_start, 1)
+    from benchmarks.report import load_average
+
+    record["load_average_end"] = load_average()
+    out = Path(args.out) if args.out else results_dir()
+    md = markdown(record, tables)
+    write_results(out, record, tables, markdown=md)
+    print(md)
+    log(f"wrote {out} in {record['wall_s']:.0f} s")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 2)[2])
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

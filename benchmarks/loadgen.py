@@ -1,0 +1,288 @@
+"""A bounded asynchronous gRPC streaming load generator for a running `facert serve`.
+
+    .venv/bin/python benchmarks/loadgen.py --url 127.0.0.1:8001 [--concurrency 1,2,4,8] [--requests 16]
+        [--max-seconds 60] [--max-tokens 16]
+    facert bench serve ...                      (starts a server on the demo model and runs this)
+
+Closed loop: `concurrency` virtual users, each with its own gRPC bidirectional stream
+(tritonclient.grpc.aio, ModelStreamInfer), each sending its next request as soon as its previous
+one finished. Every request asks for a streamed answer (STREAM=true), so the server sends one
+response per token; the client notes when each arrives:
+
+  time to first token (TTFT)   request sent -> first response carrying a token
+  inter-token latency (ITL)    gaps between consecutive token responses of one request
+  request latency              request sent -> the response with the finish reason
+  throughput                   completed requests / wall time, output tokens / wall time, where the
+                               wall time runs from the first request sent to the last one finished
+
+Bounded: a level stops handing out requests after --requests or after --max-seconds, whichever
+comes first, and gives the requests in flight --grace-seconds more before cancelling them (they
+are counted as timed out). Loopback only: the URL must name this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PERCENTILES = (50, 90, 99)
+
+
+class LoadError(RuntimeError):
+    """The load cannot run: a non-loopback URL, no server, no model."""
+
+
+@dataclass
+class RequestRecord:
+    sent: float = 0.0
+    token_times: list[float] = field(default_factory=list)
+    tokens: int = 0
+    done: float | None = None
+    error: str | None = None
+    server_timings: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.done is not None and self.error is None
+
+
+def check_loopback(url: str) -> str:
+    """HOST:PORT of `url` if HOST is this machine's loopback; LoadError otherwise."""
+    from runtime.client import _split_url
+
+    hostport = _split_url(url)
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise LoadError(f"the URL must be HOST:PORT, got {url!r}")
+    host = host.strip("[]")
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)}
+    except socket.gaierror as e:
+        raise LoadError(f"cannot resolve {host!r}: {e}") from None
+    if not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        raise LoadError(f"the load generator only loads this machine (loopback), not {host} ({sorted(addresses)})")
+    return hostport
+
+
+def percentiles(values: list[float], prefix: str) -> dict:
+    if not values:
+        return {f"{prefix}_p{p}": None for p in PERCENTILES}
+    arr = np.asarray(values, dtype=np.float64)
+    return {f"{prefix}_p{p}": round(float(np.percentile(arr, p)), 2) for p in PERCENTILES}
+
+
+def summarize(records: list[RequestRecord], concurrency: int) -> dict:
+    """One row: counts, TTFT / ITL / latency percentiles (ms), throughput."""
+    ok = [r for r in records if r.ok]
+    row = {"concurrency": concurrency, "requests": len(ok), "errors": sum(r.error is not None for r in records),
+           "timed_out": sum(r.done is None and r.error is None for r in records)}
+    if ok:
+        start = min(r.sent for r in ok)
+        end = max(r.done for r in ok)
+        wall = max(end - start, 1e-9)
+        tokens = sum(r.tokens for r in ok)
+        row.update({"duration_s": round(wall, 3), "requests_per_s": round(len(ok) / wall, 4),
+                    "output_tokens_per_s": round(tokens / wall, 2),
+                    "output_tokens_mean": round(tokens / len(ok), 2)})
+    else:
+        row.update({"duration_s": None, "requests_per_s": 0.0, "output_tokens_per_s": 0.0, "output_tokens_mean": None})
+    row.update(percentiles([(r.token_times[0] - r.sent) * 1e3 for r in ok if r.token_times], "ttft_ms"))
+    row.update(percentiles([(b - a) * 1e3 for r in ok for a, b in zip(r.token_times, r.token_times[1:])], "itl_ms"))
+    row.update(percentiles([(r.done - r.sent) * 1e3 for r in ok], "latency_ms"))
+    # the server's own account of where the time went (means over the completed requests)
+    keys = sorted({k for r in ok for k in r.server_timings if k.endswith("_ms")})
+    for k in keys:
+        vals = [r.server_timings[k] for r in ok if k in r.server_timings]
+        row[f"server_{k}"] = round(float(np.mean(vals)), 2)
+    errors = [r.error for r in records if r.error]
+    if errors:
+        row["first_error"] = errors[0][:300]
+    return row
+
+
+def _bytes_str(array) -> str:
+    return bytes(array.reshape(-1)[0]).decode("utf-8") if array is not None and array.size else ""
+
+
+async def _user(client, model: str, make_inputs, claim, records: list[RequestRecord]) -> None:
+    """One virtual user: one stream, one request at a time, until `claim()` says stop."""
+    if not claim():
+        return
+    pending: asyncio.Queue = asyncio.Queue()
+    current = RequestRecord()
+    records.append(current)
+
+    async def requests():
+        while True:
+            item = await pending.get()
+            if item is None:
+                return
+            item[0].sent = time.perf_counter()
+            yield {"model_name": model, "inputs": make_inputs(), "request_id": str(id(item[0]))}
+
+    pending.put_nowait((current,))
+    responses = client.stream_infer(requests())
+    try:
+        async for result, error in responses:
+            now = time.perf_counter()
+            if error is not None:
+                current.error = str(error)
+                current.done = now
+            else:
+                ids = result.as_numpy("TOKEN_IDS")
+                n = 0 if ids is None else int(ids.size)
+                if n:
+                    current.token_times.append(now)
+                    current.tokens += n
+                if _bytes_str(result.as_numpy("FINISH_REASON")):
+                    current.done = now
+                    timings = _bytes_str(result.as_numpy("TIMINGS"))
+                    current.server_timings = json.loads(timings) if timings else {}
+            if current.done is not None:
+                if claim():
+                    current = RequestRecord()
+                    records.append(current)
+                    pending.put_nowait((current,))
+                else:
+                    pending.put_nowait(None)
+                    break
+    finally:
+        responses.cancel()
+
+
+async def run_level(url: str, concurrency: int, max_requests: int, max_seconds: float, image: bytes, question: str,
+                    max_tokens: int, model: str | None = None, grace_seconds: float = 60.0) -> dict:
+    """One concurrency level, bounded in requests and time; returns its summary row."""
+    import tritonclient.grpc.aio as aioclient
+
+    from runtime.client import _grpc_inputs, find_model
+    from runtime.generate import SamplingParams
+
+    url = check_loopback(url)
+    model = model or find_model(url, "grpc")
+    params = SamplingParams(max_new_tokens=max_tokens).validate()
+    handed_out = 0
+    deadline = time.perf_counter() + max_seconds
+
+    def claim() -> bool:
+        nonlocal handed_out
+        if handed_out >= max_requests or time.perf_counter() >= deadline:
+            return False
+        handed_out += 1
+        return True
+
+    records: list[RequestRecord] = []
+    client = aioclient.InferenceServerClient(url)
+    try:
+        users = [asyncio.ensure_future(_user(client, model, lambda: _grpc_inputs(image, question, params, True),
+                                             claim, records)) for _ in range(concurrency)]
+        done, not_done = await asyncio.wait(users, timeout=max_seconds + grace_seconds)
+        for task in not_done:
+            task.cancel()
+        await asyncio.gather(*not_done, return_exceptions=True)
+        for task in done:
+            if task.exception() is not None:
+                raise LoadError(f"a virtual user failed: {task.exception()}")
+    finally:
+        await client.close()
+    row = summarize(records, concurrency)
+    row.update({"model": model, "max_tokens": max_tokens, "max_requests": max_requests, "max_seconds": max_seconds})
+    return row
+
+
+def sweep(url: str, concurrencies: list[int], image: bytes, question: str, max_tokens: int = 16,
+          requests_per_level: int | None = None, max_seconds: float = 60.0, warmup: int = 1,
+          log=lambda m: None) -> list[dict]:
+    """Every concurrency level in turn (each its own bounded run), after `warmup` unmeasured requests.
+
+    requests_per_level: None means 2 x concurrency + 2 (every user gets at least two requests).
+    """
+    rows = []
+    if warmup:
+        asyncio.run(run_level(url, 1, warmup, max_seconds, image, question, max_tokens))
+    for c in concurrencies:
+        n = requests_per_level if requests_per_level is not None else 2 * c + 2
+        row = asyncio.run(run_level(url, c, n, max_seconds, image, question, max_tokens))
+        log(f"concurrency {c}: {row['requests']} requests ({row['errors']} errors, {row['timed_out']} timed out), "
+            f"TTFT p50 {row['ttft_ms_p50']} ms, {row['requests_per_s']} req/s, {row['output_tokens_per_s']} tok/s")
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    from benchmarks.stages import parse_list
+    from runtime.cli import DEMO_IMAGE, DEMO_QUESTION
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 2)[2])
+    ap.add_argument("--url", default="127.0.0.1:8001", help="gRPC HOST:PORT of the server (loopback only)")
+    ap.add_argument("--concurrency", default="1,2,4,8", help="levels, comma-separated (default 1,2,4,8)")
+    ap.add_argument("--requests", type=int, help="requests per level (default 2 x concurrency + 2)")
+    ap.add_argument("--max-seconds", type=float, default=60.0, help="stop handing out requests after this (default 60)")
+    ap.add_argument("--max-tokens", type=int, default=16, help="MAX_TOKENS of every request (default 16)")
+    ap.add_argument("--image", default=str(DEMO_IMAGE), help="image file (default: the astronaut photo)")
+    ap.add_argument("--question", default=DEMO_QUESTION)
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = ap.parse_args(argv)
+    try:
+        rows = sweep(args.url, parse_list(args.concurrency, "--concurrency"), Path(args.image).read_bytes(),
+                     args.question, args.max_tokens, args.requests, args.max_seconds,
+                     log=lambda m: print(f"[loadgen] {m}", file=sys.stderr, flush=True))
+    except LoadError as e:
+        print(f"loadgen: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(serve_table(rows))
+    return 0
+
+
+def serve_table(rows: list[dict], peer: list[dict] | None = None) -> str:
+    """The server-load table; with peer rows (same concurrency = batch), ratios against them."""
+    from benchmarks.report import md_table
+
+    peer_by_c = {p["concurrency"]: p for p in (peer or [])}
+    header = ["concurrency", "requests", "TTFT p50 / p90 / p99 ms", "ITL p50 / p99 ms",
+              "latency p50 / p90 / p99 ms", "requests/s", "output tokens/s"]
+    if peer_by_c:
+        header += ["peer requests/s", "throughput vs peer", "TTFT p50 speedup vs peer"]
+    out = []
+    for r in rows:
+        row = [r["concurrency"], r["requests"] if not (r["errors"] or r["timed_out"])
+               else f"{r['requests']} ({r['errors']} errors, {r['timed_out']} timed out)",
+               _triple(r, "ttft_ms"), f"{_num(r['itl_ms_p50'])} / {_num(r['itl_ms_p99'])}", _triple(r, "latency_ms"),
+               _num(r["requests_per_s"], 3), _num(r["output_tokens_per_s"])]
+        p = peer_by_c.get(r["concurrency"])
+        if peer_by_c:
+            row += [_num(p["requests_per_s"], 3) if p else None,
+                    f"{r['requests_per_s'] / p['requests_per_s']:.2f}x" if p and r["requests_per_s"] else None,
+                    f"{p['ttft_ms'] / r['ttft_ms_p50']:.2f}x" if p and r["ttft_ms_p50"] else None]
+        out.append(row)
+    return md_table(header, out)
+
+
+def _num(x, digits: int = 1) -> str | None:
+    return None if x is None else f"{x:.{digits}f}"
+
+
+def _triple(r: dict, key: str) -> str:
+    return " / ".join(_num(r[f"{key}_p{p}"]) or "–" for p in PERCENTILES)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
