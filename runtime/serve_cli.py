@@ -5,15 +5,19 @@
   facert serve-demo        the main job end to end: demo checkpoint -> onnxruntime engines -> repository
                            -> tritonserver -> one streamed question over gRPC -> stop
 
-Native target, on a GPU host with NVIDIA's Triton + TensorRT-LLM container (it has the
-tensorrtllm, onnxruntime and tensorrt backends; facert itself must be installed in it, since the
-python steps import it):
+Native target, on a GPU host, inside NVIDIA's Triton + TensorRT-LLM container (it has TensorRT,
+TensorRT-LLM and the tensorrtllm, onnxruntime and tensorrt backends; facert is installed into it
+because the python steps import it, and the engines are built there for that GPU):
 
-  facert build --checkpoint CKPT --backend tensorrt-llm --out engines/NAME   # TensorRT plans + TensorRT-LLM engine
+  docker run --rm -it --gpus all --shm-size=2g -p 127.0.0.1:8000-8002:8000-8002 \\
+      -v $PWD:/work -w /work nvcr.io/nvidia/tritonserver:24.10-trtllm-python-py3 bash
+  # in the container:
+  pip install -e '.[serve]'
+  facert build --checkpoint CKPT --backend tensorrt-llm --precision bf16 --out engines/NAME
   facert repo --engines engines/NAME --backend tensorrt-llm --target native --out repo-native
-  docker run --rm --gpus all --shm-size=2g -p 8000:8000 -p 8001:8001 -p 8002:8002 \\
-      -v $PWD:/work -w /work nvcr.io/nvidia/tritonserver:24.10-trtllm-python-py3 \\
-      bash -c "pip install -e '.[serve]' && tritonserver --model-repository=/work/repo-native"
+  facert serve --model-repository repo-native --host 0.0.0.0 --tritonserver /opt/tritonserver/bin/tritonserver
+  # on the host:
+  facert ask face.jpg "Is this person smiling?" --url 127.0.0.1:8001 --stream
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ def cmd_serve(args) -> int:
 
     server = TritonServer(args.model_repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, log_verbose=args.log_verbose,
-                          provision_log=_progress, log=None if not args.quiet else (lambda line: None))
+                          provision_log=_progress, log=None if not args.quiet else (lambda line: None),
+                          tritonserver=args.tritonserver)
     try:
         server.start(timeout_s=args.timeout)
     except ServerError as e:
@@ -165,6 +170,8 @@ def register(sub) -> None:
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the models to load (default 300)")
     p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level (default 0)")
     p.add_argument("--quiet", action="store_true", help="do not forward the server's log")
+    p.add_argument("--tritonserver", help="an installed tritonserver binary to run instead of nvidia-pytriton's "
+                                          "(NVIDIA's containers: /opt/tritonserver/bin/tritonserver)")
     p.set_defaults(func=cmd_serve)
 
     from runtime.cli import DEMO_IMAGE, DEMO_QUESTION, _add_sampling

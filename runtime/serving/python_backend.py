@@ -51,6 +51,34 @@ def open_pipeline(params: dict, device: str):
     return _PIPELINES[key]
 
 
+class RequestInfo:
+    """What preprocessing needs, without loading any weights: the spec, the tokenizer, the prompt layout.
+
+    Prompts are built exactly as FacePipeline.prompt_ids builds them (runtime.prompt.build_prompt_ids,
+    bounded by the LLM's context less the tokens asked for).
+    """
+
+    def __init__(self, params: dict):
+        from runtime.serving.repo import describe_checkpoint, describe_engines
+        from runtime.tokenizer import load_tokenizer
+
+        source = params.get("engines") or params.get("checkpoint")
+        if not source:
+            raise pb_utils.TritonModelException("config.pbtxt names neither an `engines` nor a `checkpoint` parameter")
+        info = describe_engines(source) if params.get("engines") else describe_checkpoint(source)
+        self.spec = info["spec"]
+        self.vocab_size, self.num_image_tokens, self.num_seg_tokens = (
+            info["vocab_size"], info["num_image_tokens"], info["num_seg_tokens"])
+        self.max_context = int(self.spec["llm"].get("max_position_embeddings", 4096))
+        self.tokenizer = load_tokenizer(source)
+
+    def prompt_ids(self, question: str, max_new_tokens: int) -> list[int]:
+        from runtime.prompt import build_prompt_ids
+
+        return build_prompt_ids(self.tokenizer, question, self.vocab_size, self.num_image_tokens,
+                                self.num_seg_tokens, max_prompt_tokens=self.max_context - max_new_tokens)
+
+
 def error_response(e: BaseException) -> "pb_utils.InferenceResponse":
     if not isinstance(e, ValueError):  # ours are ValueErrors with a message for the caller; others get a trace
         pb_utils.Logger.log_error(traceback.format_exc())

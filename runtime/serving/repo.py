@@ -120,8 +120,8 @@ def describe_checkpoint(path: str | Path) -> dict:
 def _describe_model(model, config: dict) -> dict:
     spec = model.spec
     has_seg = model.num_seg_tokens > 0
-    d = {"family": model.family, "spec_name": spec.get("spec", config.get("spec", "")),
-         "has_seg": has_seg, "image_size": spec["image_size"],
+    d = {"family": model.family, "spec_name": spec.get("spec", config.get("spec", "")), "spec": spec,
+         "vocab_size": model.vocab_size, "has_seg": has_seg, "image_size": spec["image_size"],
          "num_image_tokens": model.num_image_tokens, "num_seg_tokens": model.num_seg_tokens,
          "llm_hidden": model.llm.config.hidden_size, "vision_hidden": model.vision_tower.config.hidden_size,
          "num_attributes": NUM_ATTRIBUTES,
@@ -142,7 +142,8 @@ def describe_engines(path: str | Path) -> dict:
         return comps[component][side][index]["shape"]
 
     has_seg = model.get("num_seg_tokens", 0) > 0
-    d = {"family": model["family"], "spec_name": spec.get("spec", ""), "has_seg": has_seg,
+    d = {"family": model["family"], "spec_name": spec.get("spec", ""), "spec": spec,
+         "vocab_size": model["vocab_size"], "has_seg": has_seg,
          "image_size": spec["image_size"], "num_image_tokens": model["num_image_tokens"],
          "num_seg_tokens": model.get("num_seg_tokens", 0), "llm_hidden": model["llm"]["hidden_size"],
          "vision_hidden": shape("vision", "outputs", 1)[-1], "num_attributes": NUM_ATTRIBUTES,

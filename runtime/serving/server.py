@@ -196,7 +196,7 @@ class TritonServer:
     def __init__(self, model_repository: str | Path, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, metrics_port: int = 8002, tools_dir: str | Path | None = None,
                  log: Callable[[str], None] | None = None, log_verbose: int = 0, exit_timeout_s: int = 10,
-                 provision_log: Callable[[str], None] = print):
+                 provision_log: Callable[[str], None] = print, tritonserver: str | Path | None = None):
         self.repository = Path(model_repository).resolve()
         self.host = host
         self.http_port, self.grpc_port, self.metrics_port = int(http_port), int(grpc_port), int(metrics_port)
@@ -205,6 +205,9 @@ class TritonServer:
         self.log_verbose = log_verbose
         self.exit_timeout_s = exit_timeout_s
         self.provision_log = provision_log
+        # An installed tritonserver (NVIDIA's containers: /opt/tritonserver/bin/tritonserver) runs with its
+        # own backends and environment; without one, the server unpacked from nvidia-pytriton.
+        self.tritonserver = Path(tritonserver) if tritonserver else None
         self.proc: subprocess.Popen | None = None
         self.recent: collections.deque[str] = collections.deque(maxlen=400)
         self._reader: threading.Thread | None = None
@@ -227,11 +230,11 @@ class TritonServer:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("::1" if self.host == "::" else self.host)
         return f"[{host}]" if ":" in host else host
 
-    def command(self, inst: TritonInstall) -> list[str]:
+    def command(self, binary: Path, backends: Path | None) -> list[str]:
         return [
-            str(inst.binary),
+            str(binary),
             f"--model-repository={self.repository}",
-            f"--backend-directory={inst.backends}",
+            *([f"--backend-directory={backends}"] if backends else []),
             f"--http-address={self.host}", f"--http-port={self.http_port}",
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
@@ -258,9 +261,15 @@ class TritonServer:
             if not port_is_free(self.host, port):
                 raise ServerError(f"{name} port {port} on {self.host} is taken (another server running?); "
                                   f"choose another with --{name}-port")
-        inst = provision(self.tools_dir, log=self.provision_log)
-        self.proc = subprocess.Popen(self.command(inst), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     env=inst.env(), text=True, errors="replace", bufsize=1,
+        if self.tritonserver is not None:
+            if not os.access(self.tritonserver, os.X_OK):
+                raise ServerError(f"{self.tritonserver} is not an executable tritonserver")
+            cmd, env = self.command(self.tritonserver, None), dict(os.environ)
+        else:
+            inst = provision(self.tools_dir, log=self.provision_log)
+            cmd, env = self.command(inst.binary, inst.backends), inst.env()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env=env, text=True, errors="replace", bufsize=1,
                                      start_new_session=True)  # Ctrl-C reaches us; we stop it cleanly
         self._reader = threading.Thread(target=self._forward_log, daemon=True)
         self._reader.start()

@@ -13,8 +13,8 @@ import time
 import numpy as np
 
 from runtime.generate import SamplingParams
-from runtime.preprocess import ImageError, preprocess
-from runtime.serving.python_backend import PerRequestStep, bytes_tensor
+from runtime.preprocess import MAX_IMAGE_PIXELS, ImageError, preprocess
+from runtime.serving.python_backend import PerRequestStep, RequestInfo, bytes_tensor
 
 DEFAULTS = SamplingParams()
 
@@ -30,6 +30,11 @@ def _one(inputs, name, default=None):
 
 
 class TritonPythonModel(PerRequestStep):
+    uses_pipeline = False  # the tokenizer and the spec are all it needs
+
+    def setup(self):
+        self.info = RequestInfo(self.params)
+
     def compute_one(self, inputs):
         received_at = time.time()
         if "IMAGE" not in inputs and "IMAGE_BASE64" not in inputs:
@@ -56,8 +61,8 @@ class TritonPythonModel(PerRequestStep):
             top_p=float(_one(inputs, "TOP_P", DEFAULTS.top_p)),
             seed=None if "SEED" not in inputs else int(_one(inputs, "SEED")),
         ).validate()
-        ids = self.pipe.prompt_ids(question, params.max_new_tokens)
-        x = preprocess(image, self.pipe.spec, self.pipe.max_pixels)
+        ids = self.info.prompt_ids(question, params.max_new_tokens)
+        x = preprocess(image, self.info.spec, MAX_IMAGE_PIXELS)
         out = {"PIXEL_VALUES": x.pixel_values[None], "INPUT_IDS": np.array([ids], np.int64)}
         if x.parser_pixels is not None and "PARSER_PIXELS" in self.output_names:
             out["PARSER_PIXELS"] = x.parser_pixels[None]
