@@ -182,13 +182,14 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
-def _read_safetensors(paths: list[Path]) -> dict[str, torch.Tensor]:
+def _read_safetensors(paths: list[Path], prefixes: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
     tensors = {}
     for p in paths:
         try:
             with safe_open(str(p), framework="pt") as f:
                 for k in f.keys():
-                    tensors[k] = f.get_tensor(k)
+                    if prefixes is None or k.startswith(prefixes):
+                        tensors[k] = f.get_tensor(k)
         except Exception as e:  # safetensors raises its own error types for truncated or garbled headers
             raise CheckpointError(f"{p} cannot be read as safetensors (corrupt or truncated?): {e}") from None
     return tensors
@@ -203,12 +204,43 @@ def _build_empty(spec: dict, dtype: torch.dtype):
         return build_model(spec, dtype)
 
 
-def assign_weights(model, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Load `tensors` into `model`, naming every missing, unexpected or mis-shaped tensor."""
+# A serving step needs only its own component; the others stay on the meta device (no memory).
+PARTS = {"vision": ("vision_tower.", "projector."), "parser": ("parser.",), "seg": ("seg.",),
+         "attributes": ("attributes.",), "llm": ("llm.",)}
+
+
+def _prefixes(parts) -> tuple[str, ...] | None:
+    if parts is None:
+        return None
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown model parts {sorted(unknown)}; choose from {sorted(PARTS)}")
+    return tuple(p for part in parts for p in PARTS[part])
+
+
+def _drop_unneeded(model, parts) -> None:
+    for part, prefixes in PARTS.items():
+        if part in parts:
+            continue
+        for prefix in prefixes:
+            module = getattr(model, prefix.rstrip("."), None)
+            if module is not None:
+                module.to("meta")
+
+
+def assign_weights(model, tensors: dict[str, torch.Tensor], source: str, parts=None) -> None:
+    """Load `tensors` into `model`, naming every missing, unexpected or mis-shaped tensor.
+
+    With `parts`, only those components are loaded (and checked); the rest are left on meta."""
     expected = model.state_dict()
     tied = model.llm.config.tie_word_embeddings
     if tied:
         expected.pop("llm.lm_head.weight", None)
+    keep = _prefixes(parts)
+    if keep is not None:
+        expected = {k: v for k, v in expected.items() if k.startswith(keep)}
+        tensors = {k: v for k, v in tensors.items() if k.startswith(keep)}
+        _drop_unneeded(model, parts)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     mismatched = [f"{k}: file {tuple(tensors[k].shape)}, model {tuple(expected[k].shape)}"
@@ -225,7 +257,7 @@ def assign_weights(model, tensors: dict[str, torch.Tensor], source: str) -> None
     dtype = next(iter(expected.values())).dtype
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
                           strict=False, assign=True)
-    if tied:
+    if tied and (parts is None or "llm" in parts):
         model.llm.tie_weights()
 
 
@@ -248,17 +280,20 @@ def detect_format(path: str | Path) -> str:
 
 
 def load_checkpoint(path: str | Path, dtype: str | None = None, verify: bool = True,
-                    parser_pth: str | Path | None = None):
-    """(model, tokenizer, config) from any supported checkpoint directory."""
+                    parser_pth: str | Path | None = None, parts=None):
+    """(model, tokenizer, config) from any supported checkpoint directory.
+
+    `parts` (facert format): load only these components, e.g. ("vision",) for a serving step that
+    runs the vision encoder; the others keep their structure and config but no weights."""
     kind = detect_format(path)
     if kind == "facert":
-        return load_facert(path, dtype, verify)
+        return load_facert(path, dtype, verify, parts)
     if kind == "llava-hf":
         return load_llava_hf(path, parser_pth=parser_pth, dtype=dtype)
     return load_internvl_hf(path, dtype=dtype)
 
 
-def load_facert(path: str | Path, dtype: str | None = None, verify: bool = True):
+def load_facert(path: str | Path, dtype: str | None = None, verify: bool = True, parts=None):
     from runtime.tokenizer import load_tokenizer
 
     path = Path(path)
@@ -275,9 +310,10 @@ def load_facert(path: str | Path, dtype: str | None = None, verify: bool = True)
         if sums.get(WEIGHTS) != actual:
             raise CheckpointError(f"{weights}: sha256 {actual[:16]}... does not match checksums.json "
                                   f"({str(sums.get(WEIGHTS))[:16]}...): the file is corrupt or was edited")
-    tensors = _read_safetensors([weights])
+    keep = _prefixes(parts)
+    tensors = _read_safetensors([weights], keep)
     model = _build_empty(config, DTYPES[dtype or config.get("dtype", "fp32")])
-    assign_weights(model, tensors, str(weights))
+    assign_weights(model, tensors, str(weights), parts)
     return model.eval(), load_tokenizer(path), config
 
 

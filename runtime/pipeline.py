@@ -31,7 +31,11 @@ class TorchComponents:
     backend = "torch"
 
     def __init__(self, model, device: str | torch.device = "cpu", cuda_graphs: bool | None = None):
-        self.model = model.to(device).eval()
+        if torch.device(device).type != "meta":  # parts loaded on meta (not needed here) stay there
+            for m in model.children():
+                if next(m.parameters(), torch.empty(0)).device.type != "meta":
+                    m.to(device)
+        self.model = model.eval()
         self.device = torch.device(device)
         if cuda_graphs is None:  # the GPU fast path is the default wherever there is a GPU
             cuda_graphs = self.device.type == "cuda"
@@ -116,10 +120,11 @@ class FacePipeline:
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "cpu", dtype: str | None = None,
-                        cuda_graphs: bool | None = None, **kw) -> "FacePipeline":
+                        cuda_graphs: bool | None = None, parts=None, **kw) -> "FacePipeline":
+        """`parts`: load only these components (see runtime.checkpoint.PARTS), e.g. for one serving step."""
         from runtime.checkpoint import load_checkpoint
 
-        model, tok, _ = load_checkpoint(path, dtype=dtype)
+        model, tok, _ = load_checkpoint(path, dtype=dtype, parts=parts)
         return cls(TorchComponents(model, device, cuda_graphs=cuda_graphs), tok, **kw)
 
     @property

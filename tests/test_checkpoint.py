@@ -189,3 +189,18 @@ def test_full_size_specs_match_reference_shapes():
 def test_unknown_spec_is_refused():
     with pytest.raises(ValueError, match="unknown model spec 'huge'"):
         get_spec("huge")
+
+
+def test_loading_only_some_parts_leaves_the_rest_without_weights(tiny_checkpoint, face_png):
+    from runtime.generate import SamplingParams
+    from runtime.pipeline import FacePipeline
+
+    full, _, _ = load_checkpoint(tiny_checkpoint)
+    vision, _, _ = load_checkpoint(tiny_checkpoint, parts=("vision",))
+    assert vision.llm.model.embed_tokens.weight.is_meta and vision.parser.cp.resnet.conv1.weight.is_meta
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(vision.encode_image(x)[0], full.encode_image(x)[0])
+    llm_only = FacePipeline.from_checkpoint(tiny_checkpoint, parts=("llm",))
+    assert not llm_only.c.model.llm.lm_head.weight.is_meta and llm_only.c.model.seg.pos_embed.is_meta
+    with pytest.raises(ValueError, match="unknown model parts"):
+        load_checkpoint(tiny_checkpoint, parts=("eyes",))
