@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 # demo checkpoint -> onnxruntime engines -> model repository -> tritonserver -> streamed answer over gRPC
 demo: setup
-	$(VENV)/bin/facert serve-demo
+	$(VENV)/bin/facert demo
 
 test: setup
 	$(PY) -m pytest -q --durations=15 tests

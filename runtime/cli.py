@@ -2,7 +2,7 @@
 
   facert init  --model SPEC --out DIR          write a checkpoint with seeded random weights
   facert ask   IMAGE QUESTION --checkpoint DIR  answer a question about a face image, in-process
-  facert demo                                   init the demo model and ask about a real face photo
+  facert demo                                   the main job: demo model, engines, server, streamed answer
 """
 
 from __future__ import annotations
@@ -110,11 +110,13 @@ def cmd_ask(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from runtime.checkpoint import CheckpointError, load_checkpoint  # noqa: F401 (fail early if broken)
+    if not args.in_process:
+        from runtime.serve_cli import served_demo  # the main job: engines, repository, server, gRPC
 
+        return served_demo(args.out, args.image, args.question, _sampling(args))
     ckpt = Path(args.out) / "checkpoints" / "demo"
     if not (ckpt / "config.json").exists():
-        cmd_init(argparse.Namespace(model="demo", out=str(ckpt), layers=None, seed=args.seed, dtype=None))
+        cmd_init(argparse.Namespace(model="demo", out=str(ckpt), layers=None, seed=0, dtype=None))
     else:
         _progress(f"reusing {ckpt} (delete it to rebuild)")
     print(f"Q: {args.question}\n(image: {args.image})\nA: ", end="", flush=True)
@@ -172,10 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.set_defaults(func=cmd_ask)
 
-    p = sub.add_parser("demo", help="init the demo model and ask about a real face photo",
+    p = sub.add_parser("demo", help="the main job: demo model -> engines -> Triton server -> streamed answer",
                        description="The main job, on any laptop: builds the demo checkpoint (real SmolLM2-135M "
-                                   "LLM, seeded random vision/parser/seg/attribute parts) once, then asks about "
-                                   "a public-domain face photo and streams the answer.")
+                                   "LLM, seeded random vision/parser/seg/attribute parts) and its onnxruntime "
+                                   "engines once, fills a Triton model repository, starts the server on "
+                                   "127.0.0.1, asks about a public-domain face photo over gRPC with streaming, "
+                                   "prints the answer, attributes and timings, and stops the server.")
+    p.add_argument("--in-process", action="store_true",
+                   help="skip engines and server: answer with the torch checkpoint in this process")
     p.add_argument("--out", default="demo_out", help="working directory (default demo_out/)")
     p.add_argument("--image", default=str(DEMO_IMAGE), help="image (default: the NASA astronaut photo)")
     p.add_argument("--question", default=DEMO_QUESTION, help="question to ask")
