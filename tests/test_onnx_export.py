@@ -259,7 +259,9 @@ def test_onnxruntime_threads_and_providers(tiny_engines):
     from runtime.backends.onnxruntime_backend import choose_providers, session_options
 
     assert choose_providers("cpu") == ["CPUExecutionProvider"]
-    assert session_options(1).intra_op_num_threads == 1
+    options = session_options(1)
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     comps = open_components(tiny_engines, intra_op_threads=1)
     assert comps.providers == ["CPUExecutionProvider"]
     import onnxruntime
