@@ -17,7 +17,7 @@ The peer for the server figures is transformers `generate` (eager, DynamicCache)
 batch as large as the concurrency: the same image and question, the same weights, no server in
 between; its TTFT is the time to its first token, its inter-token latency its per-step time.
 `--budget-s` (default 600) bounds the run: a phase that would not fit is skipped and recorded so.
-Results: benchmarks/results/<date>-cpu-<machine id>/ (results.json, CSVs, PNGs, README.md).
+Results: benchmarks/results/<date>-cpu-suite-<machine id>/ (results.json, CSVs, PNGs, README.md).
 """
 
 from __future__ import annotations
@@ -40,20 +40,25 @@ from benchmarks.stages import (  # noqa: E402
 )
 
 PHASES = ("serve", "perf_analyzer", "stages", "compile")
-# Rough cost of the optional phases on a quiet 2-core machine (s), to skip them when they would not fit.
-PHASE_ESTIMATE_S = {"perf_analyzer": 60, "compile": 120}
+# Rough cost of the phases on a quiet 2-core machine (s): an optional phase is skipped when it and
+# what must still run after it would not fit in the budget.
+PHASE_ESTIMATE_S = {"perf_analyzer": 60, "stages": 150, "compile": 120}
 
 
 def log(message: str) -> None:
     print(f"[cpu suite {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def load_server(url: str, args, image: bytes, run_perf_analyzer: bool) -> dict:
-    """The load generator (and perf_analyzer) against the server at `url`."""
+def load_server(url: str, args, image: bytes, run_perf_analyzer: bool, remaining) -> dict:
+    """The load generator (and perf_analyzer, if the budget leaves room) against the server at `url`."""
     out: dict = {"serve": [], "perf_analyzer": [], "perf_analyzer_skipped": None}
     out["serve"] = loadgen.sweep(url, args.concurrency_levels, image, QUESTION, args.max_new_tokens,
                                  requests_per_level=args.requests, max_seconds=args.level_seconds, log=log)
-    if run_perf_analyzer:
+    if run_perf_analyzer and remaining() < PHASE_ESTIMATE_S["perf_analyzer"] + PHASE_ESTIMATE_S["stages"]:
+        out["perf_analyzer_skipped"] = (f"{remaining():.0f} s of the budget left, perf_analyzer and the stages "
+                                        f"take about {PHASE_ESTIMATE_S['perf_analyzer'] + PHASE_ESTIMATE_S['stages']} s")
+        log(f"perf_analyzer skipped: {out['perf_analyzer_skipped']}")
+    elif run_perf_analyzer:
         try:
             out["perf_analyzer"] = perf_analyzer.run(url, args.pa_levels, image, QUESTION, args.max_new_tokens,
                                                      requests_per_window=args.pa_window, log=log)
@@ -63,7 +68,7 @@ def load_server(url: str, args, image: bytes, run_perf_analyzer: bool) -> dict:
     return out
 
 
-def serve_phase(engines: Path, args, image: bytes, run_perf_analyzer: bool, work: Path) -> dict:
+def serve_phase(engines: Path, args, image: bytes, run_perf_analyzer: bool, work: Path, remaining) -> dict:
     """Fill a repository from the engines, start tritonserver on loopback, load it, stop it."""
     from runtime.serving.repo import fill_repository
     from runtime.serving.server import TritonServer, free_ports
@@ -80,7 +85,7 @@ def serve_phase(engines: Path, args, image: bytes, run_perf_analyzer: bool, work
     start_s = round(time.perf_counter() - t0, 2)
     log(f"tritonserver ready in {start_s} s at {server.grpc_url}")
     try:
-        out = load_server(server.grpc_url, args, image, run_perf_analyzer)
+        out = load_server(server.grpc_url, args, image, run_perf_analyzer, remaining)
     finally:
         server.stop()
     return dict(out, server_start_s=start_s)
@@ -91,6 +96,38 @@ def peer_rows(requests: list[dict], peer: str = "transformers") -> list[dict]:
     return [{"backend": peer, "concurrency": r["batch"], "ttft_ms": r["ttft_ms"], "itl_ms": r["itl_ms"],
              "latency_ms": r["end_to_end_ms"], "requests_per_s": r["requests_per_s"],
              "output_tokens_per_s": r["output_tokens_per_s"]} for r in requests if r["backend"] == peer]
+
+
+def summary_table(tables: dict, peer: str = "transformers") -> str | None:
+    """The headline figures: in-process backends and the server, each with its ratio to the peer."""
+    requests = tables.get("requests") or []
+    if not requests:
+        return None
+    e2e = {(r["backend"], r["batch"]): r for r in requests}
+    served = {r["concurrency"]: r for r in tables.get("serve") or [] if r["requests"]}
+    top = max(r["batch"] for r in requests)
+    backends = [b for b in ("onnxruntime", "torch") if (b, 1) in e2e]
+    figures = [  # (label, batch, key in requests rows, key in serve rows, higher is better)
+        ("time to first token, batch 1 (ms)", 1, "ttft_ms", "ttft_ms_p50", False),
+        ("per-token latency, batch 1 (ms)", 1, "itl_ms", "itl_ms_p50", False),
+        ("request latency, batch 1 (ms)", 1, "end_to_end_ms", "latency_ms_p50", False),
+        (f"requests/s, batch = concurrency {top}", top, "requests_per_s", "requests_per_s", True),
+        (f"output tokens/s, batch = concurrency {top}", top, "output_tokens_per_s", "output_tokens_per_s", True),
+    ]
+    header = ["figure", *backends, "served (p50)", peer, *[f"{b} vs {peer}" for b in backends], f"served vs {peer}"]
+    rows = []
+    for label, batch, key, serve_key, higher in figures:
+        ref = e2e.get((peer, batch), {}).get(key)
+        values = [e2e.get((b, batch), {}).get(key) for b in backends]
+        srv = served.get(batch, {}).get(serve_key)
+
+        def ratio(x):
+            if not x or not ref:
+                return None
+            return f"{(x / ref if higher else ref / x):.2f}x"
+
+        rows.append([label, *values, srv, ref, *[ratio(v) for v in values], ratio(srv)])
+    return md_table(header, rows)
 
 
 def markdown(record: dict, tables: dict) -> str:
@@ -109,6 +146,12 @@ def markdown(record: dict, tables: dict) -> str:
         f"- wall time: {record['wall_s']:.0f} s ({', '.join(f'{k} {x:.0f} s' for k, x in record['phase_s'].items())})",
         "",
     ]
+    summary = summary_table(tables)
+    if summary:
+        lines += ["## Summary", "",
+                  "In-process backends and the served model (Triton, onnxruntime engines, gRPC streaming; "
+                  "p50 at concurrency = batch) against transformers `generate` (eager) on the same weights, "
+                  "image and prompt. Ratios > 1 mean facert is faster.", "", summary, ""]
     if tables.get("serve"):
         lines += ["## Served (Triton, onnxruntime engines, gRPC streaming, closed loop)", "",
                   "Peer: transformers `generate` (eager) in-process, batch = concurrency, same image/question/weights. "
@@ -136,7 +179,8 @@ def markdown(record: dict, tables: dict) -> str:
     if record.get("peer_errors"):
         lines += ["Peers that did not run: " + "; ".join(f"{k}: {e}" for k, e in record["peer_errors"].items()), ""]
     if record.get("peer_first_call_s"):
-        lines += ["First call of each extra peer (for transformers-compile: the torch.compile time): "
+        lines += ["First call of each extra peer (for transformers-compile: mostly torch.compile, shorter when "
+                  "inductor's on-disk cache already holds the kernels): "
                   + ", ".join(f"{k} {x} s" for k, x in record["peer_first_call_s"].items()), ""]
     if record.get("skipped"):
         lines += ["Skipped: " + "; ".join(f"{k}: {x}" for k, x in record["skipped"].items()), ""]
@@ -160,13 +204,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--pa-concurrency", default="1,2", help="perf_analyzer levels (default 1,2)")
     ap.add_argument("--pa-window", type=int, default=3, help="perf_analyzer count_windows size (default 3)")
     ap.add_argument("--batches", default="1,2,4,8", help="stage batch sizes (default 1,2,4,8)")
-    ap.add_argument("--repeats", type=int, default=2, help="measured rounds per stage batch (default 2)")
+    ap.add_argument("--repeats", type=int, default=3, help="measured rounds per stage batch (default 3)")
     ap.add_argument("--skip", default="", help=f"phases to leave out, comma-separated, from {','.join(PHASES)}")
     ap.add_argument("--budget-s", type=float, default=600, help="wall-time budget; optional phases that would not "
                     "fit are skipped (default 600)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="in-process intra-op threads")
     ap.add_argument("--shared", default="", help="a note on other load on the machine, recorded as is")
-    ap.add_argument("--out", help="results folder (default benchmarks/results/<date>-cpu-<machine id>)")
+    ap.add_argument("--out", help="results folder (default benchmarks/results/<date>-cpu-suite-<machine id>)")
 
 
 def run(args) -> int:
@@ -209,9 +253,9 @@ def run(args) -> int:
         run_pa = "perf_analyzer" not in skip
         try:
             if args.url:
-                served = dict(load_server(args.url, args, image, run_pa), server_start_s=None)
+                served = dict(load_server(args.url, args, image, run_pa, remaining), server_start_s=None)
             else:
-                served = serve_phase(engines, args, image, run_pa, work)
+                served = serve_phase(engines, args, image, run_pa, work, remaining)
         except (ServerError, RepositoryError, loadgen.LoadError) as e:
             print(f"cpu suite: error: the server phase failed: {e}", file=sys.stderr)
             return 2
@@ -257,7 +301,7 @@ def run(args) -> int:
     from benchmarks.report import load_average
 
     record["load_average_end"] = load_average()
-    out = Path(args.out) if args.out else results_dir()
+    out = Path(args.out) if args.out else results_dir("cpu-suite")
     md = markdown(record, tables)
     write_results(out, record, tables, markdown=md)
     print(md)

@@ -1,6 +1,6 @@
 """Benchmark results on disk: one folder per run with JSON, CSV, PNG plots and a markdown summary.
 
-    benchmarks/results/<YYYY-MM-DD>-<machine>/
+    benchmarks/results/<YYYY-MM-DD>-<kind>-<machine id>/     (kind: cpu-suite, cpu-stages, ...)
         results.json          everything: command, date, machine, versions, settings, every table
         <table>.csv           one CSV per table (stages, serve, perf_analyzer, ...), one row per measurement
         stages.png            per-stage latency per backend (stacked bars), batch by batch
@@ -106,8 +106,8 @@ def new_record(benchmark: str, shared: str | None = None, **fields) -> dict:
             "machine": machine(shared), "versions": versions(), **fields}
 
 
-def results_dir(kind: str = "cpu", root: Path = RESULTS) -> Path:
-    """benchmarks/results/<date>-<kind>-<machine id>: one folder per day and machine."""
+def results_dir(kind: str, root: Path = RESULTS) -> Path:
+    """benchmarks/results/<date>-<kind>-<machine id>: one folder per benchmark, day and machine."""
     return root / f"{datetime.now().strftime('%Y-%m-%d')}-{kind}-{machine_id()}"
 
 

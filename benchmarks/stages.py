@@ -357,7 +357,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "(default transformers,transformers-static)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and onnxruntime intra-op threads")
     ap.add_argument("--shared", default="", help="a note on other load on the machine, recorded as is")
-    ap.add_argument("--out", help="results folder (default benchmarks/results/<date>-cpu-<machine id>)")
+    ap.add_argument("--out", help="results folder (default benchmarks/results/<date>-cpu-stages-<machine id>)")
 
 
 def parse_list(text: str, what: str) -> list[int]:
@@ -390,7 +390,7 @@ def run(args) -> int:
     gc.collect()
     record["peer_errors"], record["peer_first_call_s"] = res["peer_errors"], res["peer_first_call_s"]
     md = f"# Per-stage latency — {record['date'][:10]}\n\n" + stage_markdown(res["stages"], res["requests"]) + "\n"
-    out = Path(args.out) if args.out else results_dir()
+    out = Path(args.out) if args.out else results_dir("cpu-stages")
     write_results(out, record, {"stages": res["stages"], "requests": res["requests"]}, markdown=md)
     print(md)
     print(f"wrote {out}", file=sys.stderr)
