@@ -77,7 +77,8 @@ def _open_pipeline(args):
         return open_pipeline(args.engines, backend=args.backend, device=args.device)
     _progress(f"loading {args.checkpoint}")
     return FacePipeline.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype,
-                                        cuda_graphs=not args.no_cuda_graphs)
+                                        cuda_graphs=not args.no_cuda_graphs,
+                                        parser_pth=getattr(args, "parser_pth", None))
 
 
 def _ask_local(image: Path, question: str, args) -> int:
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--checkpoint", help="checkpoint directory (facert, llava-hf or InternVL3-hf): torch, in-process")
     where.add_argument("--engines", help="engines folder built by `facert build`, in-process")
     where.add_argument("--url", help="HOST:PORT of a running `facert serve`")
+    p.add_argument("--parser-pth", help="with a llava-hf --checkpoint: the BiSeNet face parser's 79999_iter.pth")
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
                    help="backend for --engines (default onnxruntime)")
     p.add_argument("--protocol", default="grpc", choices=("grpc", "http"), help="protocol for --url (default grpc)")

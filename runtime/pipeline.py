@@ -120,11 +120,12 @@ class FacePipeline:
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "cpu", dtype: str | None = None,
-                        cuda_graphs: bool | None = None, parts=None, **kw) -> "FacePipeline":
-        """`parts`: load only these components (see runtime.checkpoint.PARTS), e.g. for one serving step."""
+                        cuda_graphs: bool | None = None, parts=None, parser_pth=None, **kw) -> "FacePipeline":
+        """`parts`: load only these components (see runtime.checkpoint.PARTS), e.g. for one serving step.
+        `parser_pth`: the BiSeNet 79999_iter.pth to use with a llava-hf directory."""
         from runtime.checkpoint import load_checkpoint
 
-        model, tok, _ = load_checkpoint(path, dtype=dtype, parts=parts)
+        model, tok, _ = load_checkpoint(path, dtype=dtype, parts=parts, parser_pth=parser_pth)
         return cls(TorchComponents(model, device, cuda_graphs=cuda_graphs), tok, **kw)
 
     @property

@@ -192,3 +192,22 @@ def test_reused_bucketed_caches_give_the_same_tokens(tiny_checkpoint, face_image
         assert [a.token_ids for a in pipe.ask_batch(face_images, QUESTIONS, params)] == expected
     assert all(length % TorchLLM.CACHE_BUCKET == 0 for _, length in pipe.c.llm._caches)
     assert not pipe.c.llm.cuda_graphs  # switched off on CPU
+
+
+def test_llava_hf_directory_with_public_parser_file(tiny_checkpoint, tmp_path):
+    model, tok, _ = load_checkpoint(tiny_checkpoint)
+    llava, _ = _llava_from(model)
+    d = tmp_path / "llava"
+    llava.save_pretrained(d)
+    tok.save_pretrained(d)
+    from runtime.checkpoint import spec_from_llava_config
+    from runtime.models.bisenet import BiSeNet
+
+    width = spec_from_llava_config(llava.config.to_dict())["parser"]["width"]
+    torch.manual_seed(3)
+    parser = BiSeNet(19, width)
+    torch.save({f"module.{k}": v for k, v in parser.state_dict().items()}, tmp_path / "79999_iter.pth")
+    loaded, _, spec = load_checkpoint(d, parser_pth=tmp_path / "79999_iter.pth")
+    assert "parser" not in spec["random_parts"]
+    for k, v in parser.state_dict().items():
+        assert torch.equal(loaded.parser.state_dict()[k], v), k
