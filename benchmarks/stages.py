@@ -222,6 +222,8 @@ def to_rows(batch: int, n: int, measured: dict[str, dict], reference: str = "tor
             "requests_per_s": round(batch * 1e3 / m["end_to_end"], 3),
             "output_tokens_per_s": round(batch * n * 1e3 / m["end_to_end"], 2),
             "same_tokens_as_torch": None if ref_tokens is None else m["tokens"] == ref_tokens,
+            # max/min of the rounds' end-to-end times: near 1 when nothing else disturbed the measurement
+            "spread": round(max(m["end_to_end_runs_ms"]) / min(m["end_to_end_runs_ms"]), 2),
             "warmup_s": m["warmup_s"], "end_to_end_runs_ms": " ".join(map(str, m["end_to_end_runs_ms"])),
         })
     return stages, requests
@@ -324,11 +326,12 @@ def stage_markdown(stages: list[dict], requests: list[dict], batch: int = 1, pee
     for b in backends:
         r = e2e[b]
         rows2.append([b, r["ttft_ms"], r["itl_ms"], r["decode_tokens_per_s"], r["end_to_end_ms"],
-                      _ratio(ref["end_to_end_ms"], r["end_to_end_ms"]) if ref else None,
+                      _ratio(ref["end_to_end_ms"], r["end_to_end_ms"]) if ref else None, f"{r['spread']:.2f}",
                       "yes" if r["same_tokens_as_torch"] else ("NO" if r["same_tokens_as_torch"] is False else "–")])
     return (md_table(header, rows) + "\n\n"
             + md_table([f"backend (batch {batch})", "TTFT ms", "per-token ms", "decode tokens/s", "end-to-end ms",
-                        f"speedup vs {peer}", "same tokens as torch"], rows2, align="lrrrrrl"))
+                        f"speedup vs {peer}", "spread (max/min of rounds)", "same tokens as torch"], rows2,
+                       align="lrrrrrrl"))
 
 
 def _ratio(num, den) -> str | None:
