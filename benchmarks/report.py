@@ -183,9 +183,14 @@ def plot_stages(rows: list[dict], path: Path) -> Path:
     backends = list(dict.fromkeys(r["backend"] for r in rows))
     stages = [s for s in STAGE_ORDER if any(r["stage"] == s for r in rows)]
     colors = plt.get_cmap("tab10").colors
-    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches) + 1.5, 0.55 * len(backends) + 2.2),
+    ncols = min(len(batches), 2)
+    nrows = -(-len(batches) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols + 1.5, (0.5 * len(backends) + 1.6) * nrows + 0.8),
                              sharey=True, squeeze=False)
-    for ax, b in zip(axes[0], batches):
+    panels = list(axes.flat)
+    for ax in panels[len(batches):]:
+        ax.set_visible(False)
+    for ax, b in zip(panels, batches):
         for y, backend in enumerate(backends):
             left = 0.0
             for i, stage in enumerate(stages):
@@ -201,14 +206,14 @@ def plot_stages(rows: list[dict], path: Path) -> Path:
         ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
     handles, labels = [], []
-    for ax in axes[0]:
+    for ax in panels:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle("Per-stage latency per backend (median)")
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
