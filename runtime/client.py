@@ -27,8 +27,34 @@ from runtime.generate import SamplingParams
 ENSEMBLES = ("faceinsight", "facellm")
 
 
+# What a failed request means, read from the server's message (Triton's own, or a facert step's):
+# overloaded: a queue was full (back-pressure; retry later); timeout: the request's timeout passed
+# (in a queue or while generating) or no answer came in time; cancelled: cancelled by the client;
+# unavailable: the server, the model or one of its processes is not there (a model whose process died
+# answers so until the server has reloaded it); error: anything else, bad input included.
+ERROR_KINDS = (
+    ("overloaded", ("Exceeds maximum queue size",)),
+    ("timeout", ("Request timeout expired", "request timed out", "no response from")),
+    ("cancelled", ("cancelled",)),
+    ("unavailable", ("is not healthy", "cannot reach", "is not found", "failed to connect", "Socket closed",
+                     "StatusCode.UNAVAILABLE")),
+)
+
+
+def error_kind(message: str) -> str:
+    """overloaded, timeout, cancelled, unavailable or error (see ERROR_KINDS)."""
+    for kind, marks in ERROR_KINDS:
+        if any(m in message for m in marks):
+            return kind
+    return "error"
+
+
 class RemoteError(RuntimeError):
-    """The server refused the request or could not be reached; the message says why."""
+    """The server refused the request or could not be reached; the message says why, `kind` what it means."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.kind = error_kind(message)
 
 
 def _split_url(url: str) -> str:
@@ -105,7 +131,7 @@ def find_model(url: str, protocol: str = "grpc") -> str:
     return ready[0]
 
 
-def _ask_grpc(url, image, question, params, stream, on_text, model, timeout_s) -> dict:
+def _ask_grpc(url, image, question, params, stream, on_text, model, timeout_s, request_timeout_s=None) -> dict:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
@@ -115,7 +141,8 @@ def _ask_grpc(url, image, question, params, stream, on_text, model, timeout_s) -
     try:
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
         client.async_stream_infer(model, _grpc_inputs(image, question, params, stream),
-                                  request_id=uuid.uuid4().hex, enable_empty_final_response=True)
+                                  request_id=uuid.uuid4().hex, enable_empty_final_response=True,
+                                  timeout=None if request_timeout_s is None else max(1, int(request_timeout_s * 1e6)))
         while True:
             try:
                 result, error = responses.get(timeout=timeout_s)
@@ -217,20 +244,25 @@ def _ask_http(url, image, question, params, stream, on_text, model, timeout_s) -
 
 def ask_remote(url: str, image_bytes: bytes, question: str, params: SamplingParams | None = None,
                protocol: str = "grpc", stream: bool = False, on_text: Callable[[str], None] | None = None,
-               model: str | None = None, timeout_s: float = 300.0) -> dict:
+               model: str | None = None, timeout_s: float = 300.0, request_timeout_s: float | None = None) -> dict:
     """Ask the served model; returns text, token_ids, finish_reason, attributes, timings (and model).
 
     on_text(piece) is called for each piece of text as it arrives (one piece when not streaming).
-    Raises RemoteError with the server's message when the request is refused.
+    timeout_s bounds the wait for each response here; request_timeout_s (gRPC) is the request's own
+    timeout on the server (Triton's `timeout`): past it the request is refused in any queue and its
+    generation stops. Raises RemoteError with the server's message when the request is refused.
     """
     if protocol not in ("grpc", "http"):
         raise ValueError(f"protocol must be grpc or http, got {protocol!r}")
+    if request_timeout_s is not None and protocol != "grpc":
+        raise ValueError("request_timeout_s is sent over gRPC only")
     params = (params or SamplingParams()).validate()
     url = _split_url(url)
     model = model or find_model(url, protocol)
-    ask = _ask_grpc if protocol == "grpc" else _ask_http
     try:
-        return ask(url, image_bytes, question, params, stream, on_text, model, timeout_s)
+        if protocol == "grpc":
+            return _ask_grpc(url, image_bytes, question, params, stream, on_text, model, timeout_s, request_timeout_s)
+        return _ask_http(url, image_bytes, question, params, stream, on_text, model, timeout_s)
     except RemoteError:
         raise
     except Exception as e:  # noqa: BLE001 (transport failures: say where and what)

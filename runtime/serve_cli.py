@@ -36,6 +36,7 @@ def cmd_repo(args) -> int:
     try:
         configs = fill_repository(args.out, checkpoint=args.checkpoint, engines=args.engines, backend=args.backend,
                                   target=args.target, device=args.device, max_batch_size=args.max_batch,
+                                  max_queue_size=args.max_queue_size, queue_timeout_ms=args.queue_timeout_ms,
                                   overwrite=args.force)
     except RepositoryError as e:
         print(f"facert: error: {e}", file=sys.stderr)
@@ -53,7 +54,7 @@ def cmd_serve(args) -> int:
     server = TritonServer(args.model_repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, log_verbose=args.log_verbose,
                           provision_log=_progress, log=None if not args.quiet else (lambda line: None),
-                          tritonserver=args.tritonserver)
+                          tritonserver=args.tritonserver, recover=not args.no_recover, say=_progress)
     try:
         server.start(timeout_s=args.timeout)
     except ServerError as e:
@@ -136,7 +137,7 @@ def cmd_serve_demo(args) -> int:
 
 
 def register(sub) -> None:
-    from runtime.serving.repo import TARGETS
+    from runtime.serving.repo import DEFAULT_MAX_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT_MS, TARGETS
 
     p = sub.add_parser(
         "repo", help="fill a Triton model repository for a checkpoint or engines folder",
@@ -154,6 +155,12 @@ def register(sub) -> None:
     p.add_argument("--target", default="portable", choices=TARGETS, help="portable (default) or native")
     p.add_argument("--device", help="device for the python steps (default cpu; cuda for native)")
     p.add_argument("--max-batch", type=int, default=8, help="max_batch_size of every model (default 8)")
+    p.add_argument("--max-queue-size", type=int, default=DEFAULT_MAX_QUEUE_SIZE,
+                   help=f"requests a model may hold waiting; one more is refused at once as overloaded "
+                        f"(default {DEFAULT_MAX_QUEUE_SIZE})")
+    p.add_argument("--queue-timeout-ms", type=int, default=DEFAULT_QUEUE_TIMEOUT_MS,
+                   help=f"a request waiting longer than this in a model's queue is refused, unless it carries its "
+                        f"own timeout; 0: no default (default {DEFAULT_QUEUE_TIMEOUT_MS})")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_repo)
 
@@ -172,6 +179,9 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="do not forward the server's log")
     p.add_argument("--tritonserver", help="an installed tritonserver binary to run instead of nvidia-pytriton's "
                                           "(NVIDIA's containers: /opt/tritonserver/bin/tritonserver)")
+    p.add_argument("--no-recover", action="store_true",
+                   help="do not reload a model whose python-backend process died (by default the server is "
+                        "watched and such a model is reloaded)")
     p.set_defaults(func=cmd_serve)
 
     from runtime.cli import DEMO_IMAGE, DEMO_QUESTION, _add_sampling

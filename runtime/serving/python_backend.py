@@ -9,15 +9,20 @@ model.py subclasses one of:
 
 A step's model reaches the checkpoint or engines named in its config.pbtxt parameters
 (`checkpoint` or `engines` + `backend`, and `device`) as a `FacePipeline` (`self.pipe`): the
-components, tokenizer and limits the in-process runtime uses. Compute time goes to the output
+components, tokenizer and limits the in-process runtime uses. From a checkpoint, a step loads only
+the components it runs (its class's `parts`, e.g. ("vision",)), so each model process holds only its
+own weights; an engines folder opens whole (its backends open every session up front). Compute time goes to the output
 named by the `timing_output` parameter when the config declares one.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -33,9 +38,11 @@ def to_numpy(x) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def open_pipeline(params: dict, device: str):
-    """The FacePipeline for this model's source (engines preferred when given); one per process."""
-    key = (params.get("engines") or "", params.get("backend") or "", params.get("checkpoint") or "", device)
+def open_pipeline(params: dict, device: str, parts: tuple[str, ...] | None = None):
+    """The FacePipeline for this model's source (engines preferred when given); one per process.
+
+    parts: the checkpoint components to load (runtime.checkpoint.PARTS); None loads them all."""
+    key = (params.get("engines") or "", params.get("backend") or "", params.get("checkpoint") or "", device, parts)
     if key not in _PIPELINES:
         if params.get("engines"):
             from runtime.engines import open_pipeline as open_engines  # the engines backends (export issue)
@@ -45,7 +52,7 @@ def open_pipeline(params: dict, device: str):
         elif params.get("checkpoint"):
             from runtime.pipeline import FacePipeline
 
-            _PIPELINES[key] = FacePipeline.from_checkpoint(params["checkpoint"], device=device)
+            _PIPELINES[key] = FacePipeline.from_checkpoint(params["checkpoint"], device=device, parts=parts)
         else:
             raise pb_utils.TritonModelException("config.pbtxt names neither an `engines` nor a `checkpoint` parameter")
     return _PIPELINES[key]
@@ -75,8 +82,61 @@ class RequestInfo:
     def prompt_ids(self, question: str, max_new_tokens: int) -> list[int]:
         from runtime.prompt import build_prompt_ids
 
+        if max_new_tokens >= self.max_context:  # else the prompt's bound below reads as a negative number
+            raise ValueError(f"max_tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                             f"{self.max_context}-token context")
         return build_prompt_ids(self.tokenizer, question, self.vocab_size, self.num_image_tokens,
                                 self.num_seg_tokens, max_prompt_tokens=self.max_context - max_new_tokens)
+
+
+class CancelFlags:
+    """Cancelled requests, told by the postprocessing step to the llm step of the same server.
+
+    Triton 2.51's ensemble marks only the step requests it schedules after a client cancelled (or
+    went away) as cancelled: the postprocessing requests of the tokens that follow, never the llm
+    request already generating. So postprocessing marks the llm request's key (one empty file in a
+    directory per server, under /dev/shm) and the llm checks it after every token. The llm removes
+    a request's mark when it ends; marks that arrive after that are swept once they are old.
+    """
+
+    KEY = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, made by the llm step
+
+    def __init__(self):
+        from runtime.serving.server import cancel_flag_dir
+
+        self.dir = cancel_flag_dir(os.getppid())  # every stub of a server is the tritonserver's child
+        self._swept = time.monotonic()
+
+    def _path(self, key: str) -> Path | None:
+        return self.dir / key if self.KEY.fullmatch(key or "") else None
+
+    def mark(self, key: str) -> None:
+        path = self._path(key)
+        if path is not None:
+            self.dir.mkdir(exist_ok=True)
+            path.touch()
+
+    def is_marked(self, key: str) -> bool:
+        path = self._path(key)
+        return path is not None and path.exists()
+
+    def clear(self, key: str) -> None:
+        path = self._path(key)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+    def sweep(self, max_age_s: float = 600.0, every_s: float = 60.0) -> None:
+        """Remove marks older than max_age_s (at most once every every_s)."""
+        if time.monotonic() - self._swept < every_s:
+            return
+        self._swept = time.monotonic()
+        cutoff = time.time() - max_age_s
+        for path in self.dir.glob("*") if self.dir.is_dir() else []:
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def error_response(e: BaseException) -> "pb_utils.InferenceResponse":
@@ -107,6 +167,7 @@ class Step:
     """What every step shares: its config, parameters, pipeline and timing output."""
 
     uses_pipeline = True  # False: the step needs no weights (postprocessing)
+    parts: tuple[str, ...] | None = None  # the checkpoint components this step runs (None: all)
 
     def initialize(self, args):
         self.model_config = json.loads(args["model_config"])
@@ -120,7 +181,7 @@ class Step:
         if kind == "GPU":
             device = f"cuda:{args.get('model_instance_device_id', '0')}"
         self.device = device
-        self.pipe = open_pipeline(self.params, device) if self.wants_pipeline() else None
+        self.pipe = open_pipeline(self.params, device, self.parts) if self.wants_pipeline() else None
         self.setup()
 
     def wants_pipeline(self) -> bool:

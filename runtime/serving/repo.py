@@ -30,6 +30,10 @@ STEPS = ("preprocessing", "vision_encoder", "face_parser", "seg_projection", "at
 SEG_BRANCH_STEPS = ("face_parser", "seg_projection", "attribute_head")
 NUM_ATTRIBUTES = 40
 TARGETS = ("portable", "native")
+# Back-pressure defaults: a queue of 64 waiting requests per step (8 full batches at the default
+# max_batch_size) and 60 s at most in any queue, unless the client sets its own timeout.
+DEFAULT_MAX_QUEUE_SIZE = 64
+DEFAULT_QUEUE_TIMEOUT_MS = 60_000
 
 
 class RepositoryError(ValueError):
@@ -183,14 +187,24 @@ def _environment():
 
 def fill_repository(out: str | Path, checkpoint: str | Path | None = None, engines: str | Path | None = None,
                     backend: str = "onnxruntime", target: str = "portable", device: str | None = None,
-                    max_batch_size: int = 8, queue_delay_us: int = 2000, overwrite: bool = False) -> dict:
-    """Render the repository for one model into `out`; returns {model name: ModelConfig} after validation."""
+                    max_batch_size: int = 8, queue_delay_us: int = 2000, max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+                    queue_timeout_ms: int = DEFAULT_QUEUE_TIMEOUT_MS, overwrite: bool = False) -> dict:
+    """Render the repository for one model into `out`; returns {model name: ModelConfig} after validation.
+
+    Back-pressure: every step's queue holds at most `max_queue_size` waiting requests (one more is
+    refused at once with UNAVAILABLE), and a request that waits in a queue longer than its own
+    timeout (the client's `timeout`, else `queue_timeout_ms`; 0 = no default) is refused.
+    """
     if target not in TARGETS:
         raise RepositoryError(f"target must be one of {TARGETS}, got {target!r}")
     if (checkpoint is None) == (engines is None):
         raise RepositoryError("give exactly one source: a checkpoint directory or an engines folder")
     if not 1 <= max_batch_size <= 256:
         raise RepositoryError(f"max_batch_size must be in [1, 256], got {max_batch_size}")
+    if not 1 <= max_queue_size <= 1_000_000:
+        raise RepositoryError(f"max_queue_size must be in [1, 1000000], got {max_queue_size}")
+    if not 0 <= queue_timeout_ms <= 3_600_000:
+        raise RepositoryError(f"queue_timeout_ms must be in [0, 3600000] (0: no default timeout), got {queue_timeout_ms}")
     if target == "native" and engines is None:
         raise RepositoryError("the native target runs engine files: give --engines (built by `facert build`)")
     out = Path(out).resolve()
@@ -216,6 +230,7 @@ def fill_repository(out: str | Path, checkpoint: str | Path | None = None, engin
     io = {step: {name: name for name in ("PIXEL_VALUES", "IMAGE_TOKENS", "POOLED", "PARSER_PIXELS", "LABELS",
                                          "SEG_TOKENS", "ATTRIBUTE_PROBS")} for step in STEPS}
     ctx = dict(info, source=source, target=target, max_batch_size=max_batch_size, queue_delay_us=queue_delay_us,
+               max_queue_size=max_queue_size, queue_timeout_us=queue_timeout_ms * 1000,
                instance_kind="KIND_GPU" if device.startswith("cuda") else "KIND_CPU",
                ensemble_name=info["family"], upstream_timings=upstream, io=io, llm_parameters={})
     steps = [s for s in STEPS if has_seg or s not in SEG_BRANCH_STEPS]

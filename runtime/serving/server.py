@@ -22,11 +22,23 @@ that venv's bin goes first on PATH, and LD_LIBRARY_PATH starts with the interpre
 `provision()` builds the tools folder idempotently from PyPI (pip download of the wheel, no
 dependencies); `TritonServer` starts the server, waits until it is ready, forwards its log and
 stops it.
+
+Recovery. Each python-backend model runs in its own stub process. If one dies (killed, out of
+memory, a crash in native code), tritonserver 2.51 does not restart it: the requests in flight
+fail with "Stub process '<instance>' is not healthy." and so does every later request to that
+model, while the server still reports the model READY (measured here). So the server runs with
+explicit model control (`--model-control-mode=explicit --load-model=*`: every model loads at
+start, as without it) and `TritonServer` supervises the stubs: a thread watches them in /proc and
+reloads a model whose stub died through the repository API, which starts a fresh stub (the
+model's own initialize, weights included). `stop()` leaves nothing behind: the stubs are gone, the
+ports are free and the python backend's shared-memory regions (named by `shm_prefix`, which a
+killed stub never removes) are deleted.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import os
 import re
 import shutil
@@ -35,6 +47,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
 import urllib.error
@@ -183,6 +196,193 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     return ports
 
 
+# ------------------------------------------------------------------------- stubs and shared memory
+
+STUB_BINARY = "triton_python_backend_stub"
+SHM_DIR = Path("/dev/shm")
+
+
+def process_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, exit code) of a process from /proc/PID/stat; None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()  # after "pid (comm)": state is field 3, ppid 4, exit_code 52
+    return fields[0], int(fields[1]), int(fields[49]) if len(fields) > 49 else 0
+
+
+def stub_model(pid: int, repository: Path) -> str | None:
+    """The model a python-backend stub serves (its argv[1] is <repository>/<model>/<version>/model.py)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if len(argv) < 2 or not argv[0].endswith(STUB_BINARY.encode()):
+        return None
+    try:
+        return Path(argv[1].decode()).relative_to(repository).parts[0]
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return None
+
+
+def python_stubs(server_pid: int, repository: Path) -> dict[int, str]:
+    """{pid: model} of the live python-backend stubs a tritonserver runs for `repository`."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        st = process_stat(int(entry))
+        if st is None or st[1] != server_pid or st[0] in ("Z", "X"):
+            continue
+        model = stub_model(int(entry), repository)
+        if model is not None:
+            out[int(entry)] = model
+    return out
+
+
+def _describe_exit(pid: int) -> str:
+    st = process_stat(pid)
+    if st is None or st[0] != "Z":
+        return "exited"
+    status = st[2]
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with code {os.WEXITSTATUS(status)}"
+
+
+def _end_stubs(stubs: dict[int, str], shm_prefix: str, timeout_s: float = 5.0) -> None:
+    """Wait for a stopped server's stubs to exit (they notice their parent is gone); kill any left."""
+    deadline = time.monotonic() + timeout_s
+    alive = dict(stubs)
+    while alive and time.monotonic() < deadline:
+        alive = {p: m for p, m in alive.items() if _is_our_stub(p, shm_prefix)}
+        if alive:
+            time.sleep(0.1)
+    for pid in alive:
+        if _is_our_stub(pid, shm_prefix):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _is_our_stub(pid: int, shm_prefix: str) -> bool:
+    """pid is still a live stub of ours (its argv names our shared-memory prefix), not a reused pid."""
+    st = process_stat(pid)
+    if st is None or st[0] in ("Z", "X"):
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(argv) and argv[0].endswith(STUB_BINARY.encode()) and any(
+        a.startswith(shm_prefix.encode()) for a in argv[1:])
+
+
+def cancel_flag_dir(server_pid: int) -> Path:
+    """Where the postprocessing step of one server tells its llm step which requests were cancelled."""
+    return (SHM_DIR if SHM_DIR.is_dir() else Path(tempfile.gettempdir())) / f"facert-cancel-{server_pid}"
+
+
+def shm_regions(prefix: str) -> list[Path]:
+    return sorted(SHM_DIR.glob(f"{prefix}*")) if SHM_DIR.is_dir() else []
+
+
+def remove_shm_regions(prefix: str) -> list[Path]:
+    """Delete the python backend's shared-memory regions named with `prefix` (a stopped server's)."""
+    removed = []
+    for path in shm_regions(prefix):
+        try:
+            path.unlink()
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def python_instance_counts(repository: Path) -> collections.Counter:
+    """{model: number of stub processes} of the python-backend models in a repository's configs."""
+    from runtime.serving.repo import parse_config
+
+    counts = collections.Counter()
+    for config in sorted(Path(repository).glob("*/config.pbtxt")):
+        cfg = parse_config(config)
+        if cfg.backend == "python":
+            counts[config.parent.name] = sum(g.count or 1 for g in cfg.instance_group) or 1
+    return counts
+
+
+class StubSupervisor(threading.Thread):
+    """Reloads a model whose python-backend stub died (tritonserver 2.51 does not restart it).
+
+    Every `interval_s` it lists the server's live stubs from /proc. A READY model with fewer live
+    stubs than its config's instance count is reloaded through the repository API
+    (`reload_model`), which starts fresh ones; the requests it had in flight fail with the backend's
+    "Stub process ... is not healthy" error. A model that is not READY (unloaded on purpose, or
+    loading) is left alone. A reload that fails is retried with a growing pause. Each recovery is
+    said on the log and kept in `recoveries` ({model, pids, cause, seconds}).
+    """
+
+    def __init__(self, server: "TritonServer", interval_s: float = 0.5, enabled: bool = True):
+        super().__init__(daemon=True, name="facert-stub-supervisor")
+        self.server = server
+        self.interval_s = interval_s
+        self.enabled = enabled
+        self.recoveries: list[dict] = []
+        self.seen: dict[int, str] = {}  # every stub pid seen, for stop() to make sure they are gone
+        self.expected = python_instance_counts(server.repository)
+        self._halt = threading.Event()
+        self._retry_at: dict[str, tuple[float, float]] = {}  # model -> (not before, pause) after a failed reload
+        self._scan()
+
+    def _scan(self) -> dict[int, str]:
+        stubs = python_stubs(self.server.proc.pid, self.server.repository)
+        self.seen.update(stubs)
+        return stubs
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=10)
+
+    def run(self) -> None:
+        last = self._scan()
+        while not self._halt.wait(self.interval_s):
+            if self.server.proc.poll() is not None:
+                return
+            live = self._scan()
+            count = collections.Counter(live.values())
+            short = [m for m, n in self.expected.items() if count[m] < n
+                     and time.monotonic() >= self._retry_at.get(m, (0.0, 0.0))[0]]
+            if short and self.enabled:
+                try:
+                    ready = self.server.models_ready()
+                except ServerError:
+                    ready = {}
+                for model in short:
+                    if ready.get(model, False) and not self._halt.is_set():
+                        self._recover(model, [p for p, m in last.items() if m == model and p not in live])
+                live = self._scan()
+            last = live
+
+    def _recover(self, model: str, dead: list[int]) -> None:
+        cause = ", ".join(f"pid {p} {_describe_exit(p)}" for p in dead) or "gone"
+        self.server.say(f"model {model!r}: its python-backend process died ({cause}); reloading it")
+        t0 = time.monotonic()
+        try:
+            self.server.reload_model(model)
+        except ServerError as e:
+            pause = min(60.0, 2 * self._retry_at.get(model, (0.0, 0.5))[1])
+            self._retry_at[model] = (time.monotonic() + pause, pause)
+            self.server.say(f"model {model!r} could not be reloaded (next try in {pause:.0f} s): {e}")
+            return
+        self._retry_at.pop(model, None)
+        seconds = time.monotonic() - t0
+        self.recoveries.append({"model": model, "pids": dead, "cause": cause, "seconds": round(seconds, 2)})
+        self.server.say(f"model {model!r} reloaded in {seconds:.1f} s")
+
+
 # ----------------------------------------------------------------------------------------- server
 
 class TritonServer:
@@ -196,7 +396,8 @@ class TritonServer:
     def __init__(self, model_repository: str | Path, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, metrics_port: int = 8002, tools_dir: str | Path | None = None,
                  log: Callable[[str], None] | None = None, log_verbose: int = 0, exit_timeout_s: int = 10,
-                 provision_log: Callable[[str], None] = print, tritonserver: str | Path | None = None):
+                 provision_log: Callable[[str], None] = print, tritonserver: str | Path | None = None,
+                 recover: bool = True, say: Callable[[str], None] | None = None):
         self.repository = Path(model_repository).resolve()
         self.host = host
         self.http_port, self.grpc_port, self.metrics_port = int(http_port), int(grpc_port), int(metrics_port)
@@ -211,6 +412,14 @@ class TritonServer:
         self.proc: subprocess.Popen | None = None
         self.recent: collections.deque[str] = collections.deque(maxlen=400)
         self._reader: threading.Thread | None = None
+        # reload a model whose python-backend stub died (see the module docstring)
+        self.recover = recover
+        self.say = say if say is not None else (lambda msg: print(f"[facert] {msg}", file=sys.stderr, flush=True))
+        self.supervisor: StubSupervisor | None = None
+        # python-backend shared-memory regions are per server (several servers can share a host) and
+        # per start: a region left by a killed stub is recognised and removed by this prefix
+        self.shm_prefix = f"facert{os.getpid()}_{self.grpc_port}_"
+        self._reloads = 0
 
     # where to reach it
     @property
@@ -243,8 +452,9 @@ class TritonServer:
             "--disable-auto-complete-config",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--log-verbose={self.log_verbose}",
-            # python-backend shared-memory regions are per server, so several servers can share a host
-            f"--backend-config=python,shm-region-prefix-name=facert{os.getpid()}_{self.grpc_port}_",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            # every model loads at start; the repository API can then reload one (recovery)
+            "--model-control-mode=explicit", "--load-model=*",
         ]
 
     def start(self, timeout_s: float = 180.0) -> "TritonServer":
@@ -268,6 +478,7 @@ class TritonServer:
         else:
             inst = provision(self.tools_dir, log=self.provision_log)
             cmd, env = self.command(inst.binary, inst.backends), inst.env()
+        remove_shm_regions(self.shm_prefix)  # a previous server of ours on this port died without cleaning up
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      env=env, text=True, errors="replace", bufsize=1,
                                      start_new_session=True)  # Ctrl-C reaches us; we stop it cleanly
@@ -278,6 +489,8 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
+        self.supervisor = StubSupervisor(self, enabled=self.recover)
+        self.supervisor.start()
         return self
 
     def _forward_log(self) -> None:
@@ -314,8 +527,14 @@ class TritonServer:
         return "\n".join(errors[-20:] or list(self.recent)[-20:])
 
     def stop(self, timeout_s: float | None = None) -> int | None:
+        """Stop the server; its stubs, ports and shared memory are all released when this returns."""
         if self.proc is None:
             return None
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        stubs = python_stubs(self.proc.pid, self.repository) if self.proc.poll() is None else {}
+        if self.supervisor is not None:
+            stubs.update(self.supervisor.seen)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -325,7 +544,41 @@ class TritonServer:
                 self.proc.wait()
         if self._reader is not None:
             self._reader.join(timeout=5)
+        _end_stubs(stubs, self.shm_prefix)
+        remove_shm_regions(self.shm_prefix)
+        shutil.rmtree(cancel_flag_dir(self.proc.pid), ignore_errors=True)
         return self.proc.returncode
+
+    def models_ready(self) -> dict[str, bool]:
+        """{model: READY?} from the repository index."""
+        return {m["name"]: m.get("state") == "READY" for m in self._api("POST", "/v2/repository/index", {})}
+
+    def reload_model(self, name: str, timeout_s: float = 300.0) -> None:
+        """Load `name` again with fresh instances (a new stub for a python model); returns once it is ready.
+
+        A plain load of an unchanged model is a no-op in 2.51, and a reload whose config differs only
+        in its instances reuses the ones that exist (dead stub included; both measured here). So the
+        reload carries the model's config with a changed `facert_reload` parameter, which makes Triton
+        load the model anew; the step code ignores that parameter.
+        """
+        config = self._api("GET", f"/v2/models/{name}/config", None)
+        self._reloads += 1
+        config.setdefault("parameters", {})["facert_reload"] = {"string_value": str(self._reloads)}
+        self._api("POST", f"/v2/repository/models/{name}/load", {"parameters": {"config": json.dumps(config)}},
+                  timeout_s)
+
+    def _api(self, method: str, path: str, body: dict | None, timeout_s: float = 30.0):
+        req = urllib.request.Request(f"http://{self.http_url}{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as r:
+                data = r.read()
+        except urllib.error.HTTPError as e:
+            raise ServerError(f"{method} {path}: HTTP {e.code}: {e.read().decode(errors='replace')[:500]}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ServerError(f"{method} {path}: {e}") from None
+        return json.loads(data) if data else {}
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.proc is None else self
@@ -335,9 +588,7 @@ class TritonServer:
 
     def serve_forever(self) -> int:
         """Block until SIGINT/SIGTERM or until the server exits; then stop it. Returns an exit code."""
-        def say(msg: str) -> None:
-            print(f"[facert] {msg}", file=sys.stderr, flush=True)
-
+        say = self.say
         stop = threading.Event()
         old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
         try:

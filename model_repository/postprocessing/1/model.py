@@ -3,6 +3,9 @@
 Text and token ids pass through as they stream. On a request's last response (the one with a
 finish reason) it applies the attributes' logical constraints (runtime.models.attributes) and
 writes the attributes and the per-stage timings, with the end-to-end time, as JSON.
+
+A request that arrives cancelled (its client cancelled or went away while the llm was streaming)
+is not computed: its CANCEL_KEY is marked for the llm step, which stops generating for it.
 """
 
 import json
@@ -10,9 +13,10 @@ import time
 
 import numpy as np
 import torch
+import triton_python_backend_utils as pb_utils
 
 from runtime.models.attributes import CELEBA_ATTRIBUTES, apply_constraints
-from runtime.serving.python_backend import PerRequestStep, bytes_tensor
+from runtime.serving.python_backend import CancelFlags, PerRequestStep, bytes_tensor, read_inputs
 
 
 def attributes_json(probs: np.ndarray) -> str:
@@ -25,6 +29,24 @@ def attributes_json(probs: np.ndarray) -> str:
 
 class TritonPythonModel(PerRequestStep):
     uses_pipeline = False
+
+    def setup(self):
+        self.cancel_flags = CancelFlags()
+
+    def execute(self, requests):
+        live, responses = [], {}
+        for i, r in enumerate(requests):
+            if r.is_cancelled():
+                key = read_inputs(r, ["CANCEL_KEY"]).get("CANCEL_KEY")
+                if key is not None and key.size:
+                    self.cancel_flags.mark(bytes(key.reshape(-1)[0]).decode("ascii", "replace"))
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError("request cancelled by the client", pb_utils.TritonError.CANCELLED))
+            else:
+                live.append(i)
+        for i, response in zip(live, super().execute([requests[i] for i in live])):
+            responses[i] = response
+        return [responses[i] for i in range(len(requests))]
 
     def compute_one(self, x):
         finish = bytes(x["FINISH_REASON"].reshape(-1)[0]).decode()

@@ -4,5 +4,7 @@ from runtime.serving.python_backend import BatchedStep, to_numpy
 
 
 class TritonPythonModel(BatchedStep):
+    parts = ("seg",)
+
     def compute(self, batch):
         return {"SEG_TOKENS": to_numpy(self.pipe.c.seg_tokens(batch["LABELS"]))}

@@ -1,0 +1,760 @@
+"""Soak the served pipeline: many streamed requests, mixed valid, malformed and cancelled, with the
+server's memory watched throughout.
+
+    .venv/bin/python benchmarks/soak.py [--requests 1000] [--concurrency 64] [--max-seconds 1800]
+        [--checkpoint DIR | --url 127.0.0.1:8001 --server-pid PID] [--out DIR] [--shared "note"]
+
+Without --url it builds the tiny checkpoint in a temporary folder (or uses --checkpoint), fills a
+model repository and starts its own tritonserver on free loopback ports; with --url it loads a
+running server (loopback only) and watches the memory of --server-pid and its children.
+
+Closed loop: `concurrency` workers, each sending its next request as soon as the previous one ended,
+every request on its own gRPC stream (tritonclient.grpc.aio, ModelStreamInfer, STREAM=true). The
+mix, drawn per request from a seeded generator:
+
+  valid       an image and a question, 1..max_tokens tokens, greedy or seeded sampling: must end
+              with a finish reason (stop or length)
+  malformed   one case of the malformed-request corpus (`MALFORMED`, images, text, tensor types and
+              shapes, parameters): must be refused with the message the corpus names
+  cancelled   a valid request the client cancels after a few tokens; the server must stop it (its
+              own count of cancelled requests, facert_llm_requests_total{outcome="cancelled"})
+
+Anything else is an unexpected error and is counted by kind (overloaded, timeout, unavailable,
+cancelled, wrong message, accepted malformed, other). Bounded: it stops handing out requests after
+--requests or --max-seconds and gives those in flight --grace-seconds more. Meanwhile a thread
+samples, every --sample-seconds, the resident memory (VmRSS from /proc) of tritonserver and of each
+of its python-backend stub processes, and the python backend's shared-memory regions. Memory is
+judged "flat" when, after the warm-up (the first --warmup requests), it grows by less than
+max(2 %, 64 MB) to the end.
+
+Results: <out>/soak.json (everything), soak.md (summary) and soak.png (memory over time, requests
+done), by default under benchmarks/results/<date>-cpu-<machine>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import queue
+import random
+import struct
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+QUESTIONS = ("What can you tell about this face?", "Is this person smiling?", "Describe the hair.",
+             "Does this person wear glasses? Answer briefly.")
+
+
+# ------------------------------------------------------------------------- the malformed corpus
+
+def _b(x) -> np.ndarray:
+    """A [1, 1] BYTES tensor."""
+    return np.array([[x]], dtype=np.object_)
+
+
+def _png(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 90, 60)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A few bytes of PNG that declare width x height pixels (what a decompression bomb looks like)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """One malformed request: changes to a good request and a piece of the error it must get.
+
+    grpc: tensors to set on the good gRPC request, (name, array, Triton dtype); array None removes
+    the input. http: keys to set on the good HTTP generate body (None removes the key). model: send
+    to this model instead of the ensemble.
+    """
+
+    name: str
+    expect: str
+    grpc: tuple = ()
+    http: dict | None = None
+    model: str | None = None
+
+    @property
+    def protocol(self) -> str:
+        return "http" if self.http is not None else "grpc"
+
+
+def malformed_corpus(image: bytes) -> list[Malformed]:
+    """The corpus (50 cases): every one is refused with a message naming its problem."""
+    i32 = lambda v: np.array([[v]], np.int32)  # noqa: E731
+    f32 = lambda v: np.array([[v]], np.float32)  # noqa: E731
+    dtype = "data-type is"
+    shape = "unexpected shape for input"
+    half = image[: len(image) // 2]
+
+    def batch(n: int) -> tuple:  # n copies of a good request (a small image: the batch size is the fault) in one
+        return tuple((name, np.repeat(a, n, axis=0), d) for name, (a, d) in good_grpc_tensors(small, "hi", 4).items())
+
+    small = _png(16, 16)
+
+    return [
+        # images
+        Malformed("image: zero bytes", "image is empty", (("IMAGE", _b(b""), "BYTES"),)),
+        Malformed("image: random bytes", "cannot decode image", (("IMAGE", _b(bytes(range(256)) * 4), "BYTES"),)),
+        Malformed("image: truncated PNG", "cannot decode image", (("IMAGE", _b(image[:200]), "BYTES"),)),
+        Malformed("image: half a PNG", "cannot decode image", (("IMAGE", _b(half), "BYTES"),)),
+        Malformed("image: JPEG magic then junk", "cannot decode image",
+                  (("IMAGE", _b(b"\xff\xd8\xff\xe0" + b"\x00" * 64), "BYTES"),)),
+        Malformed("image: GIF magic then junk", "cannot decode image", (("IMAGE", _b(b"GIF89a not really"), "BYTES"),)),
+        Malformed("image: text", "cannot decode image", (("IMAGE", _b(b"a face, trust me"), "BYTES"),)),
+        Malformed("image: 48 Mpx PNG header (bomb)", "over the 40000000-pixel bound",
+                  (("IMAGE", _b(_png_header(8000, 6000)), "BYTES"),)),
+        Malformed("image: 100000 x 100000 PNG header", "over the 40000000-pixel bound",
+                  (("IMAGE", _b(_png_header(100_000, 100_000)), "BYTES"),)),
+        Malformed("image: missing", "the image is missing", (("IMAGE", None, None),)),
+        Malformed("image: both IMAGE and IMAGE_BASE64", "send the image once",
+                  (("IMAGE_BASE64", _b(base64.b64encode(image)), "BYTES"),)),
+        Malformed("image: IMAGE_BASE64 not base64", "IMAGE_BASE64 is not valid base64",
+                  (("IMAGE", None, None), ("IMAGE_BASE64", _b(b"not base64!"), "BYTES"))),
+        Malformed("image: IMAGE_BASE64 of junk", "cannot decode image",
+                  (("IMAGE", None, None), ("IMAGE_BASE64", _b(base64.b64encode(b"junk" * 10)), "BYTES"))),
+        Malformed("image: shape [1, 2]", "unexpected shape for input 'IMAGE'",
+                  (("IMAGE", np.array([[image, image]], dtype=np.object_), "BYTES"),)),
+        Malformed("image: two requests in one (batch of 2)", "IMAGE must hold exactly one value", batch(2)),
+        # text
+        Malformed("question: missing", "the question is missing", (("QUESTION", None, None),)),
+        Malformed("question: empty", "question is empty", (("QUESTION", _b(b""), "BYTES"),)),
+        Malformed("question: whitespace", "question is empty", (("QUESTION", _b(b" \n\t "), "BYTES"),)),
+        Malformed("question: not UTF-8", "QUESTION is not UTF-8 text", (("QUESTION", _b(b"\xff\xfe\xfa"), "BYTES"),)),
+        Malformed("question: over the prompt bound", "over the model's",
+                  (("QUESTION", _b(b"why " * 600), "BYTES"),)),
+        Malformed("question: over the character bound", "over the 16384-character bound",
+                  (("QUESTION", _b(b"x" * 20_000), "BYTES"),)),
+        Malformed("question: reserved <image> marker", "reserved markers",
+                  (("QUESTION", _b(b"what is <image> here?"), "BYTES"),)),
+        Malformed("question: shape [1, 2]", "unexpected shape for input 'QUESTION'",
+                  (("QUESTION", np.array([[b"a", b"b"]], dtype=np.object_), "BYTES"),)),
+        # tensor types and shapes
+        Malformed("MAX_TOKENS as FP32", f"'MAX_TOKENS' {dtype} 'FP32'", (("MAX_TOKENS", f32(5.0), "FP32"),)),
+        Malformed("MAX_TOKENS as INT64", f"'MAX_TOKENS' {dtype} 'INT64'",
+                  (("MAX_TOKENS", np.array([[5]], np.int64), "INT64"),)),
+        Malformed("MAX_TOKENS shape [1, 2]", f"{shape} 'MAX_TOKENS'", (("MAX_TOKENS", np.array([[5, 6]], np.int32), "INT32"),)),
+        Malformed("MAX_TOKENS shape [1, 1, 1]", f"{shape} 'MAX_TOKENS'",
+                  (("MAX_TOKENS", np.array([[[5]]], np.int32), "INT32"),)),
+        Malformed("TEMPERATURE as INT32", f"'TEMPERATURE' {dtype} 'INT32'", (("TEMPERATURE", i32(1), "INT32"),)),
+        Malformed("TOP_P as FP64", f"'TOP_P' {dtype} 'FP64'", (("TOP_P", np.array([[0.5]], np.float64), "FP64"),)),
+        Malformed("SEED as FP32", f"'SEED' {dtype} 'FP32'", (("SEED", f32(1.0), "FP32"),)),
+        Malformed("STREAM as INT32", f"'STREAM' {dtype} 'INT32'", (("STREAM", i32(1), "INT32"),)),
+        Malformed("QUESTION as INT32", f"'QUESTION' {dtype} 'INT32'", (("QUESTION", i32(7), "INT32"),)),
+        Malformed("IMAGE as UINT8", f"'IMAGE' {dtype} 'UINT8'",
+                  (("IMAGE", np.frombuffer(image[:64], np.uint8).reshape(1, -1).copy(), "UINT8"),)),
+        Malformed("unknown input PROMPT", "unexpected inference input 'PROMPT'", (("PROMPT", _b(b"hi"), "BYTES"),)),
+        Malformed("batch of 300, over max_batch_size", "batch-size must be <=", batch(300)),
+        Malformed("unknown model", "unknown model", (), model="faceinsight_v9"),
+        # parameters
+        Malformed("max_tokens 0", "max_tokens must be in [1, 4096], got 0", (("MAX_TOKENS", i32(0), "INT32"),)),
+        Malformed("max_tokens negative", "max_tokens must be in [1, 4096], got -5", (("MAX_TOKENS", i32(-5), "INT32"),)),
+        Malformed("max_tokens over the limit", "max_tokens must be in [1, 4096], got 5000",
+                  (("MAX_TOKENS", i32(5000), "INT32"),)),
+        Malformed("max_tokens past the context", "leaves no room for a prompt", (("MAX_TOKENS", i32(4096), "INT32"),)),
+        Malformed("temperature negative", "temperature must be in [0, 10]", (("TEMPERATURE", f32(-0.5), "FP32"),)),
+        Malformed("temperature 100", "temperature must be in [0, 10]", (("TEMPERATURE", f32(100.0), "FP32"),)),
+        Malformed("temperature NaN", "temperature must be in [0, 10]", (("TEMPERATURE", f32(float("nan")), "FP32"),)),
+        Malformed("top_p 0", "top_p must be in (0, 1]", (("TOP_P", f32(0.0), "FP32"),)),
+        Malformed("top_p 1.5", "top_p must be in (0, 1]", (("TOP_P", f32(1.5), "FP32"),)),
+        # over HTTP (generate extension, JSON)
+        Malformed("http: MAX_TOKENS not a number", "Unable to parse", http={"MAX_TOKENS": "ten"}),
+        Malformed("http: IMAGE_BASE64 not base64", "IMAGE_BASE64 is not valid base64", http={"IMAGE_BASE64": "@@@"}),
+        Malformed("http: missing question", "the question is missing", http={"QUESTION": None}),
+        Malformed("http: top_p out of range", "top_p must be in (0, 1]", http={"TOP_P": 2.0}),
+        Malformed("http: 81 Mpx PNG header", "over the 40000000-pixel bound",
+                  http={"IMAGE_BASE64": base64.b64encode(_png_header(9000, 9000)).decode()}),
+        Malformed("http: unknown model", "unknown model", http={}, model="faceinsight_v9"),
+    ]
+
+
+def good_grpc_tensors(image: bytes, question: str, max_tokens: int, stream: bool = True,
+                      temperature: float = 0.0, seed: int | None = None) -> dict[str, tuple[np.ndarray, str]]:
+    t = {"IMAGE": (_b(image), "BYTES"), "QUESTION": (_b(question.encode()), "BYTES"),
+         "MAX_TOKENS": (np.array([[max_tokens]], np.int32), "INT32"), "STREAM": (np.array([[stream]]), "BOOL")}
+    if temperature:
+        t["TEMPERATURE"] = (np.array([[temperature]], np.float32), "FP32")
+    if seed is not None:
+        t["SEED"] = (np.array([[seed]], np.int64), "INT64")
+    return t
+
+
+def apply_changes(tensors: dict, case: Malformed) -> list:
+    """The gRPC InferInputs of a good request with the case's changes applied."""
+    import tritonclient.grpc as grpcclient
+
+    tensors = dict(tensors)
+    for name, array, dtype in case.grpc:
+        if array is None:
+            tensors.pop(name, None)
+        else:
+            tensors[name] = (array, dtype)
+    inputs = []
+    for name, (array, dtype) in tensors.items():
+        t = grpcclient.InferInput(name, list(array.shape), dtype)
+        t.set_data_from_numpy(array)
+        inputs.append(t)
+    return inputs
+
+
+def malformed_inputs(case: Malformed, image: bytes) -> list:
+    """The gRPC inputs of a corpus case: the good request (4 tokens, streamed) with the case's changes."""
+    return apply_changes(good_grpc_tensors(image, QUESTIONS[0], 4), case)
+
+
+def send_malformed(case: Malformed, grpc_url: str, http_url: str, image: bytes,
+                   model: str = "faceinsight", timeout_s: float = 60.0) -> str | None:
+    """Send one corpus case; the server's error message, or None if it was accepted."""
+    model = case.model or model
+    if case.protocol == "http":
+        body = {"IMAGE_BASE64": base64.b64encode(image).decode(), "QUESTION": QUESTIONS[0], "MAX_TOKENS": 4,
+                **case.http}
+        body = {k: v for k, v in body.items() if v is not None}
+        req = urllib.request.Request(f"http://{http_url}/v2/models/{model}/generate", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as r:
+                r.read()
+            return None
+        except urllib.error.HTTPError as e:
+            text = e.read().decode(errors="replace")
+            try:
+                return json.loads(text).get("error") or text
+            except ValueError:
+                return text
+    import tritonclient.grpc as grpcclient
+
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(grpc_url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    try:
+        client.async_stream_infer(model, malformed_inputs(case, image), enable_empty_final_response=True)
+        while True:
+            result, error = responses.get(timeout=timeout_s)
+            if error is not None:
+                return error.message() if hasattr(error, "message") else str(error)
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return None
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+# ----------------------------------------------------------------------------------- the requests
+
+@dataclass
+class Record:
+    index: int
+    kind: str  # valid, malformed or cancel
+    case: str = ""  # the malformed case's name
+    expect: str = ""  # ... and the piece of its error message
+    max_tokens: int = 0
+    cancel_after: int = 0  # cancel: tokens to receive before cancelling
+    sent: float = 0.0
+    first: float | None = None
+    done: float | None = None
+    tokens: int = 0
+    finish: str = ""
+    error: str | None = None
+    outcome: str = ""  # ok, refused (malformed, as expected), cancelled (by us) or unexpected
+    error_kind: str = ""  # for unexpected: overloaded, timeout, unavailable, cancelled, wrong message, ...
+
+
+def soak_images() -> list[bytes]:
+    """The astronaut photo, three crops of it and a small flat image."""
+    from PIL import Image
+
+    from runtime.cli import DEMO_IMAGE
+
+    photo = DEMO_IMAGE.read_bytes()
+    img = Image.open(io.BytesIO(photo)).convert("RGB")
+    out = [photo]
+    for box in ((0, 0, 512, 512), (100, 0, 400, 300), (150, 20, 350, 260)):
+        buf = io.BytesIO()
+        img.crop(box).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out + [_png(64, 64)]
+
+
+def plan_requests(n: int, corpus: list[Malformed], seed: int, max_tokens: int, p_malformed: float,
+                  p_cancel: float, n_images: int) -> list[tuple[Record, dict]]:
+    """(record, request settings) for each of n requests, drawn from a seeded generator."""
+    rng = random.Random(seed)
+    grpc_cases = [c for c in corpus if c.protocol == "grpc" and c.model is None]
+    plan = []
+    for i in range(n):
+        r = rng.random()
+        settings = {"image": rng.randrange(n_images), "question": rng.choice(QUESTIONS),
+                    "temperature": rng.choice((0.0, 0.0, 0.7)), "seed": i}
+        if r < p_malformed:
+            case = grpc_cases[i % len(grpc_cases)]
+            rec = Record(i, "malformed", case.name, case.expect, max_tokens=4)
+            settings["case"] = case
+        elif r < p_malformed + p_cancel:
+            # long enough that the server is still generating when the cancellation reaches it
+            rec = Record(i, "cancel", max_tokens=max(64, 4 * max_tokens), cancel_after=rng.randint(1, 3))
+        else:
+            rec = Record(i, "valid", max_tokens=rng.randint(1, max_tokens))
+        plan.append((rec, settings))
+    return plan
+
+
+def _str(array) -> str:
+    return bytes(array.reshape(-1)[0]).decode("utf-8", "replace") if array is not None and array.size else ""
+
+
+async def run_one(client, model: str, rec: Record, inputs: list) -> None:
+    """Send one request on its own stream; fill in its record (cancelling it after cancel_after tokens)."""
+    async def requests():
+        yield {"model_name": model, "inputs": inputs, "request_id": f"soak-{rec.index}"}
+
+    rec.sent = time.perf_counter()
+    stream = client.stream_infer(requests())
+    try:
+        async for result, error in stream:
+            now = time.perf_counter()
+            if error is not None:
+                rec.error, rec.done = (error.message() if hasattr(error, "message") else str(error)), now
+                break
+            ids = result.as_numpy("TOKEN_IDS")
+            n = 0 if ids is None else int(ids.size)
+            if n:
+                rec.tokens += n
+                rec.first = rec.first if rec.first is not None else now
+            rec.finish = _str(result.as_numpy("FINISH_REASON"))
+            if rec.finish:
+                rec.done = now
+                break
+            if rec.cancel_after and rec.tokens >= rec.cancel_after:
+                rec.done = now  # cancelled by us: the stream is cancelled below
+                break
+    except Exception as e:  # noqa: BLE001 (a transport failure is an outcome to count)
+        rec.error, rec.done = f"{type(e).__name__}: {e}", time.perf_counter()
+    finally:
+        stream.cancel()
+    judge(rec)
+
+
+def judge(rec: Record) -> None:
+    """The record's outcome: what its kind of request should get, or unexpected (with the error's kind)."""
+    from runtime.client import error_kind
+
+    if rec.kind == "malformed":
+        if rec.error is not None and rec.expect in rec.error:
+            rec.outcome = "refused"
+        else:
+            rec.outcome = "unexpected"
+            rec.error_kind = ("accepted malformed" if rec.error is None
+                              else error_kind(rec.error) if error_kind(rec.error) != "error" else "wrong message")
+    elif rec.error is not None:
+        rec.outcome, rec.error_kind = "unexpected", error_kind(rec.error)
+    elif rec.kind == "cancel" and not rec.finish:
+        rec.outcome = "cancelled" if rec.done is not None else "unexpected"
+        rec.error_kind = "" if rec.done is not None else "no answer"
+    elif rec.finish in ("stop", "length") and rec.tokens <= rec.max_tokens:
+        rec.outcome = "ok"
+    else:
+        rec.outcome, rec.error_kind = "unexpected", f"finish {rec.finish or 'missing'}"
+
+
+async def run_load(url: str, model: str, plan: list[tuple[Record, dict]], images: list[bytes], concurrency: int,
+                   max_seconds: float, grace_seconds: float, progress=lambda done, total: None) -> list[Record]:
+    """Closed loop: `concurrency` workers take the next planned request until the plan or the time is spent."""
+    import tritonclient.grpc.aio as aioclient
+
+    client = aioclient.InferenceServerClient(url)
+    deadline = time.perf_counter() + max_seconds
+    started: list[Record] = []
+    it = iter(plan)
+
+    async def worker():
+        for rec, s in it:
+            if time.perf_counter() >= deadline:
+                return
+            started.append(rec)
+            if "case" in s:
+                inputs = malformed_inputs(s["case"], images[0])
+            else:
+                inputs = apply_changes(good_grpc_tensors(images[s["image"]], s["question"], rec.max_tokens, True,
+                                                         s["temperature"], s["seed"]), Malformed("valid", ""))
+            await run_one(client, model, rec, inputs)
+            progress(sum(r.done is not None for r in started), len(plan))
+
+    try:
+        tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
+        _, pending = await asyncio.wait(tasks, timeout=max_seconds + grace_seconds)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    finally:
+        await client.close()
+    for rec in started:
+        if rec.done is None:
+            rec.outcome, rec.error_kind = "unexpected", "no answer in time"
+    return started
+
+
+# ------------------------------------------------------------------------------------- the memory
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def children(pid: int) -> list[int]:
+    from runtime.serving.server import process_stat
+
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            st = process_stat(int(entry.name))
+            if st is not None and st[1] == pid and st[0] not in ("Z", "X"):
+                out.append(int(entry.name))
+    return out
+
+
+class MemorySampler(threading.Thread):
+    """Every interval: RSS of the server and each of its stub processes, and their shared-memory regions."""
+
+    def __init__(self, server_pid: int, interval_s: float = 1.0, done_count=lambda: 0):
+        super().__init__(daemon=True, name="soak-memory")
+        self.server_pid, self.interval_s, self.done_count = server_pid, interval_s, done_count
+        self.samples: list[dict] = []
+        self.t0 = time.perf_counter()
+        self._halt = threading.Event()
+
+    def sample(self) -> dict:
+        procs = {"tritonserver": rss_mb(self.server_pid) or 0.0}
+        shm = 0.0
+        for pid in children(self.server_pid):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if len(argv) > 2 and argv[0].endswith(b"triton_python_backend_stub"):
+                name = Path(argv[1].decode(errors="replace")).parts[-3]  # <repository>/<model>/<version>/model.py
+                region = Path("/dev/shm") / argv[2].decode(errors="replace")  # the stub's shared-memory region
+                try:
+                    shm += region.stat().st_blocks * 512 / 2**20
+                except OSError:
+                    pass
+            else:
+                name = f"pid {pid}"
+            procs[name] = procs.get(name, 0.0) + (rss_mb(pid) or 0.0)
+        return {"t": round(time.perf_counter() - self.t0, 2), "done": self.done_count(),
+                "rss_mb": {k: round(v, 1) for k, v in procs.items()}, "total_rss_mb": round(sum(procs.values()), 1),
+                "shm_mb": round(shm, 1)}
+
+    def run(self) -> None:
+        while True:
+            self.samples.append(self.sample())
+            if self._halt.wait(self.interval_s):
+                self.samples.append(self.sample())
+                return
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=10)
+
+
+def memory_verdict(samples: list[dict], warm_t: float) -> dict:
+    """Growth of total memory (RSS + shared memory) from the end of the warm-up to the end of the run."""
+    post = [s for s in samples if s["t"] >= warm_t] or samples[-3:]
+    total = [s["total_rss_mb"] + s["shm_mb"] for s in post]
+    head, tail = float(np.median(total[:3])), float(np.median(total[-3:]))
+    growth = tail - head
+    bound = max(0.02 * head, 64.0)
+    slope = float(np.polyfit([s["t"] for s in post], total, 1)[0]) * 60 if len(post) >= 3 else 0.0
+    return {"warmup_end_s": round(warm_t, 1), "after_warmup_mb": round(head, 1), "end_mb": round(tail, 1),
+            "peak_mb": round(max(s["total_rss_mb"] + s["shm_mb"] for s in samples), 1),
+            "start_mb": round(samples[0]["total_rss_mb"] + samples[0]["shm_mb"], 1),
+            "growth_mb": round(growth, 1), "growth_pct": round(100 * growth / head, 2) if head else None,
+            "slope_mb_per_min": round(slope, 2), "flat_bound_mb": round(bound, 1), "flat": growth < bound}
+
+
+# ------------------------------------------------------------------------------------- the report
+
+def server_metrics(metrics_url: str) -> dict[str, float]:
+    """facert_* and nv_inference_request_* lines of the metrics endpoint."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(("facert_", "nv_inference_request_success", "nv_inference_request_failure")):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def summarize(records: list[Record], before: dict, after: dict, memory: dict, settings: dict) -> dict:
+    from benchmarks.loadgen import percentiles
+
+    by = lambda kind: [r for r in records if r.kind == kind]  # noqa: E731
+    ok = [r for r in records if r.outcome == "ok"]
+    unexpected = [r for r in records if r.outcome == "unexpected"]
+    kinds: dict[str, int] = {}
+    for r in unexpected:
+        kinds[r.error_kind] = kinds.get(r.error_kind, 0) + 1
+    delta = {k: after[k] - before.get(k, 0.0) for k in after if after[k] - before.get(k, 0.0)}
+    server_tokens = sum(v for k, v in delta.items() if k.startswith("facert_generated_tokens_total"))
+    client_tokens = sum(r.tokens for r in records)
+    cancelled = [r for r in records if r.outcome == "cancelled"]
+    wall = (max(r.done for r in records if r.done) - min(r.sent for r in records)) if records else 0.0
+    return {
+        "requests": len(records), "planned": settings["requests"], "wall_s": round(wall, 1),
+        "requests_per_s": round(len(records) / wall, 2) if wall else None,
+        "mix": {k: len(by(k)) for k in ("valid", "malformed", "cancel")},
+        "outcomes": {o: sum(r.outcome == o for r in records) for o in ("ok", "refused", "cancelled", "unexpected")},
+        "unexpected_by_kind": kinds,
+        "unexpected_examples": [{"index": r.index, "kind": r.kind, "case": r.case, "error_kind": r.error_kind,
+                                 "error": (r.error or "")[:300]} for r in unexpected[:10]],
+        "valid": {**percentiles([(r.first - r.sent) * 1e3 for r in ok if r.first], "ttft_ms"),
+                  **percentiles([(r.done - r.sent) * 1e3 for r in ok], "latency_ms"),
+                  "tokens": sum(r.tokens for r in ok)},
+        "malformed": percentiles([(r.done - r.sent) * 1e3 for r in records if r.outcome == "refused"],
+                                 "refusal_ms"),
+        "cancel": {"cancelled_by_client": len(cancelled),
+                   "cancelled_on_server": sum(v for k, v in delta.items() if 'outcome="cancelled"' in k),
+                   "server_tokens": server_tokens, "client_tokens": client_tokens,
+                   "tokens_generated_but_not_received": server_tokens - client_tokens},
+        "server_metric_deltas": delta,
+        "memory": memory,
+    }
+
+
+def plot(samples: list[dict], records: list[Record], t0: float, warm_t: float, path: Path, title: str) -> Path:
+    """Memory over time (stacked per process) above the requests ended over time; t0: the sampler's start."""
+    from benchmarks.report import _pyplot
+
+    plt = _pyplot()
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    t = [s["t"] for s in samples]
+    names = sorted({k for s in samples for k in s["rss_mb"]}, key=lambda k: -samples[-1]["rss_mb"].get(k, 0))
+    stacks = [[s["rss_mb"].get(k, 0.0) for s in samples] for k in names] + [[s["shm_mb"] for s in samples]]
+    ax.stackplot(t, stacks, labels=names + ["python-backend shared memory"], alpha=0.85)
+    ax.plot(t, [s["total_rss_mb"] + s["shm_mb"] for s in samples], color="black", lw=1, label="total")
+    ax.axvline(warm_t, color="gray", ls="--", lw=1, label="end of warm-up")
+    ax.set_ylabel("resident memory, MB")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    ax.grid(alpha=0.3)
+    for outcome, color in (("ok", "tab:green"), ("refused", "tab:orange"), ("cancelled", "tab:blue"),
+                           ("unexpected", "tab:red")):
+        done = sorted(r.done - t0 for r in records if r.outcome == outcome and r.done)
+        if done:
+            bx.step(done, range(1, len(done) + 1), where="post", color=color, label=f"{outcome} ({len(done)})")
+    bx.axvline(warm_t, color="gray", ls="--", lw=1)
+    bx.set_xlabel("seconds since the sampler started")
+    bx.set_ylabel("requests ended")
+    bx.legend(fontsize=8, loc="upper left")
+    bx.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def markdown(record: dict, s: dict) -> str:
+    from benchmarks.report import md_table
+
+    st, m = record["settings"], s["memory"]
+    lines = [f"# Soak: {s['requests']} streamed requests at concurrency {st['concurrency']}", "",
+             f"- command: `{record['command']}`", f"- date: {record['date']}, git {record['git']}",
+             f"- machine: {record['machine']['cpu']}, {record['machine']['cores']} cores"
+             + (f" ({record['machine']['shared']})" if record['machine'].get('shared') else ""),
+             f"- model: {st['model_note']}",
+             f"- server: tritonserver {record['versions'].get('tritonserver', '?')}, max_batch_size "
+             f"{st['max_batch']}, max_queue_size {st['max_queue_size']}, queue timeout {st['queue_timeout_ms']} ms",
+             f"- mix: {s['mix']['valid']} valid (1..{st['max_tokens']} tokens), {s['mix']['malformed']} malformed "
+             f"(the {st['corpus_grpc_cases']} gRPC cases of the corpus in turn), {s['mix']['cancel']} cancelled by the "
+             f"client after 1-3 tokens; seed {st['seed']}",
+             f"- wall time {s['wall_s']} s, {s['requests_per_s']} requests/s", "",
+             "## Outcomes", "",
+             md_table(["outcome", "requests"], [[k, v] for k, v in s["outcomes"].items()]), "",
+             f"**Unexpected errors: {s['outcomes']['unexpected']}**"
+             + (" (by kind: " + ", ".join(f"{k} {v}" for k, v in s["unexpected_by_kind"].items()) + ")"
+                if s["unexpected_by_kind"] else ""), "",
+             "## Latency (ms)", "",
+             md_table(["", "p50", "p90", "p99"],
+                      [["valid: time to first token"] + [s["valid"][f"ttft_ms_p{p}"] for p in (50, 90, 99)],
+                       ["valid: whole answer"] + [s["valid"][f"latency_ms_p{p}"] for p in (50, 90, 99)],
+                       ["malformed: refusal"] + [s["malformed"][f"refusal_ms_p{p}"] for p in (50, 90, 99)]]), "",
+             "## Cancellation, counted on the server", "",
+             f"- cancelled by the client: {s['cancel']['cancelled_by_client']}; stopped as cancelled by the llm "
+             f"step: {s['cancel']['cancelled_on_server']} (the others had finished before the cancellation "
+             f"reached it)",
+             f"- tokens generated on the server {s['cancel']['server_tokens']:.0f}, received by clients "
+             f"{s['cancel']['client_tokens']}: {s['cancel']['tokens_generated_but_not_received']:.0f} generated "
+             f"after a client had cancelled", "",
+             "## Memory (RSS of tritonserver and its stubs + python-backend shared memory)", "",
+             md_table(["start", "after warm-up", "end", "peak", "growth after warm-up", "slope", "verdict"],
+                      [[f"{m['start_mb']:.0f} MB", f"{m['after_warmup_mb']:.0f} MB", f"{m['end_mb']:.0f} MB",
+                        f"{m['peak_mb']:.0f} MB", f"{m['growth_mb']:+.1f} MB ({m['growth_pct']:+.2f} %)",
+                        f"{m['slope_mb_per_min']:+.2f} MB/min",
+                        f"{'flat' if m['flat'] else 'GROWING'} (bound {m['flat_bound_mb']:.0f} MB)"]]), "",
+             f"Warm-up: the first {st['warmup']} requests (ended at {m['warmup_end_s']} s). Plot: soak.png.", ""]
+    if s["unexpected_examples"]:
+        lines += ["## Unexpected errors (first 10)", "",
+                  md_table(["#", "kind", "case", "error kind", "message"],
+                           [[e["index"], e["kind"], e["case"], e["error_kind"], e["error"][:120]]
+                            for e in s["unexpected_examples"]]), ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    from benchmarks.loadgen import LoadError, check_loopback
+    from benchmarks.report import _jsonable, new_record, results_dir
+    from runtime.serving.repo import DEFAULT_MAX_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT_MS
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--max-seconds", type=float, default=1800.0, help="stop handing out requests after this")
+    ap.add_argument("--grace-seconds", type=float, default=120.0)
+    ap.add_argument("--max-tokens", type=int, default=24, help="valid requests ask for 1..this many tokens")
+    ap.add_argument("--malformed", type=float, default=0.2, help="share of malformed requests (default 0.2)")
+    ap.add_argument("--cancel", type=float, default=0.1, help="share of requests cancelled by the client (0.1)")
+    ap.add_argument("--warmup", type=int, default=100, help="requests before memory is judged (default 100)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sample-seconds", type=float, default=1.0)
+    ap.add_argument("--checkpoint", help="checkpoint to serve (default: the tiny one, built in a temp dir)")
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-queue-size", type=int, default=DEFAULT_MAX_QUEUE_SIZE)
+    ap.add_argument("--queue-timeout-ms", type=int, default=DEFAULT_QUEUE_TIMEOUT_MS)
+    ap.add_argument("--url", help="soak a running server instead (gRPC HOST:PORT, loopback only)")
+    ap.add_argument("--server-pid", type=int, help="with --url: the tritonserver's pid (for its memory)")
+    ap.add_argument("--metrics-url", help="with --url: its metrics endpoint (default: port + 1)")
+    ap.add_argument("--out", help="results folder (default benchmarks/results/<date>-cpu-<machine>)")
+    ap.add_argument("--shared", help="note when the machine was shared with other work")
+    args = ap.parse_args(argv)
+    say = lambda m: print(f"[soak] {m}", file=sys.stderr, flush=True)  # noqa: E731
+
+    images = soak_images()
+    corpus = malformed_corpus(images[0])
+    server, tmp = None, None
+    try:
+        if args.url:
+            if args.server_pid is None:
+                ap.error("--url needs --server-pid (the memory of that process and its children is watched)")
+            url = check_loopback(args.url)
+            host, _, port = url.rpartition(":")
+            metrics_url = args.metrics_url or f"http://{host}:{int(port) + 1}/metrics"
+            server_pid, model_note = args.server_pid, f"the server at {url}"
+        else:
+            from runtime.checkpoint import init_checkpoint
+            from runtime.serving.repo import fill_repository
+            from runtime.serving.server import TritonServer, free_ports
+
+            tmp = tempfile.TemporaryDirectory(prefix="facert-soak-")
+            checkpoint = args.checkpoint
+            if checkpoint is None:
+                checkpoint = init_checkpoint("tiny", Path(tmp.name) / "tiny", seed=0, progress=lambda *a: None)
+                model_note = "the tiny test checkpoint (seeded random weights; 2 shared cores do not fit the demo model's 1,000 requests)"
+            else:
+                model_note = f"checkpoint {checkpoint}"
+            repo = Path(tmp.name) / "repository"
+            fill_repository(repo, checkpoint=checkpoint, max_batch_size=args.max_batch,
+                            max_queue_size=args.max_queue_size, queue_timeout_ms=args.queue_timeout_ms)
+            http, grpc, metrics = free_ports(3)
+            log_lines: list[str] = []
+            server = TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, log=log_lines.append,
+                                  provision_log=say, say=say)
+            say(f"starting tritonserver on {repo}")
+            server.start(timeout_s=600)
+            url, metrics_url, server_pid = server.grpc_url, server.metrics_url, server.proc.pid
+        from runtime.client import find_model
+
+        model = find_model(url)
+        plan = plan_requests(args.requests, corpus, args.seed, args.max_tokens, args.malformed, args.cancel,
+                             len(images))
+        settings = {"requests": args.requests, "concurrency": args.concurrency, "max_seconds": args.max_seconds,
+                    "max_tokens": args.max_tokens, "malformed_share": args.malformed, "cancel_share": args.cancel,
+                    "warmup": args.warmup, "seed": args.seed, "max_batch": args.max_batch,
+                    "max_queue_size": args.max_queue_size, "queue_timeout_ms": args.queue_timeout_ms,
+                    "corpus_grpc_cases": sum(c.protocol == "grpc" and c.model is None for c in corpus),
+                    "model": model, "model_note": model_note}
+        record = new_record("soak", shared=args.shared, settings=settings)
+        before = server_metrics(metrics_url)
+        done = [0]
+        sampler = MemorySampler(server_pid, args.sample_seconds, lambda: done[0])
+        sampler.start()
+        last = [0.0]
+
+        def progress(n, total):
+            done[0] = n
+            if time.perf_counter() - last[0] > 10:
+                last[0] = time.perf_counter()
+                say(f"{n}/{total} requests done, server {sampler.samples[-1]['total_rss_mb']:.0f} MB")
+
+        say(f"{args.requests} requests at concurrency {args.concurrency} against {model} at {url}")
+        try:
+            records = asyncio.run(run_load(url, model, plan, images, args.concurrency, args.max_seconds,
+                                           args.grace_seconds, progress))
+        finally:
+            sampler.stop()
+        time.sleep(1.0)  # the last cancellations reach the llm step
+        after = server_metrics(metrics_url)
+    except LoadError as e:
+        print(f"soak: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if server is not None:
+            server.stop()
+        if tmp is not None:
+            tmp.cleanup()
+
+    ends = sorted(r.done for r in records if r.done)
+    t_offset = sampler.t0
+    warm_t = (ends[min(args.warmup, len(ends)) - 1] - t_offset) if ends else 0.0
+    memory = memory_verdict(sampler.samples, warm_t)
+    summary = summarize(records, before, after, memory, settings)
+    record.update(summary=summary, memory_samples=sampler.samples,
+                  requests=[{k: v for k, v in r.__dict__.items()} for r in records])
+    out = Path(args.out) if args.out else results_dir("cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "soak.json").write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
+    (out / "soak.md").write_text(markdown(record, summary))
+    plot(sampler.samples, records, t_offset, warm_t, out / "soak.png",
+         f"{summary['requests']} requests, concurrency {args.concurrency}: {summary['outcomes']}")
+    say(f"wrote {out}/soak.json, soak.md, soak.png")
+    print(markdown(record, summary))
+    return 0 if summary["outcomes"]["unexpected"] == 0 and memory["flat"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
