@@ -15,8 +15,8 @@ It runs in streaming mode (the ensemble's LLM step is decoupled, so only gRPC st
 with `--measurement-mode count_windows` (time windows rarely stabilise on a 2-core machine), on
 one request's worth of real input: the image, the question, MAX_TOKENS, STREAM=true. It reports
 requests/s and request latency percentiles from its CSV and, from its profile export, time to
-first response, inter-response gaps and responses per request. When perf_analyzer cannot run here, `PerfAnalyzerUnavailable`
-says why and the caller records a skip.
+first response, inter-response gaps and responses per request. When perf_analyzer cannot run
+here, `PerfAnalyzerUnavailable` says why and the caller records a skip.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def provision(tools: Path | None = None, log=print) -> tuple[Path, Path]:
                 raise PerfAnalyzerUnavailable(f"pip could not download {WHEEL}: {(r.stderr or r.stdout)[-500:]}")
         with zipfile.ZipFile(found[-1]) as zf:
             if WHEEL_BINARY not in zf.namelist():
-                raise PerfAnalyzerUnavailable(f"{found[-1].name} holds no {WHEEL_BINARY} (not a manylinux x86_64 wheel?)")
+                raise PerfAnalyzerUnavailable(f"{found[-1].name} holds no {WHEEL_BINARY} (not manylinux x86_64?)")
             binary.parent.mkdir(parents=True, exist_ok=True)
             with zf.open(WHEEL_BINARY) as src, open(binary, "wb") as dst:
                 shutil.copyfileobj(src, dst)

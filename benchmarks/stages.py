@@ -180,7 +180,8 @@ def _median_ms(runs: list[dict], key: str) -> float:
 
 
 def measure(runners: dict[str, Callable[[int], dict]], n: int, repeats: int,
-            warmup_tokens: dict[str, int] | None = None, log: Callable[[str], None] = lambda m: None) -> dict[str, dict]:
+            warmup_tokens: dict[str, int] | None = None,
+            log: Callable[[str], None] = lambda m: None) -> dict[str, dict]:
     """Medians (ms) per backend of runner(n): a warm-up each, then `repeats` rounds in which every
     backend runs once. The warm-up is short (2 tokens: the prefill shape and the decode step,
     without the full decode) unless `warmup_tokens` names a length for that backend."""
@@ -240,8 +241,14 @@ def peer_error(variant: str, pipe, image: bytes, n: int) -> str | None:
 
 def run_stages(ort_pipe, torch_pipe, image: bytes, batches: list[int], n: int, repeats: int,
                peers: tuple[str, ...] = ("transformers",), peer_batches: dict[str, list[int]] | None = None,
+               max_spread: float | None = None, max_attempts: int = 1, retry_until: float | None = None,
                log: Callable[[str], None] = lambda m: None) -> dict:
     """Stage and end-to-end rows for every batch; peers beyond the first may be limited to some batches.
+
+    On a shared machine another process can stall some rounds. With `max_spread`, a batch whose
+    rounds disagree by more than that (max/min end-to-end time of any backend) is measured again,
+    up to `max_attempts` in all and while time.perf_counter() < `retry_until`; the attempt whose
+    rounds agree best is kept and its row says how many attempts there were.
 
     Returns {"stages": rows, "requests": rows, "peer_errors": {variant: message},
     "peer_first_call_s": {variant: seconds of its first request (for compile: the compile)}}.
@@ -270,9 +277,21 @@ def run_stages(ort_pipe, torch_pipe, image: bytes, batches: list[int], n: int, r
                 continue
             runners[variant] = lambda k, v=variant: run_transformers(torch_pipe, images, k, v)
         log(f"batch {b}: {', '.join(runners)}")
-        # a compiled static cache is shaped by prompt + new tokens: warm it up at the measured length
-        measured = measure(runners, n, repeats, warmup_tokens={"transformers-compile": n}, log=log)
-        s, r = to_rows(b, n, measured)
+        best, attempts = None, 0
+        while True:
+            # a compiled static cache is shaped by prompt + new tokens: warm it up at the measured length
+            measured = measure(runners, n, repeats, warmup_tokens={"transformers-compile": n}, log=log)
+            attempts += 1
+            worst = max(max(m["end_to_end_runs_ms"]) / min(m["end_to_end_runs_ms"]) for m in measured.values())
+            if best is None or worst < best[0]:
+                best = (worst, measured)
+            if (max_spread is None or worst <= max_spread or attempts >= max_attempts
+                    or (retry_until is not None and time.perf_counter() >= retry_until)):
+                break
+            log(f"batch {b}: the rounds disagree (max/min {worst:.2f} > {max_spread}): measuring it again")
+        s, r = to_rows(b, n, best[1])
+        for row in r:
+            row["attempts"] = attempts
         stage_rows += s
         request_rows += r
     return {"stages": stage_rows, "requests": request_rows, "peer_errors": errors, "peer_first_call_s": first_call}
@@ -341,8 +360,8 @@ def _ratio(num, den) -> str | None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
     return run(ap.parse_args(argv))
 
