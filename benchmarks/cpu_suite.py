@@ -34,41 +34,46 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import loadgen, perf_analyzer  # noqa: E402
-from benchmarks.report import md_table, new_record, results_dir, write_results  # noqa: E402
+from benchmarks.report import load_average, md_table, new_record, results_dir, write_results  # noqa: E402
 from benchmarks.stages import (  # noqa: E402
     QUESTION, ensure_model, open_pipelines, parse_list, run_stages, stage_markdown,
 )
 
 PHASES = ("serve", "perf_analyzer", "stages", "compile")
-# Rough cost of the phases on a quiet 2-core machine (s): an optional phase is skipped when it and
-# what must still run after it would not fit in the budget.
-PHASE_ESTIMATE_S = {"perf_analyzer": 60, "stages": 150, "compile": 120}
+# Rough cost of the optional phases on a quiet 2-core machine (s): skipped when they would not fit.
+PHASE_ESTIMATE_S = {"perf_analyzer": 40, "compile": 120}
+# The server phase (start, load levels, perf_analyzer) gets this share of the budget; the stages the rest.
+SERVE_SHARE = 0.4
+REPORT_S = 15  # writing the results at the end
 
 
 def log(message: str) -> None:
     print(f"[cpu suite {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def load_server(url: str, args, image: bytes, run_perf_analyzer: bool, remaining) -> dict:
-    """The load generator (and perf_analyzer, if the budget leaves room) against the server at `url`."""
+def load_server(url: str, args, image: bytes, run_perf_analyzer: bool, stop_at: float) -> dict:
+    """The load generator, then perf_analyzer if there is time, against the server at `url`, until `stop_at`."""
     out: dict = {"serve": [], "perf_analyzer": [], "perf_analyzer_skipped": None}
     out["serve"] = loadgen.sweep(url, args.concurrency_levels, image, QUESTION, args.max_new_tokens,
-                                 requests_per_level=args.requests, max_seconds=args.level_seconds, log=log)
-    if run_perf_analyzer and remaining() < PHASE_ESTIMATE_S["perf_analyzer"] + PHASE_ESTIMATE_S["stages"]:
-        need = PHASE_ESTIMATE_S["perf_analyzer"] + PHASE_ESTIMATE_S["stages"]
-        out["perf_analyzer_skipped"] = f"{remaining():.0f} s of the budget left; perf_analyzer + stages take {need} s"
+                                 requests_per_level=args.requests, max_seconds=args.level_seconds, stop_at=stop_at,
+                                 log=log)
+    left = stop_at - time.perf_counter()
+    if run_perf_analyzer and left < PHASE_ESTIMATE_S["perf_analyzer"]:
+        out["perf_analyzer_skipped"] = (f"{max(left, 0):.0f} s of the server phase's time left, it takes about "
+                                        f"{PHASE_ESTIMATE_S['perf_analyzer']} s")
         log(f"perf_analyzer skipped: {out['perf_analyzer_skipped']}")
     elif run_perf_analyzer:
         try:
             out["perf_analyzer"] = perf_analyzer.run(url, args.pa_levels, image, QUESTION, args.max_new_tokens,
-                                                     requests_per_window=args.pa_window, log=log)
+                                                     requests_per_window=args.pa_window,
+                                                     timeout_s=left / len(args.pa_levels), log=log)
         except perf_analyzer.PerfAnalyzerUnavailable as e:
             out["perf_analyzer_skipped"] = str(e)
             log(f"perf_analyzer skipped: {e}")
     return out
 
 
-def serve_phase(engines: Path, args, image: bytes, run_perf_analyzer: bool, work: Path, remaining) -> dict:
+def serve_phase(engines: Path, args, image: bytes, run_perf_analyzer: bool, work: Path, stop_at: float) -> dict:
     """Fill a repository from the engines, start tritonserver on loopback, load it, stop it."""
     from runtime.serving.repo import fill_repository
     from runtime.serving.server import TritonServer, free_ports
@@ -85,7 +90,7 @@ def serve_phase(engines: Path, args, image: bytes, run_perf_analyzer: bool, work
     start_s = round(time.perf_counter() - t0, 2)
     log(f"tritonserver ready in {start_s} s at {server.grpc_url}")
     try:
-        out = load_server(server.grpc_url, args, image, run_perf_analyzer, remaining)
+        out = load_server(server.grpc_url, args, image, run_perf_analyzer, stop_at)
     finally:
         server.stop()
     return dict(out, server_start_s=start_s)
@@ -146,6 +151,8 @@ def markdown(record: dict, tables: dict) -> str:
         f"- wall time: {record['wall_s']:.0f} s ({', '.join(f'{k} {x:.0f} s' for k, x in record['phase_s'].items())})",
         "",
     ]
+    if record.get("completed") != "all":
+        lines += [f"**Partial results**: the run had completed these phases: {record.get('completed')}.", ""]
     summary = summary_table(tables)
     if summary:
         lines += ["## Summary", "",
@@ -247,6 +254,18 @@ def run(args) -> int:
     def remaining() -> float:
         return args.budget_s - (time.perf_counter() - t_start)
 
+    out = Path(args.out) if args.out else results_dir("cpu-suite")
+
+    def finish(done: str) -> None:
+        """Write what there is so far (a run stopped later still leaves its results)."""
+        record["completed"] = done
+        record["settings"].setdefault("prompt_tokens", None)
+        record["skipped"] = skipped
+        record["phase_s"] = {k: round(x, 1) for k, x in phase_s.items()}
+        record["wall_s"] = round(time.perf_counter() - t_start, 1)
+        record["load_average_end"] = load_average()
+        write_results(out, record, tables, markdown=markdown(record, tables))
+
     ckpt = engines = None
     if "stages" not in skip or ("serve" not in skip and not args.url):
         t0 = time.perf_counter()
@@ -258,63 +277,63 @@ def run(args) -> int:
     else:
         t0 = time.perf_counter()
         run_pa = "perf_analyzer" not in skip
+        share = SERVE_SHARE if "stages" not in skip else 1.0
+        stop_at = t0 + remaining() * share - (0 if "stages" not in skip else REPORT_S)
         try:
             if args.url:
-                served = dict(load_server(args.url, args, image, run_pa, remaining), server_start_s=None)
+                served = dict(load_server(args.url, args, image, run_pa, stop_at), server_start_s=None)
             else:
-                served = serve_phase(engines, args, image, run_pa, work, remaining)
+                served = serve_phase(engines, args, image, run_pa, work, stop_at)
         except (ServerError, RepositoryError, loadgen.LoadError) as e:
             print(f"cpu suite: error: the server phase failed: {e}", file=sys.stderr)
             return 2
         tables["serve"], tables["perf_analyzer"] = served["serve"], served["perf_analyzer"]
         record["server_start_s"] = served["server_start_s"]
         record["perf_analyzer_skipped"] = served["perf_analyzer_skipped"] or ("--skip" if not run_pa else None)
+        left_out = [c for c in args.concurrency_levels if c not in {r["concurrency"] for r in served["serve"]}]
+        if left_out:
+            skipped["serve"] = f"concurrency {left_out}: out of the server phase's time"
         phase_s["serve"] = time.perf_counter() - t0
+        finish("serve")
 
     if "stages" not in skip:
         t0 = time.perf_counter()
         ort_pipe, torch_pipe = open_pipelines(ckpt, engines, args.threads)
         peers = ("transformers", "transformers-static")
-        # leave the compile phase its time; until then, re-measure a batch whose rounds disagree
+        stop_at = t0 + remaining() - REPORT_S
+        # re-measure a batch whose rounds disagree while that leaves the compile phase its time
         res = run_stages(ort_pipe, torch_pipe, image, batches, args.max_new_tokens, args.repeats, peers=peers,
                          peer_batches={"transformers-static": batches[:1]}, max_spread=args.max_spread,
-                         max_attempts=3, retry_until=time.perf_counter() + remaining() - PHASE_ESTIMATE_S["compile"],
-                         log=log)
+                         max_attempts=3, retry_until=stop_at - PHASE_ESTIMATE_S["compile"], stop_at=stop_at, log=log)
         phase_s["stages"] = time.perf_counter() - t0
+        if res["skipped_batches"]:
+            skipped["stages"] = f"batches {res['skipped_batches']}: out of the budget"
+        tables["stages"], tables["requests"] = res["stages"], res["requests"]
+        tables["peer"] = peer_rows(res["requests"])
+        record["peer_errors"], record["peer_first_call_s"] = res["peer_errors"], res["peer_first_call_s"]
+        record["settings"]["prompt_tokens"] = res["requests"][0]["prompt_tokens"] if res["requests"] else None
+        finish("serve, stages" if "serve" not in skip else "stages")
         if "compile" in skip:
             skipped["compile"] = "--skip"
-        elif remaining() < PHASE_ESTIMATE_S["compile"]:
+        elif remaining() - REPORT_S < PHASE_ESTIMATE_S["compile"]:
             skipped["compile"] = f"{remaining():.0f} s of the budget left, it takes {PHASE_ESTIMATE_S['compile']} s"
         else:
             t0 = time.perf_counter()
             comp = run_stages(None, torch_pipe, image, batches[:1], args.max_new_tokens, args.repeats,
                               peers=("transformers-compile",), log=log)
             # its own rounds also timed torch again: keep only the compiled peer's rows
-            res["stages"] += [r for r in comp["stages"] if r["backend"] == "transformers-compile"]
-            res["requests"] += [r for r in comp["requests"] if r["backend"] == "transformers-compile"]
-            res["peer_errors"].update(comp["peer_errors"])
-            res["peer_first_call_s"].update(comp["peer_first_call_s"])
+            tables["stages"] += [r for r in comp["stages"] if r["backend"] == "transformers-compile"]
+            tables["requests"] += [r for r in comp["requests"] if r["backend"] == "transformers-compile"]
+            record["peer_errors"].update(comp["peer_errors"])
+            record["peer_first_call_s"].update(comp["peer_first_call_s"])
             phase_s["compile"] = time.perf_counter() - t0
         del ort_pipe, torch_pipe
         gc.collect()
-        tables["stages"], tables["requests"] = res["stages"], res["requests"]
-        tables["peer"] = peer_rows(res["requests"])
-        record["peer_errors"], record["peer_first_call_s"] = res["peer_errors"], res["peer_first_call_s"]
-        record["settings"]["prompt_tokens"] = res["requests"][0]["prompt_tokens"]
     else:
         skipped["stages"] = skipped["compile"] = "--skip"
 
-    record["settings"].setdefault("prompt_tokens", None)
-    record["skipped"] = skipped
-    record["phase_s"] = {k: round(x, 1) for k, x in phase_s.items()}
-    record["wall_s"] = round(time.perf_counter() - t_start, 1)
-    from benchmarks.report import load_average
-
-    record["load_average_end"] = load_average()
-    out = Path(args.out) if args.out else results_dir("cpu-suite")
-    md = markdown(record, tables)
-    write_results(out, record, tables, markdown=md)
-    print(md)
+    finish("all")
+    print(markdown(record, tables))
     log(f"wrote {out} in {record['wall_s']:.0f} s")
     return 0
 

@@ -205,17 +205,22 @@ async def run_level(url: str, concurrency: int, max_requests: int, max_seconds: 
 
 def sweep(url: str, concurrencies: list[int], image: bytes, question: str, max_tokens: int = 16,
           requests_per_level: int | None = None, max_seconds: float = 60.0, warmup: int = 1,
-          log=lambda m: None) -> list[dict]:
+          stop_at: float | None = None, log=lambda m: None) -> list[dict]:
     """Every concurrency level in turn (each its own bounded run), after `warmup` unmeasured requests.
 
     requests_per_level: None means 2 x concurrency + 2 (every user gets at least two requests).
+    stop_at: a time.perf_counter() deadline: no level starts after it, none hands out requests past it.
     """
     rows = []
     if warmup:
         asyncio.run(run_level(url, 1, warmup, max_seconds, image, question, max_tokens))
     for c in concurrencies:
+        seconds = max_seconds if stop_at is None else min(max_seconds, stop_at - time.perf_counter())
+        if seconds <= 0:
+            log(f"concurrency {c}: skipped, out of time")
+            continue
         n = requests_per_level if requests_per_level is not None else 2 * c + 2
-        row = asyncio.run(run_level(url, c, n, max_seconds, image, question, max_tokens))
+        row = asyncio.run(run_level(url, c, n, seconds, image, question, max_tokens))
         log(f"concurrency {c}: {row['requests']} requests ({row['errors']} errors, {row['timed_out']} timed out), "
             f"TTFT p50 {row['ttft_ms_p50']} ms, {row['requests_per_s']} req/s, {row['output_tokens_per_s']} tok/s")
         rows.append(row)

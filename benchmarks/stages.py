@@ -242,16 +242,19 @@ def peer_error(variant: str, pipe, image: bytes, n: int) -> str | None:
 def run_stages(ort_pipe, torch_pipe, image: bytes, batches: list[int], n: int, repeats: int,
                peers: tuple[str, ...] = ("transformers",), peer_batches: dict[str, list[int]] | None = None,
                max_spread: float | None = None, max_attempts: int = 1, retry_until: float | None = None,
-               log: Callable[[str], None] = lambda m: None) -> dict:
+               stop_at: float | None = None, log: Callable[[str], None] = lambda m: None) -> dict:
     """Stage and end-to-end rows for every batch; peers beyond the first may be limited to some batches.
 
     On a shared machine another process can stall some rounds. With `max_spread`, a batch whose
     rounds disagree by more than that (max/min end-to-end time of any backend) is measured again,
     up to `max_attempts` in all and while time.perf_counter() < `retry_until`; the attempt whose
     rounds agree best is kept and its row says how many attempts there were.
+    With `stop_at` (a time.perf_counter() deadline), a batch is skipped when the last one's time,
+    scaled by the batch ratio, would run past it.
 
     Returns {"stages": rows, "requests": rows, "peer_errors": {variant: message},
-    "peer_first_call_s": {variant: seconds of its first request (for compile: the compile)}}.
+    "peer_first_call_s": {variant: seconds of its first request (for compile: the compile)},
+    "skipped_batches": [batch sizes left out for time]}.
     """
     peer_batches = peer_batches or {}
     stage_rows, request_rows, errors, first_call = [], [], {}, {}
@@ -266,7 +269,15 @@ def run_stages(ort_pipe, torch_pipe, image: bytes, batches: list[int], n: int, r
             else:
                 first_call[variant] = round(time.perf_counter() - t0, 2)
                 log(f"{variant}: first call {first_call[variant]} s")
+    skipped, last = [], None  # last: (batch, seconds it took)
     for b in batches:
+        if stop_at is not None:
+            expected = 0.0 if last is None else last[1] * b / last[0]
+            if time.perf_counter() + expected > stop_at:
+                log(f"batch {b}: skipped, it would not finish in time (about {expected:.0f} s)")
+                skipped.append(b)
+                continue
+        t_batch = time.perf_counter()
         images = [image] * b
         runners: dict[str, Callable[[int], dict]] = {}
         if ort_pipe is not None:
@@ -294,7 +305,9 @@ def run_stages(ort_pipe, torch_pipe, image: bytes, batches: list[int], n: int, r
             row["attempts"] = attempts
         stage_rows += s
         request_rows += r
-    return {"stages": stage_rows, "requests": request_rows, "peer_errors": errors, "peer_first_call_s": first_call}
+        last = (b, (time.perf_counter() - t_batch) / attempts)
+    return {"stages": stage_rows, "requests": request_rows, "peer_errors": errors, "peer_first_call_s": first_call,
+            "skipped_batches": skipped}
 
 
 def ensure_model(work: Path, spec: str = "demo", log: Callable[[str], None] = lambda m: None) -> tuple[Path, Path]:
