@@ -52,7 +52,6 @@ PROMPT_TABLE_DTYPES = {"TYPE_FP16": torch.float16, "TYPE_BF16": torch.bfloat16, 
 
 @dataclass
 class Active:
-    request: object
     sender: object
     ids: torch.Tensor  # [1, T] prompt ids, placeholders >= vocab_size included
     table: torch.Tensor  # [1, P, D] image rows then seg rows
@@ -60,9 +59,9 @@ class Active:
     stream: bool
     timings: dict
     probs: np.ndarray | None
+    cancel_flags: CancelFlags
     deadline: float | None = None  # time.time() after which generation stops (the request's timeout)
     timeout_ms: float = 0.0
-    cancel_flags: CancelFlags | None = None
     key: str = field(default_factory=lambda: uuid.uuid4().hex)  # CANCEL_KEY: names this request to postprocessing
     ended: str = ""  # why generation was stopped early: "cancelled" or "timeout"
     emitted: list = field(default_factory=list)
@@ -78,10 +77,10 @@ class Active:
 
 
 class TritonPythonModel(Step):
+    parts = ("llm",)
+
     def wants_pipeline(self) -> bool:
         return self.params.get("llm_backend") != "tensorrtllm"
-
-    parts = ("llm",)
 
     def setup(self):
         self.has_attributes = "ATTRIBUTE_PROBS_OUT" in self.output_names
@@ -100,7 +99,8 @@ class TritonPythonModel(Step):
         self.cancel_flags = CancelFlags()
         self.timing_inputs = [n for n in self.input_names if n.endswith("_MS")]
         if self.pipe is not None:
-            self.tokenizer, self.vocab_size, self.eos_ids = self.pipe.tokenizer, self.pipe.c.vocab_size, self.pipe.eos_token_ids
+            self.tokenizer, self.vocab_size = self.pipe.tokenizer, self.pipe.c.vocab_size
+            self.eos_ids = self.pipe.eos_token_ids
         else:  # tensorrtllm: the tokenizer and vocabulary size come from the engines folder
             from runtime.tokenizer import load_tokenizer
 
@@ -123,13 +123,13 @@ class TritonPythonModel(Step):
         probs = x["ATTRIBUTE_PROBS"][:1].astype(np.float32) if "ATTRIBUTE_PROBS" in x else None
         timeout_us = request.timeout()  # 0: none
         deadline = gen["received_at"] + timeout_us / 1e6 if timeout_us else None
-        return Active(request, request.get_response_sender(), ids, torch.from_numpy(table), params, gen["stream"],
-                      timings, probs, deadline, timeout_us / 1e3, self.cancel_flags)
+        return Active(request.get_response_sender(), ids, torch.from_numpy(table), params, gen["stream"], timings,
+                      probs, self.cancel_flags, deadline, timeout_us / 1e3)
 
     def _response(self, a: Active, text: str, token_ids, finish: str = "", timings: dict | None = None, probs=None):
         out = {"TEXT": bytes_tensor([text]), "TOKEN_IDS": np.array([token_ids], np.int64).reshape(1, -1),
-               "FINISH_REASON": bytes_tensor([finish]), "TIMINGS": bytes_tensor([json.dumps(timings) if timings else ""]),
-               "CANCEL_KEY": bytes_tensor([a.key])}
+               "FINISH_REASON": bytes_tensor([finish]),
+               "TIMINGS": bytes_tensor([json.dumps(timings) if timings else ""]), "CANCEL_KEY": bytes_tensor([a.key])}
         if self.has_attributes:
             out["ATTRIBUTE_PROBS_OUT"] = probs if probs is not None else np.zeros((1, 0), np.float32)
         return make_response(out)
@@ -151,7 +151,7 @@ class TritonPythonModel(Step):
             pass
 
     def _finish(self, a: Active, tokens: list[int], reason: str, prefill_s: float, decode_s: float) -> None:
-        if a.ended == "cancelled":  # Triton's own code for it, as its schedulers use
+        if a.ended == "cancelled":  # with Triton's code for a cancelled request
             error = pb_utils.TritonError(f"request cancelled by the client after {len(tokens)} generated tokens",
                                          pb_utils.TritonError.CANCELLED)
             self._fail(a, pb_utils.InferenceResponse(error=error), "cancelled")
