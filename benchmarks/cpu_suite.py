@@ -137,7 +137,9 @@ def summary_table(tables: dict, peer: str = "transformers") -> str | None:
 
 def markdown(record: dict, tables: dict) -> str:
     m, v, s = record["machine"], record["versions"], record["settings"]
-    lines = [f"# CPU suite, demo model — {record['date'][:10]}", "",
+    model = ("demo (SmolLM2-135M-Instruct LLM, fp32; seeded random vision tower, parser, seg branch, attribute head)"
+             if s["spec"] == "demo" else f"{s['spec']} (seeded random weights)")
+    lines = [f"# CPU suite, {s['spec']} model — {record['date'][:10]}", "",
              f"- command: `{record['command']}` (git {record['git']})",
              f"- machine: {m['cpu']}, {m['cores']} cores, {m['platform']} (id {m['id']}); load average "
              f"{m['load_average']} at the start, {record.get('load_average_end')} at the end"]
@@ -145,8 +147,7 @@ def markdown(record: dict, tables: dict) -> str:
         lines.append(f"- **shared machine**: {m['shared']}")
     lines += [
         "- versions: " + ", ".join(f"{k} {x}" for k, x in v.items()),
-        f"- model: demo (SmolLM2-135M-Instruct LLM, fp32; seeded random vision tower, parser, seg branch, attribute "
-        f"head); one image ({s['image']}), one question, {s['prompt_tokens']} prompt tokens, "
+        f"- model: {model}; one image ({s['image']}), one question, {s['prompt_tokens']} prompt tokens, "
         f"{s['max_new_tokens']} new tokens (greedy)",
         f"- wall time: {record['wall_s']:.0f} s ({', '.join(f'{k} {x:.0f} s' for k, x in record['phase_s'].items())})",
         "",
@@ -228,6 +229,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from runtime.cli import DEMO_IMAGE
+    from runtime.client import RemoteError
     from runtime.serving.repo import RepositoryError
     from runtime.serving.server import ServerError
 
@@ -284,7 +286,7 @@ def run(args) -> int:
                 served = dict(load_server(args.url, args, image, run_pa, stop_at), server_start_s=None)
             else:
                 served = serve_phase(engines, args, image, run_pa, work, stop_at)
-        except (ServerError, RepositoryError, loadgen.LoadError) as e:
+        except (ServerError, RepositoryError, RemoteError, loadgen.LoadError) as e:
             print(f"cpu suite: error: the server phase failed: {e}", file=sys.stderr)
             return 2
         tables["serve"], tables["perf_analyzer"] = served["serve"], served["perf_analyzer"]

@@ -230,6 +230,7 @@ def sweep(url: str, concurrencies: list[int], image: bytes, question: str, max_t
 def main(argv=None) -> int:
     from benchmarks.stages import parse_list
     from runtime.cli import DEMO_IMAGE, DEMO_QUESTION
+    from runtime.client import RemoteError
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -247,7 +248,7 @@ def main(argv=None) -> int:
         rows = sweep(args.url, parse_list(args.concurrency, "--concurrency"), Path(args.image).read_bytes(),
                      args.question, args.max_tokens, args.requests, args.max_seconds,
                      log=lambda m: print(f"[loadgen] {m}", file=sys.stderr, flush=True))
-    except LoadError as e:
+    except (LoadError, RemoteError) as e:
         print(f"loadgen: error: {e}", file=sys.stderr)
         return 2
     if args.json:

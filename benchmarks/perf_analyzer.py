@@ -225,6 +225,7 @@ def run(url: str, concurrencies: list[int], image: bytes, question: str, max_tok
 def main(argv=None) -> int:
     from benchmarks.loadgen import LoadError
     from benchmarks.stages import parse_list
+    from runtime.client import RemoteError
     from runtime.cli import DEMO_IMAGE, DEMO_QUESTION
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
         rows = run(args.url, parse_list(args.concurrency, "--concurrency"), Path(args.image).read_bytes(),
                    args.question, args.max_tokens, requests_per_window=args.requests_per_window,
                    log=lambda m: print(f"[perf_analyzer] {m}", file=sys.stderr, flush=True))
-    except (PerfAnalyzerUnavailable, LoadError) as e:
+    except (PerfAnalyzerUnavailable, LoadError, RemoteError) as e:
         print(f"perf_analyzer: skipped: {e}", file=sys.stderr)
         return 3
     print(json.dumps(rows, indent=2))
