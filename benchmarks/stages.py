@@ -384,6 +384,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
     ap.add_argument("--work", default=str(ROOT / "demo_out"),
                     help="where the demo checkpoint and onnxruntime engines live (built there if missing)")
+    ap.add_argument("--spec", default="demo", help="model spec (default demo; tiny for a quick smoke run)")
     ap.add_argument("--batches", default="1,2,4", help="batch sizes (default 1,2,4)")
     ap.add_argument("--max-new-tokens", type=int, default=16, help="tokens per answer, EOS ignored (default 16)")
     ap.add_argument("--repeats", type=int, default=3, help="measured rounds after the warm-up (default 3)")
@@ -413,12 +414,12 @@ def run(args) -> int:
     for p in peers:
         _generate_kwargs(p)  # an unknown name fails here, before anything loads
     log = lambda m: print(f"[bench stages] {m}", file=sys.stderr, flush=True)  # noqa: E731
-    ckpt, engines = ensure_model(Path(args.work), "demo", log=log)
+    ckpt, engines = ensure_model(Path(args.work), args.spec, log=log)
     ort_pipe, torch_pipe = open_pipelines(ckpt, engines, args.threads)
     record = new_record("stages", shared=args.shared,
                         settings={"batches": batches, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
                                   "threads": args.threads, "question": QUESTION, "image": DEMO_IMAGE.name,
-                                  "model": "demo"})
+                                  "spec": args.spec})
     res = run_stages(ort_pipe, torch_pipe, DEMO_IMAGE.read_bytes(), batches, args.max_new_tokens, args.repeats,
                      peers=peers, log=log)
     del ort_pipe, torch_pipe
