@@ -11,7 +11,7 @@ running server (loopback only) and watches the memory of --server-pid and its ch
 Closed loop: `concurrency` workers, each sending its next request as soon as the previous one ended
 on its own gRPC stream (tritonclient.grpc.aio, ModelStreamInfer, STREAM=true), kept from request to
 request and opened anew after the worker cancelled it (--stream-per-request: a new stream for every
-request; tritonserver 2.51 keeps about 0.3 MB per stream it served, see `Stream`). The mix, drawn
+request; see `Stream`). The mix, drawn
 per request from a seeded generator:
 
   valid       an image and a question, 1..max_tokens tokens, greedy or seeded sampling: must end
@@ -25,9 +25,14 @@ Anything else is an unexpected error and is counted by kind (overloaded, timeout
 cancelled, wrong message, accepted malformed, other). Bounded: it stops handing out requests after
 --requests or --max-seconds and gives those in flight --grace-seconds more. Meanwhile a thread
 samples, every --sample-seconds, the resident memory (VmRSS from /proc) of tritonserver and of each
-of its python-backend stub processes, and the python backend's shared-memory regions. Memory is
-judged "flat" when, after the warm-up (the first --warmup requests), it grows by less than
-max(2 %, 64 MB) to the end.
+of its python-backend stub processes, and the python backend's shared-memory regions.
+
+Memory is judged at rest, not under load: under load the server holds the data of the requests in
+flight (images, prompt tables, queued tensors: about 100 MB at concurrency 64 on the tiny model),
+which rises and falls with the queues. So the run rests for --rest-seconds three times, with nothing
+in flight: before any request, after the warm-up (the first --warmup requests) and at the end. It
+is "flat" when the memory at rest at the end exceeds the memory at rest after the warm-up by less
+than max(2 %, 64 MB); what each process kept is reported beside it.
 
 Results: <out>/soak.json (everything), soak.md (summary) and soak.png (memory over time, requests
 done), by default under benchmarks/results/<date>-cpu-<machine>/.
@@ -335,9 +340,9 @@ def _str(array) -> str:
 
 class Stream:
     """One worker's gRPC stream (ModelStreamInfer), kept for its consecutive requests and replaced after
-    the worker cancels it. Clients should keep their streams: tritonserver 2.51 keeps about 0.3 MB for
-    every stream it has served (measured: 300 requests on 16 kept streams +8 MB after warm-up, 300
-    requests on a stream each +90 MB); --stream-per-request soaks that way instead.
+    the worker cancels it. Clients should keep their streams: tritonserver 2.51 keeps some memory for
+    every stream it has served (measured with glibc's malloc: about 0.3 MB a stream; with tcmalloc, as
+    `TritonServer` runs it, about 10 KB); --stream-per-request soaks that way instead.
     """
 
     def __init__(self, client, model: str):
@@ -537,27 +542,39 @@ class MemorySampler(threading.Thread):
         self.join(timeout=10)
 
 
-def memory_verdict(samples: list[dict], warm_t: float) -> dict:
-    """Growth of total memory (RSS + shared memory) from the end of the warm-up to the end of the run.
+def _total(s: dict) -> float:
+    return s["total_rss_mb"] + s["shm_mb"]
 
-    Also: the growth over the last half of that window (still growing, or levelled off?) and each
-    process's own growth, so that a rise can be told apart from a leak and placed."""
-    post = [s for s in samples if s["t"] >= warm_t] or samples[-3:]
-    total = [s["total_rss_mb"] + s["shm_mb"] for s in post]
-    head, tail = float(np.median(total[:3])), float(np.median(total[-3:]))
-    half = total[len(total) // 2:]
-    growth, late = tail - head, tail - float(np.median(half[:3]))
-    bound = max(0.02 * head, 64.0)
-    slope = float(np.polyfit([s["t"] for s in post], total, 1)[0]) * 60 if len(post) >= 3 else 0.0
-    names = sorted({k for s in post for k in s["rss_mb"]})
-    per_process = {k: round(post[-1]["rss_mb"].get(k, 0.0) - post[0]["rss_mb"].get(k, 0.0), 1) for k in names}
-    return {"warmup_end_s": round(warm_t, 1), "after_warmup_mb": round(head, 1), "end_mb": round(tail, 1),
-            "peak_mb": round(max(s["total_rss_mb"] + s["shm_mb"] for s in samples), 1),
-            "start_mb": round(samples[0]["total_rss_mb"] + samples[0]["shm_mb"], 1),
-            "growth_mb": round(growth, 1), "growth_pct": round(100 * growth / head, 2) if head else None,
-            "last_half_growth_mb": round(late, 1), "growth_by_process_mb": per_process,
-            "slope_mb_per_min": round(slope, 2), "flat_bound_mb": round(bound, 1), "flat": growth < bound,
-            "flat_last_half": late < bound / 2}
+
+def at_rest(samples: list[dict], window: tuple[float, float]) -> dict:
+    """Memory at rest in a window (sampler seconds): the median of its second half, once frees have settled."""
+    inside = [s for s in samples if window[0] <= s["t"] <= window[1]]
+    settled = inside[len(inside) // 2:] or inside or samples[-1:]
+    names = sorted({k for s in settled for k in s["rss_mb"]})
+    return {"total_mb": round(float(np.median([_total(s) for s in settled])), 1),
+            "shm_mb": round(float(np.median([s["shm_mb"] for s in settled])), 1),
+            "by_process_mb": {k: round(float(np.median([s["rss_mb"].get(k, 0.0) for s in settled])), 1)
+                              for k in names}}
+
+
+def memory_verdict(samples: list[dict], rests: dict[str, tuple[float, float]]) -> dict:
+    """Memory at rest at the start, after the warm-up and at the end (the windows in `rests`), the peak
+    under load, and the verdict: flat when the end exceeds the after-warm-up rest by less than
+    max(2 %, 64 MB). Each process's own change is kept, so that a rise can be placed."""
+    rest = {name: at_rest(samples, w) for name, w in rests.items()}
+    warm, end = rest["after_warmup"], rest["end"]
+    growth = end["total_mb"] - warm["total_mb"]
+    bound = max(0.02 * warm["total_mb"], 64.0)
+    loaded = [s for s in samples if rests["after_warmup"][1] < s["t"] < rests["end"][0]] or samples
+    per_process = {k: round(end["by_process_mb"].get(k, 0.0) - warm["by_process_mb"].get(k, 0.0), 1)
+                   for k in sorted(set(end["by_process_mb"]) | set(warm["by_process_mb"]))}
+    return {"rests": {k: list(v) for k, v in rests.items()},
+            "start_mb": rest["start"]["total_mb"], "after_warmup_mb": warm["total_mb"], "end_mb": end["total_mb"],
+            "peak_under_load_mb": round(max(_total(s) for s in loaded), 1),
+            "peak_mb": round(max(_total(s) for s in samples), 1),
+            "growth_mb": round(growth, 1), "growth_pct": round(100 * growth / warm["total_mb"], 2),
+            "growth_by_process_mb": per_process, "rest_by_process_mb": {k: v["by_process_mb"] for k, v in rest.items()},
+            "flat_bound_mb": round(bound, 1), "flat": growth < bound}
 
 
 # ------------------------------------------------------------------------------------- the report
@@ -610,7 +627,7 @@ def summarize(records: list[Record], before: dict, after: dict, memory: dict, se
     }
 
 
-def plot(samples: list[dict], records: list[Record], t0: float, warm_t: float, path: Path, title: str) -> Path:
+def plot(samples: list[dict], records: list[Record], t0: float, rests: dict, path: Path, title: str) -> Path:
     """Memory over time (stacked per process) above the requests ended over time; t0: the sampler's start."""
     from benchmarks.report import _pyplot
 
@@ -621,7 +638,8 @@ def plot(samples: list[dict], records: list[Record], t0: float, warm_t: float, p
     tx.plot(t, [s["total_rss_mb"] + s["shm_mb"] for s in samples], color="black", lw=1.2, label="total")
     tx.plot(t, [s["total_rss_mb"] + s["shm_mb"] - s["rss_mb"].get("tritonserver", 0.0) for s in samples],
             color="tab:purple", lw=1, label="total less tritonserver (the stubs and their shared memory)")
-    tx.axvline(warm_t, color="gray", ls="--", lw=1, label="end of warm-up")
+    for i, (a, b) in enumerate(rests.values()):
+        tx.axvspan(a, b, color="gray", alpha=0.2, lw=0, label="at rest (judged)" if i == 0 else None)
     tx.set_ylabel("MB")
     tx.set_title(title, fontsize=10)
     tx.legend(fontsize=7, loc="lower right")
@@ -629,7 +647,8 @@ def plot(samples: list[dict], records: list[Record], t0: float, warm_t: float, p
     names = sorted({k for s in samples for k in s["rss_mb"]}, key=lambda k: -samples[-1]["rss_mb"].get(k, 0))
     stacks = [[s["rss_mb"].get(k, 0.0) for s in samples] for k in names] + [[s["shm_mb"] for s in samples]]
     ax.stackplot(t, stacks, labels=names + ["python-backend shared memory"], alpha=0.85)
-    ax.axvline(warm_t, color="gray", ls="--", lw=1)
+    for a, b in rests.values():
+        ax.axvspan(a, b, color="gray", alpha=0.2, lw=0)
     ax.set_ylabel("resident memory, MB")
     ax.legend(fontsize=7, loc="lower right", ncol=2)
     ax.grid(alpha=0.3)
@@ -638,7 +657,8 @@ def plot(samples: list[dict], records: list[Record], t0: float, warm_t: float, p
         done = sorted(r.done - t0 for r in records if r.outcome == outcome and r.done)
         if done:
             bx.step(done, range(1, len(done) + 1), where="post", color=color, label=f"{outcome} ({len(done)})")
-    bx.axvline(warm_t, color="gray", ls="--", lw=1)
+    for a, b in rests.values():
+        bx.axvspan(a, b, color="gray", alpha=0.2, lw=0)
     bx.set_xlabel("seconds since the sampler started")
     bx.set_ylabel("requests ended")
     bx.legend(fontsize=8, loc="upper left")
@@ -683,21 +703,122 @@ def markdown(record: dict, s: dict) -> str:
              f"{s['cancel']['client_tokens']}: {s['cancel']['tokens_generated_but_not_received']:.0f} generated "
              f"after a client had cancelled", "",
              "## Memory (RSS of tritonserver and its stubs + python-backend shared memory)", "",
-             md_table(["start", "after warm-up", "end", "peak", "growth after warm-up", "over its last half",
+             md_table(["at rest: start", "after warm-up", "end", "peak under load", "end vs after warm-up",
                        "verdict"],
                       [[f"{m['start_mb']:.0f} MB", f"{m['after_warmup_mb']:.0f} MB", f"{m['end_mb']:.0f} MB",
-                        f"{m['peak_mb']:.0f} MB", f"{m['growth_mb']:+.1f} MB ({m['growth_pct']:+.2f} %)",
-                        f"{m['last_half_growth_mb']:+.1f} MB",
-                        f"{'flat' if m['flat'] else 'grew more than'} {m['flat_bound_mb']:.0f} MB after warm-up; "
-                        f"{'levelled off' if m['flat_last_half'] else 'STILL GROWING'} in its last half"]]), "",
-             "Growth after warm-up by process: " + ", ".join(f"{k} {v:+.1f} MB" for k, v in
-                                                              m["growth_by_process_mb"].items()) + ".", "",
-             f"Warm-up: the first {st['warmup']} requests (ended at {m['warmup_end_s']} s). Plot: soak.png.", ""]
+                        f"{m['peak_under_load_mb']:.0f} MB", f"{m['growth_mb']:+.1f} MB ({m['growth_pct']:+.2f} %)",
+                        f"{'FLAT' if m['flat'] else 'GREW'}: "
+                        f"{'under' if m['flat'] else 'over'} {m['flat_bound_mb']:.0f} MB"]]), "",
+             md_table(["process", "at rest after warm-up (MB)", "at rest at the end (MB)", "change (MB)"],
+                      [[k, m["rest_by_process_mb"]["after_warmup"].get(k, 0.0),
+                        m["rest_by_process_mb"]["end"].get(k, 0.0), f"{v:+.1f}"]
+                       for k, v in m["growth_by_process_mb"].items()]), "",
+             f"At rest: {st['rest_seconds']:g} s with nothing in flight before the first request, after the "
+             f"warm-up (the first {st['warmup']} requests) and after the last; each judged on the median of "
+             f"its second half. Under load the server also holds the requests in flight. Plot: soak.png "
+             f"(rest windows shaded).", ""]
     if s["unexpected_examples"]:
         lines += ["## Unexpected errors (first 10)", "",
                   md_table(["#", "kind", "case", "error kind", "message"],
                            [[e["index"], e["kind"], e["case"], e["error_kind"], e["error"][:120]]
                             for e in s["unexpected_examples"]], align="rllll"), ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- memory kept, per case
+
+def rss_at_rest(pid: int, seconds: float, interval_s: float = 0.2) -> float:
+    """tritonserver's RSS with nothing in flight: the median over the second half of `seconds`."""
+    seen = []
+    for _ in range(max(int(seconds / interval_s), 2)):
+        time.sleep(interval_s)
+        seen.append(rss_mb(pid) or 0.0)
+    return float(np.median(seen[len(seen) // 2:]))
+
+
+def payload_kb(inputs: list) -> float:
+    return sum(len(i._get_content() or b"") for i in inputs) / 1024
+
+
+def per_case_kept(url: str, model: str, server_pid: int, corpus: list[Malformed], images: list[bytes], n: int,
+                  concurrency: int, rest_s: float, rounds: int = 3, seed: int = 0, say=lambda m: None) -> list[dict]:
+    """For a valid request, a cancelled one and each gRPC case of the malformed corpus: n of them at
+    `concurrency` (each worker keeping its stream), then tritonserver's memory at rest against before.
+    Places a rise of the soak on the kind of request that leaves memory behind. The allocator's own
+    ups and downs are several MB, so each kind is measured in `rounds` rounds, in a new random order
+    each round, and the median is kept."""
+    cases = [("valid (4 tokens)", None), ("cancelled after 1 token", None)] + [
+        (c.name, c) for c in corpus if c.protocol == "grpc" and c.model is None]
+
+    def plan_for(name, case, count):
+        plan = []
+        for i in range(count):
+            settings = {"image": 0, "question": QUESTIONS[0], "temperature": 0.0, "seed": i}
+            if case is not None:
+                plan.append((Record(i, "malformed", case.name, case.expect, max_tokens=4), {**settings, "case": case}))
+            elif name.startswith("cancelled"):
+                plan.append((Record(i, "cancel", max_tokens=64, cancel_after=1), settings))
+            else:
+                plan.append((Record(i, "valid", max_tokens=4), settings))
+        return plan
+
+    def run(plan):
+        return asyncio.run(run_load(url, model, plan, images, concurrency, 600.0, 60.0))
+
+    for name, case in cases:  # every path once, so that first-use allocations are not counted
+        run(plan_for(name, case, concurrency))
+    kept: dict[str, list[float]] = {name: [] for name, _ in cases}
+    unexpected = dict.fromkeys(kept, 0)
+    rng = random.Random(seed)
+    before = rss_at_rest(server_pid, rest_s)
+    for r in range(rounds):
+        order = rng.sample(cases, len(cases))
+        for k, (name, case) in enumerate(order):
+            records = run(plan_for(name, case, n))
+            after = rss_at_rest(server_pid, rest_s)
+            kept[name].append((after - before) * 1024 / n)
+            unexpected[name] += sum(rec.outcome == "unexpected" for rec in records)
+            before = after
+            say(f"round {r + 1}/{rounds}, [{k + 1}/{len(cases)}] {name}: {kept[name][-1]:+.1f} KB per request kept")
+    rows = []
+    for name, case in cases:
+        inputs = (malformed_inputs(case, images[0]) if case is not None
+                  else apply_changes(good_grpc_tensors(images[0], QUESTIONS[0], 4), Malformed("valid", "")))
+        size, kb = payload_kb(inputs), float(np.median(kept[name]))
+        rows.append({"case": name, "payload_kb": round(size, 1), "requests": n * rounds,
+                     "unexpected": unexpected[name], "kept_kb_per_request_rounds": [round(v, 1) for v in kept[name]],
+                     "kept_kb_per_request": round(kb, 1),
+                     "kept_share_of_payload": round(kb / size, 3) if size > 1 else None})
+    return rows
+
+
+def per_case_markdown(record: dict, rows: list[dict]) -> str:
+    from benchmarks.report import md_table
+
+    st = record["settings"]
+    refused = [r for r in rows if r["kept_share_of_payload"] is not None and not r["case"].startswith(("valid", "cancel"))]
+    big = [r for r in refused if r["payload_kb"] >= 100]
+    lines = [f"# Memory tritonserver keeps per request, by kind ({st['per_case_rounds']} rounds of "
+             f"{st['per_case']} requests each)", "",
+             f"- command: `{record['command']}`", f"- date: {record['date']}, git {record['git']}",
+             f"- machine: {record['machine']['cpu']}, {record['machine']['cores']} cores"
+             + (f" ({record['machine']['shared']})" if record['machine'].get('shared') else ""),
+             f"- model: {st['model_note']}; tritonserver {record['versions'].get('tritonserver', '?')}; "
+             f"concurrency {st['concurrency']}, each worker keeping its gRPC stream",
+             f"- method: every kind once first; then, in {st['per_case_rounds']} rounds in a new random order "
+             f"each, per kind tritonserver's RSS at rest ({st['rest_seconds']:g} s, median of the second half) "
+             f"before and after its {st['per_case']} requests; the median of the rounds", "",
+             md_table(["request", "sent (KB)", "kept per request (KB), median", "rounds", "kept / sent",
+                       "unexpected"],
+                      [[r["case"], r["payload_kb"], f"{r['kept_kb_per_request']:+.1f}",
+                        " ".join(f"{v:+.0f}" for v in r["kept_kb_per_request_rounds"]),
+                        "" if r["kept_share_of_payload"] is None else f"{r['kept_share_of_payload']:.3f}",
+                        r["unexpected"]] for r in rows], align="lrrrrr"), ""]
+    if big:
+        share = float(np.median([r["kept_share_of_payload"] for r in big]))
+        lines += [f"Refused requests that carried at least 100 KB ({len(big)} kinds): median {share:.1%} of what they "
+                  f"sent stays in tritonserver; the valid and cancelled requests keep "
+                  f"{rows[0]['kept_kb_per_request']:+.1f} and {rows[1]['kept_kb_per_request']:+.1f} KB.", ""]
     return "\n".join(lines)
 
 
@@ -719,10 +840,16 @@ def main(argv=None) -> int:
     ap.add_argument("--malformed", type=float, default=0.2, help="share of malformed requests (default 0.2)")
     ap.add_argument("--cancel", type=float, default=0.1, help="share of requests cancelled by the client (0.1)")
     ap.add_argument("--warmup", type=int, default=100, help="requests before memory is judged (default 100)")
+    ap.add_argument("--rest-seconds", type=float, default=6.0,
+                    help="each rest with nothing in flight (start, after the warm-up, end), when memory is judged")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stream-per-request", action="store_true",
                     help="open a new gRPC stream for every request (default: each worker keeps its stream)")
     ap.add_argument("--sample-seconds", type=float, default=1.0)
+    ap.add_argument("--per-case", type=int, default=0, metavar="N",
+                    help="instead of the soak: N requests of each kind (valid, cancelled, each malformed case) and "
+                         "the memory tritonserver keeps per request of that kind -> soak-per-case.md")
+    ap.add_argument("--per-case-rounds", type=int, default=3, help="with --per-case: rounds, median kept (3)")
     ap.add_argument("--checkpoint", help="checkpoint to serve (default: the tiny one, built in a temp dir)")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-queue-size", type=int, default=DEFAULT_MAX_QUEUE_SIZE)
@@ -780,11 +907,26 @@ def main(argv=None) -> int:
                              len(images))
         settings = {"requests": args.requests, "concurrency": args.concurrency, "max_seconds": args.max_seconds,
                     "max_tokens": args.max_tokens, "malformed_share": args.malformed, "cancel_share": args.cancel,
-                    "warmup": args.warmup, "seed": args.seed, "max_batch": args.max_batch,
+                    "warmup": args.warmup, "rest_seconds": args.rest_seconds, "seed": args.seed,
+                    "max_batch": args.max_batch,
                     "stream_per_request": args.stream_per_request,
                     "max_queue_size": args.max_queue_size, "queue_timeout_ms": args.queue_timeout_ms,
                     "corpus_grpc_cases": sum(c.protocol == "grpc" and c.model is None for c in corpus),
                     "model": model, "model_note": model_note}
+        if args.per_case:
+            settings.update(per_case=args.per_case, concurrency=min(args.concurrency, 8))
+            record = new_record("soak-per-case", shared=args.shared, settings=settings)
+            settings["per_case_rounds"] = args.per_case_rounds
+            rows = per_case_kept(url, model, server_pid, corpus, images, args.per_case, settings["concurrency"],
+                                 args.rest_seconds, args.per_case_rounds, args.seed, say)
+            record["cases"] = rows
+            out = Path(args.out) if args.out else results_dir("cpu")
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "soak-per-case.json").write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
+            (out / "soak-per-case.md").write_text(per_case_markdown(record, rows))
+            say(f"wrote {out}/soak-per-case.json, soak-per-case.md")
+            print(per_case_markdown(record, rows))
+            return 0 if not any(r["unexpected"] for r in rows) else 1
         record = new_record("soak", shared=args.shared, settings=settings)
         before = server_metrics(metrics_url)
         done = [0]
@@ -798,13 +940,26 @@ def main(argv=None) -> int:
                 last[0] = time.perf_counter()
                 say(f"{n}/{total} requests done, server {sampler.samples[-1]['total_rss_mb']:.0f} MB")
 
+        rests: dict[str, tuple[float, float]] = {}
+
+        def rest(name: str) -> None:
+            t = time.perf_counter() - sampler.t0
+            time.sleep(args.rest_seconds)
+            rests[name] = (round(t, 2), round(time.perf_counter() - sampler.t0, 2))
+
         say(f"{args.requests} requests at concurrency {args.concurrency} against {model} at {url}")
+        deadline = time.perf_counter() + args.max_seconds
+        records: list[Record] = []
         try:
-            records = asyncio.run(run_load(url, model, plan, images, args.concurrency, args.max_seconds,
-                                           args.grace_seconds, progress, args.stream_per_request))
+            rest("start")
+            for part in (plan[:args.warmup], plan[args.warmup:]):
+                records += asyncio.run(run_load(url, model, part, images, args.concurrency,
+                                                max(deadline - time.perf_counter(), 0.0), args.grace_seconds,
+                                                lambda n, _t: progress(len(records) + n, len(plan)),
+                                                args.stream_per_request))
+                rest("after_warmup" if "after_warmup" not in rests else "end")
         finally:
             sampler.stop()
-        time.sleep(1.0)  # the last cancellations reach the llm step
         after = server_metrics(metrics_url)
     except LoadError as e:
         print(f"soak: error: {e}", file=sys.stderr)
@@ -815,10 +970,8 @@ def main(argv=None) -> int:
         if tmp is not None:
             tmp.cleanup()
 
-    ends = sorted(r.done for r in records if r.done)
     t_offset = sampler.t0
-    warm_t = (ends[min(args.warmup, len(ends)) - 1] - t_offset) if ends else 0.0
-    memory = memory_verdict(sampler.samples, warm_t)
+    memory = memory_verdict(sampler.samples, rests)
     summary = summarize(records, before, after, memory, settings)
     record.update(summary=summary, sampler_t0=sampler.t0, memory_samples=sampler.samples,
                   requests=[{k: v for k, v in r.__dict__.items()} for r in records])
@@ -826,11 +979,11 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "soak.json").write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
     (out / "soak.md").write_text(markdown(record, summary))
-    plot(sampler.samples, records, t_offset, warm_t, out / "soak.png",
+    plot(sampler.samples, records, t_offset, rests, out / "soak.png",
          f"{summary['requests']} requests, concurrency {args.concurrency}: {summary['outcomes']}")
     say(f"wrote {out}/soak.json, soak.md, soak.png")
     print(markdown(record, summary))
-    return 0 if summary["outcomes"]["unexpected"] == 0 and memory["flat_last_half"] else 1
+    return 0 if summary["outcomes"]["unexpected"] == 0 and memory["flat"] else 1
 
 
 def rerender(path: Path) -> None:
@@ -841,11 +994,12 @@ def rerender(path: Path) -> None:
     samples = record["memory_samples"]
     # the sampler's clock: its last sample was taken as the last request ended
     t0 = record.get("sampler_t0") or max(r.done for r in records if r.done) - samples[-1]["t"]
-    memory = memory_verdict(samples, record["summary"]["memory"]["warmup_end_s"])
+    rests = {k: tuple(v) for k, v in record["summary"]["memory"]["rests"].items()}
+    memory = memory_verdict(samples, rests)
     record["summary"]["memory"] = memory
     path.write_text(json.dumps(record, indent=1) + "\n")
     (path.parent / "soak.md").write_text(markdown(record, record["summary"]))
-    plot(samples, records, t0, memory["warmup_end_s"], path.parent / "soak.png",
+    plot(samples, records, t0, rests, path.parent / "soak.png",
          f"{record['summary']['requests']} requests, concurrency {record['settings']['concurrency']}: "
          f"{record['summary']['outcomes']}")
 

@@ -161,6 +161,22 @@ def test_repository_bounds_every_queue_but_postprocessing(tiny_checkpoint, tmp_p
 
 # ---------------------------------------------------------------------------------- overload
 
+def test_server_runs_on_tcmalloc_returning_freed_memory(rel):
+    """Memory flat under load rests on this (benchmarks/soak.py): the server allocates with tcmalloc and
+    gives freed pages back, so its resident memory is what it holds, not its high-water mark."""
+    from runtime.serving.server import find_tcmalloc
+
+    if find_tcmalloc() is None:
+        pytest.skip("no libtcmalloc_minimal on this system (apt-get install libtcmalloc-minimal4)")
+    pid = rel.server.proc.pid
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert "libtcmalloc_minimal" in maps, "tritonserver did not load tcmalloc"
+    environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+    assert environ.get("TCMALLOC_AGGRESSIVE_DECOMMIT") == "true"
+    stubs = [c for c in children(pid) if "libtcmalloc_minimal" in Path(f"/proc/{c}/maps").read_text()]
+    assert stubs, "the python-backend stubs did not load tcmalloc"
+
+
 def test_overload_is_refused_at_once_and_the_server_stays_healthy(rel, tiny_pipeline, face_png):
     async def burst():
         return await asyncio.gather(*[stream(rel.server.grpc_url, face_png, 120) for _ in range(12)])
@@ -310,6 +326,52 @@ def test_malformed_corpus_is_refused_clearly(rel, face_png):
             failures.append(f"{case.name}: {error!r} lacks {case.expect!r}")
     assert not failures, "\n".join(failures)
     assert rel.server.is_ready()
+
+
+def test_soak_harness_runs_mixed_load_and_judges_memory_at_rest(rel, tmp_path):
+    """benchmarks/soak.py, CI-sized, against this server: every kind of request, none unexpected, the
+    memory judged in its three rest windows and the report written."""
+    import json
+
+    from benchmarks import soak
+
+    rc = soak.main(["--url", rel.server.grpc_url, "--server-pid", str(rel.server.proc.pid),
+                    "--metrics-url", rel.server.metrics_url, "--requests", "40",
+                    "--concurrency", str(MAX_QUEUE), "--warmup", "10", "--max-tokens", "4", "--malformed", "0.3",
+                    "--cancel", "0.2", "--rest-seconds", "1", "--sample-seconds", "0.25", "--max-seconds", "180",
+                    "--grace-seconds", "30", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "soak.json").read_text())
+    s = record["summary"]
+    assert s["outcomes"]["unexpected"] == 0, s["unexpected_examples"]
+    assert s["outcomes"]["ok"] and s["outcomes"]["refused"] and s["outcomes"]["cancelled"], s["outcomes"]
+    assert sum(s["outcomes"].values()) == 40
+    assert s["cancel"]["cancelled_on_server"] >= 1
+    m = s["memory"]
+    assert list(m["rests"]) == ["start", "after_warmup", "end"]
+    assert m["rests"]["start"][1] <= m["rests"]["after_warmup"][0] < m["rests"]["after_warmup"][1] <= m["rests"]["end"][0]
+    assert "tritonserver" in m["growth_by_process_mb"] and len(m["growth_by_process_mb"]) == 8  # + 7 stubs
+    assert rc == (0 if m["flat"] else 1)
+    assert "**Unexpected errors: 0**" in (tmp_path / "soak.md").read_text()
+    assert (tmp_path / "soak.png").stat().st_size > 10_000
+
+
+def test_memory_verdict_judges_rest_not_load():
+    from benchmarks.soak import memory_verdict
+
+    def sample(t, server_mb, stub_mb=400.0):
+        return {"t": t, "done": 0, "rss_mb": {"tritonserver": server_mb, "llm": stub_mb},
+                "total_rss_mb": server_mb + stub_mb, "shm_mb": 10.0}
+
+    rests = {"start": (0, 2), "after_warmup": (3, 5), "end": (9, 11)}
+    # in-flight data under load (t 5..9) that is given back: flat, peak under load reported
+    flat = [sample(t, 100.0 + (300.0 if 5 < t < 9 else 0.0)) for t in range(12)]
+    m = memory_verdict(flat, rests)
+    assert m["flat"] and m["growth_mb"] == 0.0 and m["peak_under_load_mb"] == 810.0
+    # kept at rest: 120 MB more at the end than after the warm-up -> not flat, placed on tritonserver
+    grew = [sample(t, 100.0 + (120.0 if t >= 9 else 0.0)) for t in range(12)]
+    m = memory_verdict(grew, rests)
+    assert not m["flat"] and m["growth_mb"] == 120.0
+    assert m["growth_by_process_mb"] == {"llm": 0.0, "tritonserver": 120.0}
 
 
 def test_answers_are_unchanged_after_faults(rel, tiny_pipeline, face_png):

@@ -156,3 +156,31 @@ def test_cli_repo_and_serve_errors(tiny_checkpoint, tmp_path, capsys):
     assert "--force replaces it" in capsys.readouterr().err
     assert main(["serve", "--model-repository", str(tmp_path / "nowhere")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_a_wheel_install_fills_a_repository_from_its_own_templates(tiny_checkpoint, tmp_path):
+    """The templates are package data: `facert repo` works from a (non-editable) wheel, not only a checkout."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation",
+                            "-q", "-w", str(wheels)], capture_output=True, text=True, cwd=tmp_path)
+    if build.returncode != 0 and "No module named" in build.stderr:
+        pytest.skip(f"cannot build a wheel here: {build.stderr.strip()[-200:]}")
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = wheels.glob("facert-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    code = ("import sys; from pathlib import Path; from runtime.serving import repo; "
+            f"assert Path(repo.__file__).is_relative_to({str(target)!r}), repo.__file__; "
+            f"cfg = repo.fill_repository(Path({str(tmp_path / 'repo')!r}), checkpoint={str(tiny_checkpoint)!r}); "
+            "print(sorted(cfg))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**__import__("os").environ, "PYTHONPATH": str(target)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "faceinsight" in run.stdout and "llm" in run.stdout
+    assert (tmp_path / "repo" / "llm" / "1" / "model.py").read_bytes() == (
+        root / "model_repository" / "llm" / "1" / "model.py").read_bytes()
