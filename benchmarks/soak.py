@@ -669,6 +669,19 @@ def plot(samples: list[dict], records: list[Record], t0: float, rests: dict, pat
     return path
 
 
+def _kept_per_refusal(record: dict, s: dict) -> list[str]:
+    """tritonserver's change at rest over the requests after the warm-up, per refused one among them: where
+    soak-per-case.md shows that refused requests are what tritonserver keeps memory for, this sizes it."""
+    warmup = record["settings"]["warmup"]
+    refused = sum(r["outcome"] == "refused" for r in record.get("requests", []) if r["index"] >= warmup)
+    change = s["memory"]["growth_by_process_mb"].get("tritonserver")
+    if not refused or change is None:
+        return []
+    return [f"tritonserver's change, {change:+.1f} MB, over the {refused} requests refused after the warm-up: "
+            f"{change * 1024 / refused:+.0f} KB each, were it all theirs (what each kind of request keeps: "
+            f"`soak.py --per-case`, soak-per-case.md).", ""]
+
+
 def markdown(record: dict, s: dict) -> str:
     from benchmarks.report import md_table
 
@@ -713,6 +726,7 @@ def markdown(record: dict, s: dict) -> str:
                       [[k, m["rest_by_process_mb"]["after_warmup"].get(k, 0.0),
                         m["rest_by_process_mb"]["end"].get(k, 0.0), f"{v:+.1f}"]
                        for k, v in m["growth_by_process_mb"].items()]), "",
+             *_kept_per_refusal(record, s),
              f"At rest: {st['rest_seconds']:g} s with nothing in flight before the first request, after the "
              f"warm-up (the first {st['warmup']} requests) and after the last; each judged on the median of "
              f"its second half. Under load the server also holds the requests in flight. Plot: soak.png "
