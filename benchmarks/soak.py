@@ -3,6 +3,7 @@ server's memory watched throughout.
 
     .venv/bin/python benchmarks/soak.py [--requests 1000] [--concurrency 64] [--max-seconds 1800]
         [--checkpoint DIR | --url 127.0.0.1:8001 --server-pid PID] [--out DIR] [--shared "note"]
+    .venv/bin/python benchmarks/soak.py --per-case 64     # what tritonserver keeps per kind of request
 
 Without --url it builds the tiny checkpoint in a temporary folder (or uses --checkpoint), fills a
 model repository and starts its own tritonserver on free loopback ports; with --url it loads a
