@@ -30,7 +30,9 @@ model, while the server still reports the model READY (measured here). So the se
 explicit model control (`--model-control-mode=explicit --load-model=*`: every model loads at
 start, as without it) and `TritonServer` supervises the stubs: a thread watches them in /proc and
 reloads a model whose stub died through the repository API, which starts a fresh stub (the
-model's own initialize, weights included). `stop()` leaves nothing behind: the stubs are gone, the
+model's own initialize, weights included). A stub's death can also take tritonserver down with it
+(2.51's python backend aborts on a lock the dead stub held); the same thread then starts the server
+again over the same repository and ports. `stop()` leaves nothing behind: the stubs are gone, the
 ports are free and the python backend's shared-memory regions (named by `shm_prefix`, which a
 killed stub never removes) are deleted.
 """
@@ -335,7 +337,8 @@ def python_instance_counts(repository: Path) -> collections.Counter:
 
 
 class StubSupervisor(threading.Thread):
-    """Reloads a model whose python-backend stub died (tritonserver 2.51 does not restart it).
+    """Reloads a model whose python-backend stub died (tritonserver 2.51 does not restart it), and
+    restarts tritonserver itself if it exits on its own.
 
     Every `interval_s` it lists the server's live stubs from /proc. A READY model with fewer live
     stubs than its config's instance count is reloaded through the repository API
@@ -343,7 +346,16 @@ class StubSupervisor(threading.Thread):
     "Stub process ... is not healthy" error. A model that is not READY (unloaded on purpose, or
     loading) is left alone. A reload that fails is retried with a growing pause. Each recovery is
     said on the log and kept in `recoveries` ({model, pids, cause, seconds}).
+
+    tritonserver itself can die of a stub's death: 2.51's python backend sometimes aborts the whole
+    server (`terminate called after throwing an instance of 'boost::interprocess::lock_exception'`)
+    when a stub is killed while it holds a lock in their shared memory (measured here: 3 of 22
+    SIGKILLs mid-request). A server that exits without `stop()` is started again over the same
+    repository and ports (`TritonServer.restart`, kept in `restarts`); after MAX_FAILED_RESTARTS
+    failed tries in a row the supervisor gives up and `serve_forever` returns the server's exit code.
     """
+
+    MAX_FAILED_RESTARTS = 3
 
     def __init__(self, server: "TritonServer", interval_s: float = 0.5, enabled: bool = True):
         super().__init__(daemon=True, name="facert-stub-supervisor")
@@ -369,9 +381,23 @@ class StubSupervisor(threading.Thread):
 
     def run(self) -> None:
         last = self._scan()
+        failed = 0
         while not self._halt.wait(self.interval_s):
             if self.server.proc.poll() is not None:
-                return
+                if not self.enabled or self._halt.is_set():
+                    return
+                try:
+                    self.server.restart(stubs=self.seen)
+                    failed = 0
+                except ServerError as e:
+                    failed += 1
+                    self.server.say(f"tritonserver could not be restarted ({failed}/{self.MAX_FAILED_RESTARTS}): {e}")
+                    if failed >= self.MAX_FAILED_RESTARTS:
+                        return
+                    continue
+                self.seen.clear()
+                last = self._scan()
+                continue
             live = self._scan()
             count = collections.Counter(live.values())
             short = [m for m, n in self.expected.items() if count[m] < n
@@ -441,6 +467,8 @@ class TritonServer:
         # per start: a region left by a killed stub is recognised and removed by this prefix
         self.shm_prefix = f"facert{os.getpid()}_{self.grpc_port}_"
         self._reloads = 0
+        self.restarts: list[dict] = []  # tritonserver exits the supervisor restarted from: {code, cause, seconds}
+        self._launch_args: tuple[list[str], dict] | None = None
 
     # where to reach it
     @property
@@ -500,13 +528,9 @@ class TritonServer:
             inst = provision(self.tools_dir, log=self.provision_log)
             cmd, env = self.command(inst.binary, inst.backends), inst.env()
         remove_shm_regions(self.shm_prefix)  # a previous server of ours on this port died without cleaning up
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     env=env, text=True, errors="replace", bufsize=1,
-                                     start_new_session=True)  # Ctrl-C reaches us; we stop it cleanly
-        self._reader = threading.Thread(target=self._forward_log, daemon=True)
-        self._reader.start()
+        self._launch_args = (cmd, env)
         try:
-            self._wait_ready(timeout_s)
+            self._launch(timeout_s)
         except BaseException:
             self.stop()
             raise
@@ -514,9 +538,42 @@ class TritonServer:
         self.supervisor.start()
         return self
 
-    def _forward_log(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
+    def _launch(self, timeout_s: float) -> None:
+        cmd, env = self._launch_args
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env=env, text=True, errors="replace", bufsize=1,
+                                     start_new_session=True)  # Ctrl-C reaches us; we stop it cleanly
+        self._reader = threading.Thread(target=self._forward_log, args=(self.proc,), daemon=True)
+        self._reader.start()
+        self._wait_ready(timeout_s)
+
+    def restart(self, stubs: dict[int, str] | None = None, timeout_s: float = 300.0) -> None:
+        """Start tritonserver again after it exited on its own: what the old one left (stubs, shared
+        memory, cancellation marks) is cleared first. Raises ServerError if the new one does not come up."""
+        old = self.proc
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        code = old.returncode
+        cause = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        self.say(f"tritonserver exited on its own ({cause}); restarting it over {self.repository}\n"
+                 f"{self.error_summary()}")
+        _end_stubs(dict(stubs or {}), self.shm_prefix)
+        remove_shm_regions(self.shm_prefix)
+        shutil.rmtree(cancel_flag_dir(old.pid), ignore_errors=True)
+        t0 = time.monotonic()
+        try:
+            self._launch(timeout_s)
+        except ServerError:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            raise
+        seconds = time.monotonic() - t0
+        self.restarts.append({"code": code, "cause": cause, "seconds": round(seconds, 2)})
+        self.say(f"tritonserver restarted in {seconds:.1f} s")
+
+    def _forward_log(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
             line = line.rstrip("\n")
             self.recent.append(line)
             self.log(line)
@@ -553,6 +610,10 @@ class TritonServer:
             return None
         if self.supervisor is not None:
             self.supervisor.stop()
+            if self.supervisor.is_alive():  # in the middle of a restart: end the server it waits on
+                if self.proc.poll() is None:
+                    self.proc.kill()
+                self.supervisor.join(timeout=30)
         stubs = python_stubs(self.proc.pid, self.repository) if self.proc.poll() is None else {}
         if self.supervisor is not None:
             stubs.update(self.supervisor.seen)
@@ -614,7 +675,8 @@ class TritonServer:
         old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while not stop.is_set():
-                if self.proc.poll() is not None:
+                restarting = self.supervisor is not None and self.supervisor.enabled and self.supervisor.is_alive()
+                if self.proc.poll() is not None and not restarting:
                     say(f"tritonserver exited with code {self.proc.returncode}:\n{self.error_summary()}")
                     return self.proc.returncode or 1
                 stop.wait(0.5)
