@@ -163,6 +163,19 @@ async def _user(client, model: str, make_inputs, claim, records: list[RequestRec
         responses.cancel()
 
 
+async def run_bounded(workers: list, timeout_s: float, what: str) -> None:
+    """Run the worker coroutines for at most timeout_s; those still running are cancelled (their
+    unfinished requests are the caller's to count); a worker that failed is a LoadError."""
+    tasks = [asyncio.ensure_future(w) for w in workers]
+    done, not_done = await asyncio.wait(tasks, timeout=timeout_s)
+    for task in not_done:
+        task.cancel()
+    await asyncio.gather(*not_done, return_exceptions=True)
+    for task in done:
+        if task.exception() is not None:
+            raise LoadError(f"{what} failed: {task.exception()!r}") from task.exception()
+
+
 async def run_level(url: str, concurrency: int, max_requests: int, max_seconds: float, image: bytes, question: str,
                     max_tokens: int, model: str | None = None, grace_seconds: float = 60.0) -> dict:
     """One concurrency level, bounded in requests and time; returns its summary row."""
@@ -187,15 +200,8 @@ async def run_level(url: str, concurrency: int, max_requests: int, max_seconds: 
     records: list[RequestRecord] = []
     client = aioclient.InferenceServerClient(url)
     try:
-        users = [asyncio.ensure_future(_user(client, model, lambda: _grpc_inputs(image, question, params, True),
-                                             claim, records)) for _ in range(concurrency)]
-        done, not_done = await asyncio.wait(users, timeout=max_seconds + grace_seconds)
-        for task in not_done:
-            task.cancel()
-        await asyncio.gather(*not_done, return_exceptions=True)
-        for task in done:
-            if task.exception() is not None:
-                raise LoadError(f"a virtual user failed: {task.exception()}")
+        await run_bounded([_user(client, model, lambda: _grpc_inputs(image, question, params, True), claim, records)
+                           for _ in range(concurrency)], max_seconds + grace_seconds, "a virtual user")
     finally:
         await client.close()
     row = summarize(records, concurrency)

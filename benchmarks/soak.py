@@ -431,6 +431,8 @@ async def run_load(url: str, model: str, plan: list[tuple[Record, dict]], images
     the plan or the time is spent."""
     import tritonclient.grpc.aio as aioclient
 
+    from benchmarks.loadgen import run_bounded
+
     client = aioclient.InferenceServerClient(url)
     deadline = time.perf_counter() + max_seconds
     started: list[Record] = []
@@ -459,14 +461,7 @@ async def run_load(url: str, model: str, plan: list[tuple[Record, dict]], images
             progress(sum(r.done is not None for r in started), len(plan))
 
     try:
-        tasks = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
-        done, pending = await asyncio.wait(tasks, timeout=max_seconds + grace_seconds)
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        for t in done:
-            if t.exception() is not None:
-                raise RuntimeError(f"a soak worker failed: {t.exception()!r}") from t.exception()
+        await run_bounded([worker() for _ in range(concurrency)], max_seconds + grace_seconds, "a soak worker")
     finally:
         await client.close()
     for rec in started:
@@ -572,7 +567,6 @@ def memory_verdict(samples: list[dict], rests: dict[str, tuple[float, float]]) -
     return {"rests": {k: list(v) for k, v in rests.items()},
             "start_mb": rest["start"]["total_mb"], "after_warmup_mb": warm["total_mb"], "end_mb": end["total_mb"],
             "peak_under_load_mb": round(max(_total(s) for s in loaded), 1),
-            "peak_mb": round(max(_total(s) for s in samples), 1),
             "growth_mb": round(growth, 1), "growth_pct": round(100 * growth / warm["total_mb"], 2),
             "growth_by_process_mb": per_process, "rest_by_process_mb": {k: v["by_process_mb"] for k, v in rest.items()},
             "flat_bound_mb": round(bound, 1), "flat": growth < bound}

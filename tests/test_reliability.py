@@ -286,10 +286,8 @@ def test_client_that_disconnects_stops_generation(rel, face_png, tmp_path):
 # ------------------------------------------------------------------------------------ recovery
 
 def test_killed_model_process_fails_its_requests_clearly_and_comes_back(rel, tiny_pipeline, face_png):
-    from runtime.serving.server import python_stubs
-
     server = rel.server
-    (llm_pid,) = [p for p, m in python_stubs(server.proc.pid, server.repository).items() if m == "llm"]
+    (llm_pid,) = [p for p, m in python_stubs_of(server).items() if m == "llm"]
 
     async def killed_mid_stream():
         busy = asyncio.Event()
@@ -312,7 +310,7 @@ def test_killed_model_process_fails_its_requests_clearly_and_comes_back(rel, tin
         assert server.restarts[-1]["cause"] == "killed by SIGABRT", server.restarts
         assert any("lock_exception" in line for line in server.recent)
     check_same_answer(ask_when_back(server.grpc_url, face_png), tiny_pipeline.ask(face_png, QUESTION, GREEDY))
-    new = [p for p, m in python_stubs(server.proc.pid, server.repository).items() if m == "llm"]
+    new = [p for p, m in python_stubs_of(server).items() if m == "llm"]
     assert new and llm_pid not in new
 
 

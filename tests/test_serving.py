@@ -5,21 +5,23 @@ exposes metrics, and refuses bad input with a message naming the problem."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import queue
-import struct
+import sys
 import urllib.error
 import urllib.request
-import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 from serving_fixtures import served_tiny, tiny_pipeline  # noqa: F401 (fixtures)
 
-from runtime.client import RemoteError, ask_remote
-from runtime.generate import SamplingParams
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not an installed package
+
+from benchmarks.soak import _b, _png, _png_header  # noqa: E402 (the malformed corpus's builders)
+from runtime.client import RemoteError, ask_remote  # noqa: E402
+from runtime.generate import SamplingParams  # noqa: E402
 
 GREEDY = SamplingParams(max_new_tokens=10)
 QUESTION = "What can you tell about this face?"
@@ -128,27 +130,6 @@ def _grpc_error(url: str, tensors: list[tuple[str, np.ndarray, str]]) -> str | N
     finally:
         client.stop_stream()
         client.close()
-
-
-def _png(width: int, height: int) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _png_header(width: int, height: int) -> bytes:
-    """65 bytes of PNG that declare width x height pixels (what a decompression bomb looks like)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
-
-
-def _b(x) -> np.ndarray:
-    return np.array([[x]], dtype=np.object_)
 
 
 BAD_GRPC = {

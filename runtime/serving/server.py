@@ -557,9 +557,7 @@ class TritonServer:
         cause = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
         self.say(f"tritonserver exited on its own ({cause}); restarting it over {self.repository}\n"
                  f"{self.error_summary()}")
-        _end_stubs(dict(stubs or {}), self.shm_prefix)
-        remove_shm_regions(self.shm_prefix)
-        shutil.rmtree(cancel_flag_dir(old.pid), ignore_errors=True)
+        self._clear_leftovers(dict(stubs or {}), old.pid)
         t0 = time.monotonic()
         try:
             self._launch(timeout_s)
@@ -626,10 +624,14 @@ class TritonServer:
                 self.proc.wait()
         if self._reader is not None:
             self._reader.join(timeout=5)
+        self._clear_leftovers(stubs, self.proc.pid)
+        return self.proc.returncode
+
+    def _clear_leftovers(self, stubs: dict[int, str], server_pid: int) -> None:
+        """What an ended server process can leave: its stubs, their shared memory, its cancellation marks."""
         _end_stubs(stubs, self.shm_prefix)
         remove_shm_regions(self.shm_prefix)
-        shutil.rmtree(cancel_flag_dir(self.proc.pid), ignore_errors=True)
-        return self.proc.returncode
+        shutil.rmtree(cancel_flag_dir(server_pid), ignore_errors=True)
 
     def models_ready(self) -> dict[str, bool]:
         """{model: READY?} from the repository index."""
