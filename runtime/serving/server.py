@@ -349,7 +349,7 @@ class StubSupervisor(threading.Thread):
 
     tritonserver itself can die of a stub's death: 2.51's python backend sometimes aborts the whole
     server (`terminate called after throwing an instance of 'boost::interprocess::lock_exception'`)
-    when a stub is killed while it holds a lock in their shared memory (measured here: 3 of 22
+    when a stub is killed while it holds a lock in their shared memory (measured here: 5 of 30
     SIGKILLs mid-request). A server that exits without `stop()` is started again over the same
     repository and ports (`TritonServer.restart`, kept in `restarts`); after MAX_FAILED_RESTARTS
     failed tries in a row the supervisor gives up and `serve_forever` returns the server's exit code.
