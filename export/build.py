@@ -149,7 +149,7 @@ def _build_into(out: Path, model, tokenizer, config: dict, *, checkpoint: Path, 
     spec_model = {
         "family": model.family, "vocab_size": model.vocab_size,
         "num_image_tokens": model.num_image_tokens, "num_seg_tokens": model.num_seg_tokens,
-        "num_classes": config["parser"]["num_classes"] if model.family == "faceinsight" else None,
+        "num_classes": config["parser"]["num_classes"] if model.num_seg_tokens else None,
         "llm": llm_layout(model),
         "limits": {"max_batch": max_batch, "max_new_tokens": max_new_tokens},
     }

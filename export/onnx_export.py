@@ -378,7 +378,7 @@ def _example_inputs(model, batch: int = 2):
     spec = model.spec
     size = spec["image_size"]
     ex = {"vision": (torch.randn(batch, 3, size, size, generator=g),)}
-    if model.family == "faceinsight":
+    if model.num_seg_tokens:
         p = spec["parser"]["input_size"]
         ls = model.seg.label_size
         ex["parser"] = (torch.randn(batch, 3, p, p, generator=g),)
@@ -403,7 +403,7 @@ def export_onnx(model, out_dir: Path, simplify: bool = True,
 
     plain = [("vision", VisionGraph(model), ["pixel_values"], ["image_tokens", "pooled"],
               {"pixel_values": batch, "image_tokens": batch, "pooled": batch})]
-    if model.family == "faceinsight":
+    if model.num_seg_tokens:  # FaceInsight with trained parser, seg and attribute weights
         plain += [
             ("parser", ParserGraph(model), ["parser_pixels"], ["labels"], {"parser_pixels": batch, "labels": batch}),
             ("seg", SegGraph(model), ["labels"], ["seg_tokens"], {"labels": batch, "seg_tokens": batch}),

