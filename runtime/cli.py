@@ -1,7 +1,7 @@
 """`facert`: one command, with subcommands.
 
   facert init  --model SPEC --out DIR          write a checkpoint with seeded random weights
-  facert ask   IMAGE QUESTION --checkpoint DIR  answer a question about a face image, in-process
+  facert ask   IMAGE [IMAGE ...] QUESTION --checkpoint DIR   answer a question about face images, in-process
   facert demo                                   the main job: demo model, engines, server, streamed answer
 """
 
@@ -54,12 +54,16 @@ def print_answer(answer, spec: dict, streamed: bool, out=sys.stdout) -> None:
     real = spec.get("real_parts", {})
     if real:
         print("real weights: " + "; ".join(f"{k}: {v}" for k, v in real.items()), file=out)
-    if answer.attributes:
-        present = sorted(((p, n) for n, p in answer.attributes.items() if p >= 0.5), reverse=True)
+    per_image = answer.image_attributes or ([{"attributes": answer.attributes,
+                                              "constraints_fired": answer.constraints_fired}]
+                                            if answer.attributes else [])
+    for i, image in enumerate(per_image):
+        present = sorted(((p, n) for n, p in image["attributes"].items() if p >= 0.5), reverse=True)
         label = "attributes (random head)" if "attributes" in random_parts else "attributes"
-        print(f"\n{label}, p >= 0.5 after constraints: "
+        which = f" of image {i + 1}" if len(per_image) > 1 else ""
+        print(f"\n{label}{which}, p >= 0.5 after constraints: "
               + (", ".join(f"{n} {p:.2f}" for p, n in present) or "none"), file=out)
-        print("constraint rules fired: " + (", ".join(answer.constraints_fired) or "none"), file=out)
+        print("constraint rules fired: " + (", ".join(image["constraints_fired"]) or "none"), file=out)
     t = answer.timings
     stages = " | ".join(f"{k[:-3]} {v:.1f} ms" for k, v in t.items() if k.endswith("_ms") and k != "total_ms")
     print(f"\ntimings: {stages}\n         decode {t['decode_tokens_per_s']:.1f} tokens/s | total {t['total_ms']:.1f} ms "
@@ -77,19 +81,18 @@ def _open_pipeline(args):
         return open_pipeline(args.engines, backend=args.backend, device=args.device)
     _progress(f"loading {args.checkpoint}")
     return FacePipeline.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype,
-                                        cuda_graphs=not args.no_cuda_graphs,
-                                        parser_pth=getattr(args, "parser_pth", None))
+                                        cuda_graphs=not args.no_cuda_graphs)
 
 
-def _ask_local(image: Path, question: str, args) -> int:
-    data = image.read_bytes()
+def _ask_local(images: list[Path], question: str, args) -> int:
+    data = [p.read_bytes() for p in images]
     params = _sampling(args)
     pipe = _open_pipeline(args)
     on_text = None
     if args.stream and not args.json:
         def on_text(piece: str) -> None:
             print(piece, end="", flush=True)
-    answer = pipe.ask(data, question, params, on_text=on_text)
+    answer = pipe.ask(data, question, params, on_text=on_text, max_tiles=getattr(args, "max_tiles", None))
     if args.json:
         print(json.dumps({**answer.to_dict(), "random_parts": pipe.random_parts}, indent=2))
     else:
@@ -98,16 +101,21 @@ def _ask_local(image: Path, question: str, args) -> int:
 
 
 def cmd_ask(args) -> int:
-    image = Path(args.image)
-    if not image.is_file():
-        return _err(f"image {image} does not exist")
+    # positional: IMAGE [IMAGE ...] QUESTION; --image adds more images after them, in order
+    *positional, question = args.images_and_question
+    images = [Path(p) for p in positional + (args.image or [])]
+    if not images:
+        return _err("give at least one image: facert ask IMAGE [IMAGE ...] QUESTION (or --image FILE)")
+    for image in images:
+        if not image.is_file():
+            return _err(f"image {image} does not exist")
     if args.url:
         from runtime.client import cli_ask  # issue 5: the gRPC/HTTP client
 
-        return cli_ask(image, args.question, args)
+        return cli_ask(images, question, args)
     if not (args.checkpoint or args.engines):
         return _err("say where the model is: --checkpoint DIR, --engines DIR or --url HOST:PORT")
-    return _ask_local(image, args.question, args)
+    return _ask_local(images, question, args)
 
 
 def cmd_demo(args) -> int:
@@ -122,7 +130,7 @@ def cmd_demo(args) -> int:
         _progress(f"reusing {ckpt} (delete it to rebuild)")
     print(f"Q: {args.question}\n(image: {args.image})\nA: ", end="", flush=True)
     args.stream, args.json, args.checkpoint, args.engines = True, False, str(ckpt), None
-    return _ask_local(Path(args.image), args.question, args)
+    return _ask_local([Path(args.image)], args.question, args)
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -158,16 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight dtype (default fp32; bf16 for full-size 7B/8B)")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("ask", help="answer a question about a face image",
-                       description="Answer a question about a face image with a checkpoint, in-process; "
-                                   "prints the answer, the facial attributes and per-stage timings.")
-    p.add_argument("image", help="image file (JPEG, PNG, WebP, ...)")
-    p.add_argument("question", help="the question, in plain text")
+    p = sub.add_parser("ask", help="answer a question about one or more face images",
+                       description="Answer a question about one or more face images (in prompt order, as "
+                                   "separate images: `facert ask a.jpg b.jpg \"Same person?\"`) with a "
+                                   "checkpoint or engines in-process, or a running server; prints the answer, "
+                                   "the facial attributes (FaceInsight) and per-stage timings.",
+                       epilog="The prompt is built by the checkpoint's own chat template and processor: "
+                              "each image becomes its tiles (InternVL: up to --max-tiles + a thumbnail).")
+    p.add_argument("images_and_question", nargs="+", metavar="IMAGE [IMAGE ...] QUESTION",
+                   help="image files (JPEG, PNG, WebP, ...), then the question in plain text")
+    p.add_argument("--image", action="append", metavar="FILE",
+                   help="one more image, after the positional ones (repeatable)")
+    p.add_argument("--max-tiles", type=int, help="InternVL: at most this many tiles per image (default: the "
+                                                 "checkpoint processor's max_patches, 12)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--checkpoint", help="checkpoint directory (facert, llava-hf or InternVL3-hf): torch, in-process")
     where.add_argument("--engines", help="engines folder built by `facert build`, in-process")
     where.add_argument("--url", help="HOST:PORT of a running `facert serve`")
-    p.add_argument("--parser-pth", help="with a llava-hf --checkpoint: the BiSeNet face parser's 79999_iter.pth")
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
                    help="backend for --engines (default onnxruntime)")
     p.add_argument("--protocol", default="grpc", choices=("grpc", "http"), help="protocol for --url (default grpc)")

@@ -18,6 +18,7 @@ import json
 import queue
 import sys
 import uuid
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -67,7 +68,8 @@ def _split_url(url: str) -> str:
 
 def _result(model: str) -> dict:
     return {"model": model, "text": "", "token_ids": [], "finish_reason": None, "timings": {},
-            "attributes": None, "attributes_raw": None, "constraints_fired": []}
+            "attributes": None, "attributes_raw": None, "constraints_fired": [], "image_attributes": [],
+            "prompt_tokens": None}
 
 
 def _absorb(out: dict, text: str, token_ids, finish: str, attributes: str, timings: str,
@@ -84,13 +86,32 @@ def _absorb(out: dict, text: str, token_ids, finish: str, attributes: str, timin
         a = json.loads(attributes)
         out["attributes"], out["attributes_raw"] = a["attributes"], a["attributes_raw"]
         out["constraints_fired"] = a["constraints_fired"]
+        out["image_attributes"] = a.get("images", [])
     if timings:
         out["timings"] = json.loads(timings)
+        out["prompt_tokens"] = out["timings"].pop("prompt_tokens", None)
 
 
 # ------------------------------------------------------------------------------------------- gRPC
 
-def _grpc_inputs(image: bytes, question: str, params: SamplingParams, stream: bool):
+@dataclass
+class Request:
+    """One request: its images (in prompt order) and a question or a conversation (`messages`)."""
+
+    images: list[bytes]
+    question: str | None = None
+    messages: list[dict] | None = None
+    max_tiles: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.images, (bytes, bytearray, memoryview)):
+            self.images = [self.images]
+        self.images = [bytes(b) for b in self.images]
+        if (self.question is None) == (self.messages is None):
+            raise ValueError("send a question or messages (a conversation), exactly one of them")
+
+
+def _grpc_inputs(req: Request, params: SamplingParams, stream: bool):
     import tritonclient.grpc as grpcclient
 
     def tensor(name, array, dtype):
@@ -98,12 +119,18 @@ def _grpc_inputs(image: bytes, question: str, params: SamplingParams, stream: bo
         t.set_data_from_numpy(array)
         return t
 
-    inputs = [tensor("IMAGE", np.array([[bytes(image)]], dtype=np.object_), "BYTES"),
-              tensor("QUESTION", np.array([[question.encode("utf-8")]], dtype=np.object_), "BYTES"),
+    inputs = [tensor("IMAGE", np.array([req.images], dtype=np.object_), "BYTES"),
               tensor("MAX_TOKENS", np.array([[params.max_new_tokens]], np.int32), "INT32"),
               tensor("TEMPERATURE", np.array([[params.temperature]], np.float32), "FP32"),
               tensor("TOP_P", np.array([[params.top_p]], np.float32), "FP32"),
               tensor("STREAM", np.array([[stream]], np.bool_), "BOOL")]
+    if req.question is not None:
+        inputs.append(tensor("QUESTION", np.array([[req.question.encode("utf-8")]], dtype=np.object_), "BYTES"))
+    else:
+        inputs.append(tensor("MESSAGES", np.array([[json.dumps(req.messages).encode("utf-8")]], dtype=np.object_),
+                             "BYTES"))
+    if req.max_tiles is not None:
+        inputs.append(tensor("MAX_TILES", np.array([[req.max_tiles]], np.int32), "INT32"))
     if params.seed is not None:
         inputs.append(tensor("SEED", np.array([[params.seed]], np.int64), "INT64"))
     return inputs
@@ -131,7 +158,7 @@ def find_model(url: str, protocol: str = "grpc") -> str:
     return ready[0]
 
 
-def _ask_grpc(url, image, question, params, stream, on_text, model, timeout_s, request_timeout_s=None) -> dict:
+def _ask_grpc(url, req: Request, params, stream, on_text, model, timeout_s, request_timeout_s=None) -> dict:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
@@ -140,7 +167,7 @@ def _ask_grpc(url, image, question, params, stream, on_text, model, timeout_s, r
     client = grpcclient.InferenceServerClient(url)
     try:
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
-        client.async_stream_infer(model, _grpc_inputs(image, question, params, stream),
+        client.async_stream_infer(model, _grpc_inputs(req, params, stream),
                                   request_id=uuid.uuid4().hex, enable_empty_final_response=True,
                                   timeout=None if request_timeout_s is None else max(1, int(request_timeout_s * 1e6)))
         while True:
@@ -201,10 +228,16 @@ def _http_error(status: int, body: bytes) -> str:
         return f"HTTP {status}: {text[:500]}"
 
 
-def _ask_http(url, image, question, params, stream, on_text, model, timeout_s) -> dict:
-    body = {"IMAGE_BASE64": base64.b64encode(bytes(image)).decode("ascii"), "QUESTION": question,
+def _ask_http(url, req: Request, params, stream, on_text, model, timeout_s) -> dict:
+    body = {"IMAGE_BASE64": [base64.b64encode(b).decode("ascii") for b in req.images],
             "MAX_TOKENS": params.max_new_tokens, "TEMPERATURE": params.temperature, "TOP_P": params.top_p,
             "STREAM": bool(stream)}
+    if req.question is not None:
+        body["QUESTION"] = req.question
+    else:
+        body["MESSAGES"] = json.dumps(req.messages)
+    if req.max_tiles is not None:
+        body["MAX_TILES"] = req.max_tiles
     if params.seed is not None:
         body["SEED"] = params.seed
     out = _result(model)
@@ -242,10 +275,16 @@ def _ask_http(url, image, question, params, stream, on_text, model, timeout_s) -
 
 # -------------------------------------------------------------------------------------------- API
 
-def ask_remote(url: str, image_bytes: bytes, question: str, params: SamplingParams | None = None,
+def ask_remote(url: str, images, question: str | None = None, params: SamplingParams | None = None,
                protocol: str = "grpc", stream: bool = False, on_text: Callable[[str], None] | None = None,
-               model: str | None = None, timeout_s: float = 300.0, request_timeout_s: float | None = None) -> dict:
-    """Ask the served model; returns text, token_ids, finish_reason, attributes, timings (and model).
+               model: str | None = None, timeout_s: float = 300.0, request_timeout_s: float | None = None,
+               messages: list[dict] | None = None, max_tiles: int | None = None) -> dict:
+    """Ask the served model; returns text, token_ids, finish_reason, attributes (image 1's, and
+    image_attributes for each), timings, prompt_tokens (and model).
+
+    images: one encoded image (bytes) or a list of them, in prompt order; with `question` (the user
+    turn after the images) or `messages` (a conversation in transformers' typed-content form whose
+    {"type": "image"} parts take the images in order). max_tiles caps an InternVL image's tiles.
 
     on_text(piece) is called for each piece of text as it arrives (one piece when not streaming).
     timeout_s bounds the wait for each response here; request_timeout_s (gRPC) is the request's own
@@ -257,12 +296,13 @@ def ask_remote(url: str, image_bytes: bytes, question: str, params: SamplingPara
     if request_timeout_s is not None and protocol != "grpc":
         raise ValueError("request_timeout_s is sent over gRPC only")
     params = (params or SamplingParams()).validate()
+    req = Request(images, question, messages, max_tiles)
     url = _split_url(url)
     model = model or find_model(url, protocol)
     try:
         if protocol == "grpc":
-            return _ask_grpc(url, image_bytes, question, params, stream, on_text, model, timeout_s, request_timeout_s)
-        return _ask_http(url, image_bytes, question, params, stream, on_text, model, timeout_s)
+            return _ask_grpc(url, req, params, stream, on_text, model, timeout_s, request_timeout_s)
+        return _ask_http(url, req, params, stream, on_text, model, timeout_s)
     except RemoteError:
         raise
     except Exception as e:  # noqa: BLE001 (transport failures: say where and what)
@@ -287,8 +327,8 @@ def model_card(url: str, model: str, protocol: str = "grpc") -> dict:
         return {}
 
 
-def cli_ask(image_path, question: str, args) -> int:
-    """`facert ask IMAGE QUESTION --url HOST:PORT [--protocol grpc|http] [--stream] [--json]`."""
+def cli_ask(image_paths, question: str, args) -> int:
+    """`facert ask IMAGE [IMAGE ...] QUESTION --url HOST:PORT [--protocol grpc|http] [--stream] [--json]`."""
     from runtime.cli import print_answer
     from runtime.pipeline import Answer
 
@@ -304,8 +344,9 @@ def cli_ask(image_path, question: str, args) -> int:
         def on_text(piece: str) -> None:
             print(piece, end="", flush=True)
     try:
-        out = ask_remote(args.url, open(image_path, "rb").read(), question, params, protocol=args.protocol,
-                         stream=args.stream, on_text=on_text)
+        out = ask_remote(args.url, [open(p, "rb").read() for p in image_paths], question, params,
+                         protocol=args.protocol, stream=args.stream, on_text=on_text,
+                         max_tiles=getattr(args, "max_tiles", None))
     except RemoteError as e:
         if on_text is not None:
             print(file=sys.stderr)
@@ -316,6 +357,7 @@ def cli_ask(image_path, question: str, args) -> int:
         print(json.dumps({**out, **card}, indent=2))
         return 0
     answer = Answer(out["text"], out["token_ids"], out["finish_reason"] or "", out["timings"],
-                    out["attributes"], out["attributes_raw"], out["constraints_fired"])
+                    out["attributes"], out["attributes_raw"], out["constraints_fired"],
+                    prompt_tokens=out["prompt_tokens"] or 0, image_attributes=out["image_attributes"])
     print_answer(answer, card, streamed=args.stream, out=sys.stdout)
     return 0

@@ -130,19 +130,57 @@ def _as_list(images) -> list[bytes]:
     return [images] if isinstance(images, (bytes, bytearray, memoryview)) else list(images)
 
 
+class RequestBuilder:
+    """A request (images + a question or a conversation) -> checked pixels and prompt ids.
+
+    Needs no weights: the in-process pipeline and the server's preprocessing step both use it, so
+    both build exactly the same inputs and refuse exactly the same requests."""
+
+    def __init__(self, spec: dict, tokenizer, vocab_size: int, num_image_tokens: int, num_seg_tokens: int,
+                 max_pixels: int = MAX_IMAGE_PIXELS, max_images: int | None = None):
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_pixels = max_pixels
+        self.max_images = int(max_images or os.environ.get("FACERT_MAX_IMAGES") or MAX_IMAGES)
+        self.max_context = int(spec["llm"].get("max_position_embeddings", 4096))
+        self.layout = image_layout(spec["family"], tokenizer, num_image_tokens, num_seg_tokens)
+
+    def conversation(self, num_images: int, question: str | None = None, messages=None) -> list[dict]:
+        """`question` (a user turn of the images then the text) or `messages` (transformers'
+        typed-content form), exactly one of them."""
+        check_image_count(num_images, self.max_images)
+        if (question is None) == (messages is None):
+            raise PromptError("send a question or messages (a conversation), exactly one of them")
+        if messages is not None:
+            return check_messages(messages, num_images)
+        return question_messages(question, num_images)
+
+    def prompt_ids(self, conversation: list[dict], tiles: list[int], max_new_tokens: int) -> list[int]:
+        if max_new_tokens >= self.max_context:  # else the prompt's bound below reads as a negative number
+            raise PromptError(f"max_tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                              f"{self.max_context}-token context")
+        return build_prompt_ids(self.tokenizer, conversation, self.layout, tiles, self.vocab_size,
+                                max_prompt_tokens=self.max_context - max_new_tokens)
+
+    def build(self, images, question: str | None, messages, max_new_tokens: int,
+              max_tiles: int | None = None) -> tuple[ImageInputs, list[int]]:
+        images = _as_list(images)
+        conv = self.conversation(len(images), question, messages)
+        inputs = preprocess_images(images, self.spec, self.max_pixels, max_tiles, self.max_images)
+        return inputs, self.prompt_ids(conv, inputs.tiles, max_new_tokens)
+
+
 class FacePipeline:
     def __init__(self, components, tokenizer, max_pixels: int = MAX_IMAGE_PIXELS, max_images: int | None = None):
         self.c = components
         self.tokenizer = tokenizer
         self.spec = components.spec
-        self.max_pixels = max_pixels
-        self.max_images = int(max_images or os.environ.get("FACERT_MAX_IMAGES") or MAX_IMAGES)
-        llm_spec = self.spec["llm"]
-        self.max_context = int(llm_spec.get("max_position_embeddings", 4096))
+        self.requests = RequestBuilder(self.spec, tokenizer, components.vocab_size, components.num_image_tokens,
+                                       components.num_seg_tokens, max_pixels, max_images)
+        self.max_context = self.requests.max_context
         eos = tokenizer.eos_token_id
         self.eos_token_ids = tuple(x for x in ([eos] if isinstance(eos, int) else (eos or [])) if x is not None)
-        self.layout = image_layout(self.spec["family"], tokenizer, components.num_image_tokens,
-                                   components.num_seg_tokens)
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "cpu", dtype: str | None = None,
@@ -157,36 +195,22 @@ class FacePipeline:
     def random_parts(self) -> list[str]:
         return list(self.spec.get("random_parts", []))
 
-    def conversation(self, num_images: int, question: str | None = None, messages=None) -> list[dict]:
-        """The request as a checked conversation: `question` (a user turn of the images then the text)
-        or `messages` (transformers' typed-content form), not both."""
-        if (question is None) == (messages is None):
-            raise PromptError("send a question or messages (a conversation), exactly one of them")
-        if messages is not None:
-            return check_messages(messages, num_images)
-        return question_messages(question, num_images)
-
-    def prompt_ids(self, conversation: list[dict], tiles: list[int], max_new_tokens: int) -> list[int]:
-        if max_new_tokens >= self.max_context:  # else the prompt's bound below reads as a negative number
-            raise PromptError(f"max_tokens {max_new_tokens} leaves no room for a prompt in the model's "
-                              f"{self.max_context}-token context")
-        return build_prompt_ids(self.tokenizer, conversation, self.layout, tiles, self.c.vocab_size,
-                                max_prompt_tokens=self.max_context - max_new_tokens)
+    @property
+    def max_images(self) -> int:
+        return self.requests.max_images
 
     def prepare(self, images: list, questions: list, max_new_tokens: int, messages: list | None = None,
                 max_tiles: int | None = None) -> Prepared:
         """Everything before the LLM, batched across requests; validates every input first."""
         t = {s: 0.0 for s in STAGES}
         t0 = time.perf_counter()
-        images = [_as_list(x) for x in images]
         messages = messages or [None] * len(images)
-        convs = []
-        for imgs, q, m in zip(images, questions, messages):
-            check_image_count(len(imgs), self.max_images)
-            convs.append(self.conversation(len(imgs), q, m))
-        inputs: list[ImageInputs] = [preprocess_images(imgs, self.spec, self.max_pixels, max_tiles, self.max_images)
-                                     for imgs in images]
-        ids = [self.prompt_ids(c, x.tiles, max_new_tokens) for c, x in zip(convs, inputs)]
+        for imgs, q, m in zip(images, questions, messages):  # every request's shape first, then pixels
+            self.requests.conversation(len(_as_list(imgs)), q, m)
+        built = [self.requests.build(imgs, q, m, max_new_tokens, max_tiles)
+                 for imgs, q, m in zip(images, questions, messages)]
+        inputs = [x for x, _ in built]
+        ids = [row for _, row in built]
         t["preprocess"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

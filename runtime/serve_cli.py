@@ -37,7 +37,7 @@ def cmd_repo(args) -> int:
         configs = fill_repository(args.out, checkpoint=args.checkpoint, engines=args.engines, backend=args.backend,
                                   target=args.target, device=args.device, max_batch_size=args.max_batch,
                                   max_queue_size=args.max_queue_size, queue_timeout_ms=args.queue_timeout_ms,
-                                  overwrite=args.force)
+                                  overwrite=args.force, max_images=args.max_images)
     except RepositoryError as e:
         print(f"facert: error: {e}", file=sys.stderr)
         return 2
@@ -137,6 +137,7 @@ def cmd_serve_demo(args) -> int:
 
 
 def register(sub) -> None:
+    from runtime.preprocess import MAX_IMAGES
     from runtime.serving.repo import DEFAULT_MAX_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT_MS, TARGETS
 
     p = sub.add_parser(
@@ -161,6 +162,8 @@ def register(sub) -> None:
     p.add_argument("--queue-timeout-ms", type=int, default=DEFAULT_QUEUE_TIMEOUT_MS,
                    help=f"a request waiting longer than this in a model's queue is refused, unless it carries its "
                         f"own timeout; 0: no default (default {DEFAULT_QUEUE_TIMEOUT_MS})")
+    p.add_argument("--max-images", type=int, default=MAX_IMAGES,
+                   help=f"images one request may hold (default {MAX_IMAGES}); more are refused with an error naming the bound")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_repo)
 

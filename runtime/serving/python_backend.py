@@ -3,8 +3,9 @@
 Imported only inside a python-backend stub (it needs `triton_python_backend_utils`). Each step's
 model.py subclasses one of:
 
-- `BatchedStep`: the dynamic batcher hands it several requests; their tensors are concatenated on
-  the batch axis, `compute()` runs once, and the results are split back per request.
+- `ImageRowsStep`: each request holds its images (or tiles) as [1, N, ...]; the dynamic batcher
+  hands it several requests (ragged: each its own N); every row of every request goes through
+  `compute()` as one batch, and the results are handed back per request.
 - `PerRequestStep`: `compute_one()` runs per request, so a bad request fails alone.
 
 A step's model reaches the checkpoint or engines named in its config.pbtxt parameters
@@ -61,11 +62,12 @@ def open_pipeline(params: dict, device: str, parts: tuple[str, ...] | None = Non
 class RequestInfo:
     """What preprocessing needs, without loading any weights: the spec, the tokenizer, the prompt layout.
 
-    Prompts are built exactly as FacePipeline.prompt_ids builds them (runtime.prompt.build_prompt_ids,
-    bounded by the LLM's context less the tokens asked for).
+    Requests are checked and built exactly as the in-process FacePipeline builds them
+    (runtime.pipeline.RequestBuilder: the same pixels, prompt ids and refusals).
     """
 
     def __init__(self, params: dict):
+        from runtime.pipeline import RequestBuilder
         from runtime.serving.repo import describe_checkpoint, describe_engines
         from runtime.tokenizer import load_tokenizer
 
@@ -74,19 +76,9 @@ class RequestInfo:
             raise pb_utils.TritonModelException("config.pbtxt names neither an `engines` nor a `checkpoint` parameter")
         info = describe_engines(source) if params.get("engines") else describe_checkpoint(source)
         self.spec = info["spec"]
-        self.vocab_size, self.num_image_tokens, self.num_seg_tokens = (
-            info["vocab_size"], info["num_image_tokens"], info["num_seg_tokens"])
-        self.max_context = int(self.spec["llm"].get("max_position_embeddings", 4096))
-        self.tokenizer = load_tokenizer(source)
-
-    def prompt_ids(self, question: str, max_new_tokens: int) -> list[int]:
-        from runtime.prompt import build_prompt_ids
-
-        if max_new_tokens >= self.max_context:  # else the prompt's bound below reads as a negative number
-            raise ValueError(f"max_tokens {max_new_tokens} leaves no room for a prompt in the model's "
-                             f"{self.max_context}-token context")
-        return build_prompt_ids(self.tokenizer, question, self.vocab_size, self.num_image_tokens,
-                                self.num_seg_tokens, max_prompt_tokens=self.max_context - max_new_tokens)
+        max_images = int(params.get("max_images") or 0) or None
+        self.requests = RequestBuilder(self.spec, load_tokenizer(source), info["vocab_size"],
+                                       info["num_image_tokens"], info["num_seg_tokens"], max_images=max_images)
 
 
 class CancelFlags:
@@ -194,30 +186,6 @@ class Step:
         pass
 
 
-class BatchedStep(Step):
-    def compute(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    def execute(self, requests):
-        inputs = [read_inputs(r, self.input_names) for r in requests]
-        sizes = [next(iter(x.values())).shape[0] for x in inputs]
-        try:
-            t0 = time.perf_counter()
-            batch = {k: np.concatenate([x[k] for x in inputs]) for k in inputs[0]}
-            out = self.compute(batch)
-            ms = (time.perf_counter() - t0) * 1e3
-        except Exception as e:  # noqa: BLE001 (every request of the batch gets the error)
-            return [error_response(e) for _ in requests]
-        responses, start = [], 0
-        for n in sizes:
-            piece = {k: v[start:start + n] for k, v in out.items()}
-            if self.timing_output:
-                piece[self.timing_output] = np.full((n, 1), ms, np.float32)
-            responses.append(make_response(piece))
-            start += n
-        return responses
-
-
 class PerRequestStep(Step):
     def compute_one(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -233,4 +201,41 @@ class PerRequestStep(Step):
                 responses.append(make_response(out))
             except Exception as e:  # noqa: BLE001 (the request gets the message)
                 responses.append(error_response(e))
+        return responses
+
+
+class ImageRowsStep(Step):
+    """A step over images: each request holds [1, N, ...] (its N images or tiles); the rows of every
+    request in the batch are computed as one batch, then handed back per request."""
+
+    def compute(self, rows: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, bool]]:
+        """rows: each input [sum N, ...] -> each output (rows [sum N, ...], merge), where `merge` joins a
+        request's rows into one sequence ([1, N*k, D]) instead of keeping them apart ([1, N, ...])."""
+        raise NotImplementedError
+
+    def execute(self, requests):
+        inputs = [read_inputs(r, self.input_names) for r in requests]
+        try:
+            sizes = []
+            for x in inputs:
+                shapes = {k: v.shape for k, v in x.items()}
+                if any(len(s) < 2 or s[0] != 1 for s in shapes.values()):
+                    raise ValueError(f"{self.name}: every input must be [1, N, ...] (one request's images), got {shapes}")
+                sizes.append(next(iter(x.values())).shape[1])
+            t0 = time.perf_counter()
+            rows = {k: np.concatenate([x[k][0] for x in inputs]) for k in inputs[0]}
+            out = self.compute(rows)
+            ms = (time.perf_counter() - t0) * 1e3
+        except Exception as e:  # noqa: BLE001 (every request of the batch gets the error)
+            return [error_response(e) for _ in requests]
+        responses, start = [], 0
+        for n in sizes:
+            piece = {}
+            for k, (v, merge) in out.items():
+                part = v[start:start + n]
+                piece[k] = part.reshape(1, n * part.shape[1], *part.shape[2:]) if merge else part[None]
+            if self.timing_output:
+                piece[self.timing_output] = np.full((1, 1), ms, np.float32)
+            responses.append(make_response(piece))
+            start += n
         return responses

@@ -24,6 +24,8 @@ import json
 import shutil
 from pathlib import Path
 
+from runtime.preprocess import MAX_IMAGES
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO_ROOT / "model_repository"
 STEPS = ("preprocessing", "vision_encoder", "face_parser", "seg_projection", "attribute_head", "llm", "postprocessing")
@@ -188,7 +190,8 @@ def _environment():
 def fill_repository(out: str | Path, checkpoint: str | Path | None = None, engines: str | Path | None = None,
                     backend: str = "onnxruntime", target: str = "portable", device: str | None = None,
                     max_batch_size: int = 8, queue_delay_us: int = 2000, max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
-                    queue_timeout_ms: int = DEFAULT_QUEUE_TIMEOUT_MS, overwrite: bool = False) -> dict:
+                    queue_timeout_ms: int = DEFAULT_QUEUE_TIMEOUT_MS, overwrite: bool = False,
+                    max_images: int = MAX_IMAGES) -> dict:
     """Render the repository for one model into `out`; returns {model name: ModelConfig} after validation.
 
     Back-pressure: every step's queue holds at most `max_queue_size` waiting requests (one more is
@@ -203,6 +206,8 @@ def fill_repository(out: str | Path, checkpoint: str | Path | None = None, engin
         raise RepositoryError(f"max_batch_size must be in [1, 256], got {max_batch_size}")
     if not 1 <= max_queue_size <= 1_000_000:
         raise RepositoryError(f"max_queue_size must be in [1, 1000000], got {max_queue_size}")
+    if not 1 <= max_images <= 64:
+        raise RepositoryError(f"max_images must be in [1, 64], got {max_images}")
     if not 0 <= queue_timeout_ms <= 3_600_000:
         raise RepositoryError(f"queue_timeout_ms must be in [0, 3600000] (0: no default timeout), got {queue_timeout_ms}")
     if target == "native" and engines is None:
@@ -225,6 +230,7 @@ def fill_repository(out: str | Path, checkpoint: str | Path | None = None, engin
         info = describe_checkpoint(checkpoint)
         source = {"checkpoint": str(checkpoint), "device": device}
 
+    source["max_images"] = str(max_images)  # preprocessing refuses requests with more
     has_seg = info["has_seg"]
     upstream = ["PREPROCESS_MS", "VISION_MS"] + (["PARSER_MS", "SEG_MS", "ATTRIBUTES_MS"] if has_seg else [])
     io = {step: {name: name for name in ("PIXEL_VALUES", "IMAGE_TOKENS", "POOLED", "PARSER_PIXELS", "LABELS",

@@ -1,10 +1,10 @@
-"""Attribute head step: CelebA attribute probabilities from pooled vision features."""
+"""Attribute head step: CelebA attribute probabilities from every image's pooled vision features."""
 
-from runtime.serving.python_backend import BatchedStep, to_numpy
+from runtime.serving.python_backend import ImageRowsStep, to_numpy
 
 
-class TritonPythonModel(BatchedStep):
+class TritonPythonModel(ImageRowsStep):
     parts = ("attributes",)
 
-    def compute(self, batch):
-        return {"ATTRIBUTE_PROBS": to_numpy(self.pipe.c.attributes(batch["POOLED"]))}
+    def compute(self, rows):
+        return {"ATTRIBUTE_PROBS": (to_numpy(self.pipe.c.attributes(rows["POOLED"])), False)}

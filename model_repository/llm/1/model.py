@@ -84,6 +84,8 @@ class TritonPythonModel(Step):
 
     def setup(self):
         self.has_attributes = "ATTRIBUTE_PROBS_OUT" in self.output_names
+        self.num_attributes = next((o["dims"][-1] for o in self.model_config.get("output", [])
+                                    if o["name"] == "ATTRIBUTE_PROBS_OUT"), 0)
         # the families must outlive their metrics, so the model holds them too
         labels = {"model": self.name}
         self.metric_families = [
@@ -120,6 +122,7 @@ class TritonPythonModel(Step):
         upstream = {n[:-3].lower(): float(x[n].reshape(-1)[0]) for n in self.timing_inputs if n in x}
         timings = {f"{s}_ms": upstream.get(s, 0.0) for s in STAGES if s not in ("prefill", "decode")}
         timings["received_at"] = gen["received_at"]
+        timings["prompt_tokens"] = int(gen.get("prompt_tokens", ids.shape[1]))
         probs = x["ATTRIBUTE_PROBS"][:1].astype(np.float32) if "ATTRIBUTE_PROBS" in x else None
         timeout_us = request.timeout()  # 0: none
         deadline = gen["received_at"] + timeout_us / 1e6 if timeout_us else None
@@ -131,7 +134,7 @@ class TritonPythonModel(Step):
                "FINISH_REASON": bytes_tensor([finish]),
                "TIMINGS": bytes_tensor([json.dumps(timings) if timings else ""]), "CANCEL_KEY": bytes_tensor([a.key])}
         if self.has_attributes:
-            out["ATTRIBUTE_PROBS_OUT"] = probs if probs is not None else np.zeros((1, 0), np.float32)
+            out["ATTRIBUTE_PROBS_OUT"] = probs if probs is not None else np.zeros((1, 0, self.num_attributes), np.float32)
         return make_response(out)
 
     def _token(self, a: Active, stream: TextStream, token: int) -> None:

@@ -15,16 +15,16 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from runtime.models.attributes import CELEBA_ATTRIBUTES, apply_constraints
+from runtime.models.attributes import CELEBA_ATTRIBUTES
+from runtime.pipeline import attributes_by_image
 from runtime.serving.python_backend import CancelFlags, PerRequestStep, bytes_tensor, read_inputs
 
 
 def attributes_json(probs: np.ndarray) -> str:
-    raw = torch.from_numpy(np.ascontiguousarray(probs.reshape(1, -1), dtype=np.float32))
-    fixed = apply_constraints(raw)
-    return json.dumps({"attributes": dict(zip(CELEBA_ATTRIBUTES, map(float, fixed.probs[0]))),
-                       "attributes_raw": dict(zip(CELEBA_ATTRIBUTES, map(float, raw[0]))),
-                       "constraints_fired": list(fixed.fired[0])})
+    """Image 1's attributes at the top level (as a one-image request has them), every image's under "images"."""
+    raw = torch.from_numpy(np.ascontiguousarray(probs.reshape(-1, len(CELEBA_ATTRIBUTES)), dtype=np.float32))
+    images = attributes_by_image(raw)
+    return json.dumps({**images[0], "images": images})
 
 
 class TritonPythonModel(PerRequestStep):
