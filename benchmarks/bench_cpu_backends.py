@@ -46,7 +46,6 @@ from runtime.cli import DEMO_IMAGE  # noqa: E402
 from runtime.generate import SamplingParams, generate  # noqa: E402
 from runtime.models.attributes import apply_constraints  # noqa: E402
 from runtime.pipeline import FacePipeline  # noqa: E402
-from runtime.preprocess import preprocess  # noqa: E402
 from runtime.prompt import splice_prompt_table  # noqa: E402
 
 QUESTION = "Describe this person's face: hair, expression and any accessories."
@@ -83,12 +82,11 @@ def run_facert(pipe: FacePipeline, image: bytes, n: int) -> dict:
     """One request through a FacePipeline's stages, timed; EOS ignored so exactly n tokens come out."""
     c = pipe.c
     t_start = time.perf_counter()
-    ids = pipe.prompt_ids(QUESTION, n)
-    x = preprocess(image, pipe.spec)
+    x, ids = pipe.requests.build(image, QUESTION, None, n)
     t0 = time.perf_counter()
-    image_tokens, pooled = c.encode_image(x.pixel_values[None])
+    image_tokens, pooled = c.encode_image(x.pixel_values)
     vision = time.perf_counter() - t0
-    labels = c.parse_face(x.parser_pixels[None])
+    labels = c.parse_face(x.parser_pixels)
     seg = c.seg_tokens(labels)
     apply_constraints(c.attributes(pooled).float().cpu())
     table = torch.cat([torch.as_tensor(image_tokens), torch.as_tensor(seg)], dim=1)
@@ -106,13 +104,12 @@ def run_transformers(pipe: FacePipeline, image: bytes, n: int) -> dict:
     c = pipe.c
     model = c.model
     t_start = time.perf_counter()
-    ids = pipe.prompt_ids(QUESTION, n)
-    x = preprocess(image, pipe.spec)
+    x, ids = pipe.requests.build(image, QUESTION, None, n)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        image_tokens, pooled = model.encode_image(torch.from_numpy(x.pixel_values[None]))
+        image_tokens, pooled = model.encode_image(torch.from_numpy(x.pixel_values))
         vision = time.perf_counter() - t0
-        seg = model.seg(model.parse_face(torch.from_numpy(x.parser_pixels[None])))
+        seg = model.seg(model.parse_face(torch.from_numpy(x.parser_pixels)))
         apply_constraints(model.attributes(pooled).float())
         table = torch.cat([image_tokens, seg], dim=1)
         embeds = splice_prompt_table(model.llm.get_input_embeddings(), torch.tensor([ids]), table, c.vocab_size)

@@ -181,7 +181,7 @@ async def run_level(url: str, concurrency: int, max_requests: int, max_seconds: 
     """One concurrency level, bounded in requests and time; returns its summary row."""
     import tritonclient.grpc.aio as aioclient
 
-    from runtime.client import _grpc_inputs, find_model
+    from runtime.client import Request, _grpc_inputs, find_model
     from runtime.generate import SamplingParams
 
     url = check_loopback(url)
@@ -200,7 +200,7 @@ async def run_level(url: str, concurrency: int, max_requests: int, max_seconds: 
     records: list[RequestRecord] = []
     client = aioclient.InferenceServerClient(url)
     try:
-        await run_bounded([_user(client, model, lambda: _grpc_inputs(image, question, params, True), claim, records)
+        await run_bounded([_user(client, model, lambda: _grpc_inputs(Request([image], question), params, True), claim, records)
                            for _ in range(concurrency)], max_seconds + grace_seconds, "a virtual user")
     finally:
         await client.close()

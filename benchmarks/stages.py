@@ -50,7 +50,6 @@ from benchmarks.report import STAGE_ORDER, md_table, new_record, results_dir, wr
 from runtime.generate import SamplingParams, generate  # noqa: E402
 from runtime.models.attributes import CELEBA_ATTRIBUTES, apply_constraints  # noqa: E402
 from runtime.pipeline import TextStream  # noqa: E402
-from runtime.preprocess import preprocess  # noqa: E402
 from runtime.prompt import splice_prompt_table  # noqa: E402
 
 FACERT_BACKENDS = ("onnxruntime", "torch")
@@ -66,16 +65,16 @@ def _before_llm(pipe, images: list[bytes], n: int, encode, parse, seg, attribute
     """preprocess -> vision -> parser -> seg -> attributes for a batch; (seconds per stage, prompt table, ids)."""
     t = {}
     t0 = time.perf_counter()
-    ids = [pipe.prompt_ids(QUESTION, n) for _ in images]
-    inputs = [preprocess(b, pipe.spec) for b in images]
+    built = [pipe.requests.build(b, QUESTION, None, n) for b in images]  # one image (one tile) per request
+    inputs, ids = [x for x, _ in built], [row for _, row in built]
     t["preprocess"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    image_tokens, pooled = encode(np.stack([x.pixel_values for x in inputs]))
+    image_tokens, pooled = encode(np.concatenate([x.pixel_values for x in inputs]))
     t["vision"] = time.perf_counter() - t0
     tables = [torch.as_tensor(image_tokens)]
     if pipe.c.num_seg_tokens:
         t0 = time.perf_counter()
-        labels = parse(np.stack([x.parser_pixels for x in inputs]))
+        labels = parse(np.concatenate([x.parser_pixels for x in inputs]))
         t["parser"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         tables.append(torch.as_tensor(seg(labels)))

@@ -151,6 +151,16 @@ def user_turn(num_images: int, question: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": question}]}]
 
 
+def _until_eos(tokens: list[int], model) -> list[int]:
+    """generate's tokens up to its stop token: facert reports an answer's tokens without the stop token."""
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[:i]
+    return tokens
+
+
 def _pil(images):
     import io
 
@@ -168,7 +178,7 @@ def reference_llava(path: Path, images: list[bytes], messages: list[dict], max_n
     text = proc.apply_chat_template(messages, add_generation_prompt=True)
     inputs = proc(images=_pil(images), text=text, return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return _until_eos(out[0, inputs["input_ids"].shape[1]:].tolist(), model)
 
 
 @torch.no_grad()
@@ -193,4 +203,4 @@ def reference_internvl(path: Path, images: list[bytes], messages: list[dict], ma
     ids = tok(text, return_tensors="pt")
     out = model.generate(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
                          pixel_values=pix["pixel_values"], max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, ids["input_ids"].shape[1]:].tolist(), int(sum(pix["num_patches"]))
+    return _until_eos(out[0, ids["input_ids"].shape[1]:].tolist(), model), int(sum(pix["num_patches"]))

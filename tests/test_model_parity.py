@@ -14,14 +14,18 @@ from runtime.checkpoint import facert_key_to_hf, load_checkpoint
 from runtime.generate import SamplingParams, TorchLLM, generate
 from runtime.pipeline import FacePipeline, TorchComponents
 from runtime.preprocess import preprocess
-from runtime.prompt import build_prompt_ids, splice_prompt_table
+from runtime.prompt import build_prompt_ids, image_layout, question_messages, splice_prompt_table
 
 ATOL = RTOL = 1e-4
 
 
+def _prompt_ids(model, tok, question, with_seg=False):
+    layout = image_layout(model.family, tok, model.num_image_tokens, model.num_seg_tokens if with_seg else 0)
+    return build_prompt_ids(tok, question_messages(question, 1), layout, [1], model.vocab_size)
+
+
 def _our_logits(model, tok, pixel_values, question, with_seg=False, parser_pixels=None):
-    ids = build_prompt_ids(tok, question, model.vocab_size, model.num_image_tokens,
-                           model.num_seg_tokens if with_seg else 0)
+    ids = _prompt_ids(model, tok, question, with_seg)
     with torch.no_grad():
         image_tokens, _ = model.encode_image(pixel_values)
         table = image_tokens
@@ -70,7 +74,9 @@ def test_llava_hf_directory_loads_and_matches(tiny_checkpoint, tmp_path):
     llava.save_pretrained(tmp_path / "llava")
     tok.save_pretrained(tmp_path / "llava")
     loaded, tok2, spec = load_checkpoint(tmp_path / "llava")
-    assert spec["family"] == "faceinsight" and "parser" in spec["random_parts"]
+    # a llava-hf directory is plain LLaVA: no parser, seg branch or attribute head, nothing random
+    assert spec["family"] == "faceinsight" and spec["random_parts"] == [] and loaded.num_seg_tokens == 0
+    assert loaded.parser is None and loaded.seg is None and loaded.attributes is None
     pixels = torch.randn(1, 3, 32, 32)
     _, a = _our_logits(model, tok, pixels, "Describe the face.")
     _, b = _our_logits(loaded, tok2, pixels, "Describe the face.")
@@ -151,8 +157,10 @@ def test_kv_cache_decode_equals_recompute(ckpt, request, face_images):
     embeds = []
     for img, q in zip(face_images, QUESTIONS):
         x = preprocess(img, model.spec)
-        tokens, _ = comps.encode_image(x.pixel_values[None])
-        ids = build_prompt_ids(tok, q, model.vocab_size, model.num_image_tokens, 0)
+        tokens, _ = comps.encode_image(x.pixel_values)
+        tokens = tokens.reshape(1, -1, tokens.shape[-1])  # every tile's rows, in order
+        layout = image_layout(model.family, tok, model.num_image_tokens, 0)
+        ids = build_prompt_ids(tok, question_messages(q, 1), layout, x.tiles, model.vocab_size)
         embeds.append(splice_prompt_table(comps.llm.embed, torch.tensor([ids]), tokens, model.vocab_size)[0])
     llm = TorchLLM(model.llm)
     params = SamplingParams(max_new_tokens=10)
@@ -194,20 +202,14 @@ def test_reused_bucketed_caches_give_the_same_tokens(tiny_checkpoint, face_image
     assert not pipe.c.llm.cuda_graphs  # switched off on CPU
 
 
-def test_llava_hf_directory_with_public_parser_file(tiny_checkpoint, tmp_path):
+def test_llava_hf_directory_refuses_a_lone_face_parser(tiny_checkpoint, tmp_path):
+    """A parser file alone cannot give a plain LLaVA seg tokens (no trained seg branch): said, not ignored."""
+    from runtime.checkpoint import CheckpointError
+
     model, tok, _ = load_checkpoint(tiny_checkpoint)
     llava, _ = _llava_from(model)
     d = tmp_path / "llava"
     llava.save_pretrained(d)
     tok.save_pretrained(d)
-    from runtime.checkpoint import spec_from_llava_config
-    from runtime.models.bisenet import BiSeNet
-
-    width = spec_from_llava_config(llava.config.to_dict())["parser"]["width"]
-    torch.manual_seed(3)
-    parser = BiSeNet(19, width)
-    torch.save({f"module.{k}": v for k, v in parser.state_dict().items()}, tmp_path / "79999_iter.pth")
-    loaded, _, spec = load_checkpoint(d, parser_pth=tmp_path / "79999_iter.pth")
-    assert "parser" not in spec["random_parts"]
-    for k, v in parser.state_dict().items():
-        assert torch.equal(loaded.parser.state_dict()[k], v), k
+    with pytest.raises(CheckpointError, match="runs as plain LLaVA"):
+        load_checkpoint(d, parser_pth=tmp_path / "79999_iter.pth")
