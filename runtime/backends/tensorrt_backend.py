@@ -31,6 +31,21 @@ def _torch_dtypes(trt) -> dict:
     return {getattr(trt.DataType, k): v for k, v in pairs.items() if hasattr(trt.DataType, k)}
 
 
+# TensorRT requires every I/O tensor address to be 256-byte aligned (IExecutionContext.set_tensor_address).
+ADDRESS_ALIGNMENT = 256
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, contiguous, at an address TensorRT accepts: a view that starts inside its storage (a slice,
+    a row of a batch) is copied into a fresh allocation, which torch's allocators align to >= 256 bytes."""
+    t = t.contiguous()
+    if t.numel() and t.data_ptr() % ADDRESS_ALIGNMENT:
+        t = t.clone()
+        if t.data_ptr() % ADDRESS_ALIGNMENT:  # the caching allocators never do this; say so if one did
+            raise TensorRTError(f"could not place a {tuple(t.shape)} tensor at a {ADDRESS_ALIGNMENT}-byte aligned address")
+    return t
+
+
 class TrtEngine:
     """One deserialized plan and its execution context, called with torch CUDA tensors."""
 
@@ -61,7 +76,7 @@ class TrtEngine:
             raise TensorRTError(f"{self.name}: missing inputs {sorted(missing)}")
         keep = []  # the converted inputs must outlive the enqueue
         for name in self.inputs:
-            t = torch.as_tensor(feeds[name]).to(self.device, self.dtypes[name]).contiguous()
+            t = aligned(torch.as_tensor(feeds[name]).to(self.device, self.dtypes[name]))
             self._check_shape(name, tuple(t.shape))
             keep.append(t)
             if not self.context.set_input_shape(name, tuple(t.shape)):
@@ -76,7 +91,9 @@ class TrtEngine:
             self.context.set_tensor_address(name, t.data_ptr() if t.numel() else self._empty.data_ptr())
             out[name] = t
         stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
+        with torch.cuda.device(self.device):  # TensorRT enqueues on the current CUDA device
+            ok = self.context.execute_async_v3(stream.cuda_stream)
+        if not ok:
             raise TensorRTError(f"{self.name}: TensorRT execution failed")
         return out
 
@@ -161,6 +178,8 @@ class TensorRTComponents:
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise TensorRTError(f"TensorRT plans run on a CUDA device, not {device!r}")
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         engines_dir = Path(engines_dir)
         comps = manifest["components"]
         with torch.cuda.device(self.device):
@@ -170,9 +189,12 @@ class TensorRTComponents:
                 raise TensorRTError(f"{entry['file']} was built for {entry.get('target')}, this GPU is {target}: "
                                     "rebuild the engines here")
         logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(logger)
-        self.engines = {name: TrtEngine(trt, self._runtime, engines_dir / e["file"], self.device, e.get("profiles"))
-                        for name, e in comps.items() if e.get("kind") == "plan"}
+        # The plans are deserialized, and their contexts made, on this backend's own device: TensorRT
+        # allocates an engine's memory on the device current at deserialization.
+        with torch.cuda.device(self.device):
+            self._runtime = trt.Runtime(logger)
+            self.engines = {name: TrtEngine(trt, self._runtime, engines_dir / e["file"], self.device, e.get("profiles"))
+                            for name, e in comps.items() if e.get("kind") == "plan"}
         self.spec = manifest["spec"]
         self.family = self.spec["family"]
         table = torch.from_numpy(np.load(engines_dir / comps["embed_tokens"]["file"])).to(self.device)
