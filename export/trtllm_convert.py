@@ -128,24 +128,18 @@ def check_weight_only_shapes(llm) -> None:
 def _rope(cfg) -> tuple[float, dict | None]:
     """rotary_base and rotary_scaling from a transformers config.
 
-    transformers 5 keeps both in `rope_parameters` ({"rope_type", "rope_theta", ...scaling fields});
-    transformers 4.57 (what TensorRT-LLM 1.x runs on) has `rope_theta` and a separate `rope_scaling`
-    dict ({"rope_type" or "type", "factor", ...}) or None. TensorRT-LLM's own LLaMA/Qwen configs take
-    that `rope_scaling` dict as `rotary_scaling` (models/llama/config.py); facert writes it with both
-    "type" (what its attention layer reads) and "rope_type" (what transformers writes).
+    transformers 5 keeps both in `rope_parameters`; transformers 4.57 (what TensorRT-LLM 1.x runs on)
+    has `rope_theta` and a separate `rope_scaling` dict or None (runtime.compat.rope_of reads either).
+    TensorRT-LLM's own LLaMA/Qwen configs take that `rope_scaling` dict as `rotary_scaling`
+    (models/llama/config.py); facert writes it with both "type" (what its attention layer reads)
+    and "rope_type" (what transformers writes).
     """
-    params = getattr(cfg, "rope_parameters", None)
-    if isinstance(params, dict) and params:
-        rope = dict(params)
-        base = rope.pop("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    else:
-        base = getattr(cfg, "rope_theta", 10000.0)
-        rope = dict(getattr(cfg, "rope_scaling", None) or {})
-    kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
-    rope.pop("type", None)
-    if kind == "default":
-        return float(base), None
-    return float(base), {"type": kind, "rope_type": kind, **rope}
+    from runtime.compat import rope_of
+
+    base, scaling = rope_of(cfg)
+    if scaling is None:
+        return base, None
+    return base, {"type": scaling["rope_type"], **scaling}
 
 
 def trtllm_config(llm, dtype: str = "float16", quantization: str | None = None) -> dict:
@@ -368,19 +362,6 @@ def invert_checkpoint(ckpt_dir) -> dict[str, torch.Tensor]:
     return out
 
 
-def _hf_rope_kwargs(config: dict) -> dict:
-    """The checkpoint's rotary_base / rotary_scaling as transformers config keyword arguments:
-    `rope_parameters` for transformers 5, `rope_theta` + `rope_scaling` for 4.x."""
-    import transformers
-
-    scaling = {k: v for k, v in (config.get("rotary_scaling") or {}).items() if k not in ("type", "rope_type")}
-    kind = (config.get("rotary_scaling") or {}).get("rope_type") or (config.get("rotary_scaling") or {}).get("type")
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        return {"rope_parameters": {"rope_type": kind or "default", "rope_theta": config["rotary_base"], **scaling}}
-    return {"rope_theta": config["rotary_base"],
-            "rope_scaling": {"rope_type": kind, "type": kind, **scaling} if kind else None}
-
-
 def reference_llm(ckpt_dir, dtype: torch.dtype = torch.float32):
     """A transformers LLM rebuilt from the checkpoint alone (config.json + inverted weights).
 
@@ -388,6 +369,8 @@ def reference_llm(ckpt_dir, dtype: torch.dtype = torch.float32):
     config fields TensorRT-LLM builds from (heads, eps, rope base, ...) are right.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from runtime.compat import rope_config_kwargs
 
     config = checkpoint_config(ckpt_dir)
     model_type = {a: t for t, a in ARCHITECTURES.items()}.get(config["architecture"])
@@ -398,7 +381,8 @@ def reference_llm(ckpt_dir, dtype: torch.dtype = torch.float32):
         intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_hidden_layers"],
         num_attention_heads=config["num_attention_heads"], num_key_value_heads=config["num_key_value_heads"],
         head_dim=config["head_size"], max_position_embeddings=config["max_position_embeddings"],
-        rms_norm_eps=config["norm_epsilon"], hidden_act=config["hidden_act"], **_hf_rope_kwargs(config),
+        rms_norm_eps=config["norm_epsilon"], hidden_act=config["hidden_act"],
+        **rope_config_kwargs(config["rotary_base"], config.get("rotary_scaling")),
         tie_word_embeddings=config["tie_word_embeddings"],
         **({"attention_bias": config["attn_bias"]} if model_type == "llama" else {}))
     llm = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
