@@ -36,14 +36,18 @@ ADDRESS_ALIGNMENT = 256
 
 
 def aligned(t: torch.Tensor) -> torch.Tensor:
-    """`t`, contiguous, at an address TensorRT accepts: a view that starts inside its storage (a slice,
-    a row of a batch) is copied into a fresh allocation, which torch's allocators align to >= 256 bytes."""
+    """`t`, contiguous, at an address TensorRT accepts. A view that starts inside its storage (a slice,
+    a row of a batch) is copied to the first 256-byte boundary of a slightly larger fresh buffer (the
+    CUDA caching allocator aligns its blocks to 512 bytes, but that is its choice, not a promise)."""
     t = t.contiguous()
-    if t.numel() and t.data_ptr() % ADDRESS_ALIGNMENT:
-        t = t.clone()
-        if t.data_ptr() % ADDRESS_ALIGNMENT:  # the caching allocators never do this; say so if one did
-            raise TensorRTError(f"could not place a {tuple(t.shape)} tensor at a {ADDRESS_ALIGNMENT}-byte aligned address")
-    return t
+    if not t.numel() or t.data_ptr() % ADDRESS_ALIGNMENT == 0:
+        return t
+    nbytes = t.numel() * t.element_size()
+    buf = torch.empty(nbytes + ADDRESS_ALIGNMENT, dtype=torch.uint8, device=t.device)
+    start = (-buf.data_ptr()) % ADDRESS_ALIGNMENT
+    out = buf[start:start + nbytes].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
 
 
 class TrtEngine:
