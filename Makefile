@@ -14,7 +14,7 @@ VENV457 ?= .venv-tf457
 PY457 := $(VENV457)/bin/python
 STAMP457 := $(VENV457)/.facert-installed
 TOOLS457 ?= tools-tf457
-TESTS457 := tests/test_request_path.py tests/test_checkpoint.py tests/test_model_parity.py \
+TESTS457 := tests/test_request_path.py tests/test_checkpoint.py tests/test_model_parity.py tests/test_real_checkpoints.py \
 	tests/test_trtllm_convert.py tests/test_serving_repo.py
 
 .PHONY: setup demo test test-tf457 clean
