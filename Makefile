@@ -5,7 +5,19 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.facert-installed
 
-.PHONY: setup demo test clean
+# The second test environment: transformers 4.57.1 and numpy<2, what NVIDIA's TensorRT-LLM 1.x pins
+# and its Triton container ships (tests/constraints-tf457.txt). facert goes in with those as
+# constraints, so the version-sensitive tests (tokenizer, prompt, preprocessing, checkpoints and
+# transformers parity, TensorRT-LLM converter, native repository) run on both transformers lines.
+# Its tritonserver stubs get their own tools folder: the stub environment points at one project env.
+VENV457 ?= .venv-tf457
+PY457 := $(VENV457)/bin/python
+STAMP457 := $(VENV457)/.facert-installed
+TOOLS457 ?= tools-tf457
+TESTS457 := tests/test_request_path.py tests/test_checkpoint.py tests/test_model_parity.py tests/test_real_checkpoints.py \
+	tests/test_trtllm_convert.py tests/test_serving_repo.py
+
+.PHONY: setup demo test test-tf457 clean
 
 # tritonserver 2.51 for `facert serve` and the tests: unpacked from the nvidia-pytriton wheel into
 # tools/ (not installed: its Python package pins numpy<2); idempotent, a second run does nothing.
@@ -25,8 +37,21 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/facert demo
 
-test: setup
+$(STAMP457): pyproject.toml tests/constraints-tf457.txt
+	test -x $(PY457) || $(PYTHON) -m venv $(VENV457)
+	$(VENV457)/bin/pip install -q --upgrade pip
+	$(VENV457)/bin/pip install -q torch==2.13.0
+	$(VENV457)/bin/pip install -q -c tests/constraints-tf457.txt transformers 'numpy<2'
+	$(VENV457)/bin/pip install -q -c tests/constraints-tf457.txt -e '.[onnx,serve]' 'pytest>=8'
+	$(PY457) -c "import transformers, numpy; assert transformers.__version__ == '4.57.1' and numpy.__version__ < '2', (transformers.__version__, numpy.__version__)"
+	touch $(STAMP457)
+
+test: setup test-tf457
 	$(PY) -m pytest -q --durations=15 tests
 
+test-tf457: setup $(STAMP457)
+	mkdir -p $(TOOLS457)/.wheels && cp -n tools/.wheels/*.whl $(TOOLS457)/.wheels/ 2>/dev/null || true
+	FACERT_TOOLS=$(CURDIR)/$(TOOLS457) $(PY457) -m pytest -q -p no:cacheprovider $(TESTS457)
+
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache tools
+	rm -rf $(VENV) $(VENV457) demo_out .pytest_cache tools $(TOOLS457)

@@ -25,8 +25,15 @@ from typing import Callable
 from export.manifest import FORMAT, FORMAT_VERSION, EngineError, tool_versions, write_manifest
 
 BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-llm")
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
+# What each backend builds: TensorRT plans take float types and Q/DQ (fp8) graphs; TensorRT-LLM adds
+# its weight-only int8/int4 (W8A16/W4A16) and ModelOpt-calibrated fp8 (export/trtllm_convert.py).
+BACKEND_PRECISIONS = {"onnxruntime": ("fp32",), "tensorrt": ("fp32", "fp16", "bf16", "fp8"),
+                      "tensorrt-llm": ("fp32", "fp16", "bf16", "fp8", "int8", "int4")}
+HALF_PRECISIONS = ("fp16", "bf16")
 DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_IMAGES = 1
+DEFAULT_MAX_TILES = 1
 DEFAULT_MAX_NEW_TOKENS = 512
 MAX_TEXT_TOKENS = 512  # prompt text around the image/seg tokens (chat template + question), for TensorRT-LLM
 
@@ -62,24 +69,47 @@ class Progress:
             self.bar.close()
 
 
-def build_command(checkpoint, backend, out, precision, max_batch, max_new_tokens) -> str:
+def build_command(checkpoint, backend, out, precision, max_batch, max_new_tokens, max_images=DEFAULT_MAX_IMAGES,
+                  max_tiles=DEFAULT_MAX_TILES) -> str:
     return shlex.join(["facert", "build", "--checkpoint", str(checkpoint), "--backend", backend,
-                       "--precision", precision, "--max-batch", str(max_batch),
-                       "--max-new-tokens", str(max_new_tokens), "--out", str(out)])
+                       "--precision", precision, "--max-batch", str(max_batch), "--max-images", str(max_images),
+                       "--max-tiles", str(max_tiles), "--max-new-tokens", str(max_new_tokens), "--out", str(out)])
 
 
-def _check_args(backend: str, precision: str, max_batch: int, out: Path, force: bool) -> None:
+def half_precision(capability: tuple[int, int] | None = None) -> str:
+    """bf16 on GPUs that run it natively (sm_80 and later), fp16 before: the GPU backends' activation type."""
+    if capability is None:
+        import torch
+
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else (8, 0)
+    return "bf16" if tuple(capability) >= (8, 0) else "fp16"
+
+
+def default_precision(backend: str, capability: tuple[int, int] | None = None) -> str:
+    """fp32 for onnxruntime (its CPU kernels), the GPU's half type for TensorRT and TensorRT-LLM."""
+    return "fp32" if backend == "onnxruntime" else half_precision(capability)
+
+
+def _check_args(backend: str, precision: str, max_batch: int, out: Path, force: bool,
+                max_images: int = DEFAULT_MAX_IMAGES, max_tiles: int = DEFAULT_MAX_TILES) -> None:
     if backend not in BACKENDS:
         raise EngineError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if precision not in PRECISIONS:
         raise EngineError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if backend == "onnxruntime" and precision != "fp32":
-        # fp16 graphs need onnxruntime-gpu's CUDA provider (the CPU provider lacks fp16 kernels for
-        # most of these ops), bf16/fp8 are TensorRT's: the onnxruntime engines stay fp32.
-        raise EngineError(f"--backend onnxruntime builds fp32 graphs only; {precision} is for "
-                          "--backend tensorrt or tensorrt-llm")
+    if precision not in BACKEND_PRECISIONS[backend]:
+        if backend == "onnxruntime":
+            # fp16 graphs need onnxruntime-gpu's CUDA provider (the CPU provider lacks fp16 kernels for
+            # most of these ops), bf16/fp8 are TensorRT's: the onnxruntime engines stay fp32.
+            raise EngineError(f"--backend onnxruntime builds fp32 graphs only; {precision} is for "
+                              "--backend tensorrt or tensorrt-llm")
+        raise EngineError(f"--backend {backend} builds {', '.join(BACKEND_PRECISIONS[backend])}; {precision} is "
+                          "TensorRT-LLM's (--backend tensorrt-llm)")
     if max_batch < 1:
         raise EngineError(f"--max-batch must be >= 1, got {max_batch}")
+    if max_images < 1:
+        raise EngineError(f"--max-images must be >= 1, got {max_images}")
+    if max_tiles < 1:
+        raise EngineError(f"--max-tiles must be >= 1, got {max_tiles}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise EngineError(f"{out} exists and is not empty; pass --force to replace it")
 
@@ -99,31 +129,42 @@ def _copy_standalone_files(checkpoint: Path, config: dict, tokenizer, out: Path)
     return {name: sha256_file(out / name) for name in names}
 
 
-def build_engines(checkpoint: str | Path, backend: str, out: str | Path, precision: str = "fp32",
+def build_engines(checkpoint: str | Path, backend: str, out: str | Path, precision: str | None = None,
                   max_batch: int = DEFAULT_MAX_BATCH, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                   simplify: bool = True, force: bool = False, command: str | None = None,
-                  progress: Progress | None = None) -> Path:
-    """Build an engines folder at `out`; returns its path."""
+                  progress: Progress | None = None, max_images: int = DEFAULT_MAX_IMAGES,
+                  max_tiles: int = DEFAULT_MAX_TILES, expect_spec: str | None = None) -> Path:
+    """Build an engines folder at `out`; returns its path. `precision` defaults to default_precision(backend).
+
+    max_images / max_tiles: the most images a request holds and (InternVL) tiles per image, which size
+    the TensorRT-LLM prompt table and input length and the vision plans' batch profiles.
+    expect_spec: refuse a checkpoint of another model (a recipe's model.spec)."""
     from runtime.checkpoint import checkpoint_hash, load_checkpoint
 
     checkpoint, out = Path(checkpoint), Path(out)
-    _check_args(backend, precision, max_batch, out, force)
+    if precision is None:
+        precision = default_precision(backend)
+    _check_args(backend, precision, max_batch, out, force, max_images, max_tiles)
     if backend != "onnxruntime":
-        _require_gpu_toolchain(backend)  # before minutes of export that could not be built
+        _require_gpu_toolchain(backend, precision)  # before minutes of export that could not be built
     steps = {"onnxruntime": 4, "tensorrt": 5, "tensorrt-llm": 6}[backend]
     progress = progress or Progress(steps)
     t0 = time.perf_counter()
     try:
         progress.step(f"loading {checkpoint} (verifying its checksums)")
         model, tokenizer, config = load_checkpoint(checkpoint, dtype="fp32")
+        if expect_spec is not None and config.get("spec") not in (None, expect_spec):
+            raise EngineError(f"the recipe is for {expect_spec!r} but {checkpoint} holds {config.get('spec')!r}")
         source = {"path": str(checkpoint.resolve()), "sha256": checkpoint_hash(checkpoint),
                   "spec": config.get("spec"), "family": config["family"]}
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
+        if backend == "tensorrt-llm":
+            _check_trtllm_model(model, precision)  # before the export: refuse what TensorRT-LLM cannot build
         _build_into(out, model, tokenizer, config, checkpoint=checkpoint, source=source, backend=backend,
                     precision=precision, max_batch=max_batch, max_new_tokens=max_new_tokens, simplify=simplify,
-                    command=command, progress=progress, t0=t0)
+                    command=command, progress=progress, t0=t0, max_images=max_images, max_tiles=max_tiles)
     except BaseException:
         if out.is_dir() and not (out / "manifest.json").exists():
             shutil.rmtree(out, ignore_errors=True)  # no half-built folder left behind
@@ -135,7 +176,8 @@ def build_engines(checkpoint: str | Path, backend: str, out: str | Path, precisi
 
 def _build_into(out: Path, model, tokenizer, config: dict, *, checkpoint: Path, source: dict, backend: str,
                 precision: str, max_batch: int, max_new_tokens: int, simplify: bool, command: str | None,
-                progress: Progress, t0: float) -> None:
+                progress: Progress, t0: float, max_images: int = DEFAULT_MAX_IMAGES,
+                max_tiles: int = DEFAULT_MAX_TILES) -> None:
     """The build proper, into the fresh folder `out`."""
     from export.onnx_export import export_onnx, llm_layout
 
@@ -151,27 +193,31 @@ def _build_into(out: Path, model, tokenizer, config: dict, *, checkpoint: Path, 
         "num_image_tokens": model.num_image_tokens, "num_seg_tokens": model.num_seg_tokens,
         "num_classes": config["parser"]["num_classes"] if model.num_seg_tokens else None,
         "llm": llm_layout(model),
-        "limits": {"max_batch": max_batch, "max_new_tokens": max_new_tokens},
+        "limits": {"max_batch": max_batch, "max_new_tokens": max_new_tokens, "max_images": max_images,
+                   "max_tiles": max_tiles},
     }
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "backend": backend, "target": "cpu",
                 "precision": precision, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "build_command": command or build_command(checkpoint, backend, out, precision, max_batch,
-                                                          max_new_tokens),
+                                                          max_new_tokens, max_images, max_tiles),
                 "source": source, "tools": tool_versions(), "exporter": "torch.onnx.export(dynamo=False)",
                 "spec": config, "model": spec_model}
     onnx_manifest = {**manifest, "backend": "onnxruntime", "components": components}
 
+    batches = vision_batch_limits(model, max_batch, max_images, max_tiles)
     if backend == "tensorrt":
         progress.step(f"building TensorRT plans ({precision})")
-        manifest["components"] = _tensorrt_plans(onnx_manifest, work, out, precision, max_batch, progress)
+        manifest["components"] = _tensorrt_plans(onnx_manifest, work, out, precision, max_batch, progress, batches)
     elif backend == "tensorrt-llm":
-        progress.step(f"building TensorRT plans for the vision side ({precision})")
+        # the vision side is TensorRT plans in the engine's activation type (quantization is the LLM's)
+        plan_precision = precision if precision in ("fp32", *HALF_PRECISIONS) else half_precision()
+        progress.step(f"building TensorRT plans for the vision side ({plan_precision})")
         vision_side = {k: v for k, v in components.items() if not k.startswith("llm_")}
         manifest["components"] = _tensorrt_plans({**onnx_manifest, "components": vision_side}, work, out,
-                                                 precision, max_batch, progress)
-        progress.step("converting the LLM to a TensorRT-LLM checkpoint and building its engine")
-        manifest["components"]["llm"] = _trtllm_engine(model, config, out, precision, max_batch,
-                                                       max_new_tokens, progress)
+                                                 plan_precision, max_batch, progress, batches)
+        progress.step(f"converting the LLM to a TensorRT-LLM checkpoint ({precision}) and building its engine")
+        manifest["components"]["llm"] = _trtllm_engine(model, tokenizer, config, out, precision, max_batch,
+                                                       max_new_tokens, progress, max_images, max_tiles)
     else:
         manifest["components"] = components
     if work != out:
@@ -188,7 +234,57 @@ def _build_into(out: Path, model, tokenizer, config: dict, *, checkpoint: Path, 
     progress(f"wrote {out} in {manifest['build_seconds']} s")
 
 
-def _require_gpu_toolchain(backend: str) -> None:
+def vision_batch_limits(model, max_batch: int, max_images: int, max_tiles: int) -> dict[str, int]:
+    """Largest batch of each vision-side graph: every image of every request of a full batch, and for
+    the vision tower every tile of them (runtime.serving / the pipeline batch them across requests)."""
+    from export.trtllm_convert import tiles_per_image
+
+    images = max_batch * max_images
+    return {"vision": images * tiles_per_image(model, max_tiles), "parser": images, "seg": images,
+            "attributes": images}
+
+
+def _check_trtllm_model(model, precision: str) -> None:
+    """Refuse, before the export, an LLM TensorRT-LLM cannot build at `precision`."""
+    from export import trtllm_convert
+
+    llm_cfg = model.llm.config
+    heads = llm_cfg.num_attention_heads
+    trtllm_convert.check_engine_config({"head_size": getattr(llm_cfg, "head_dim", None) or llm_cfg.hidden_size // heads,
+                                        "hidden_size": llm_cfg.hidden_size, "num_attention_heads": heads})
+    if precision in trtllm_convert.WEIGHT_ONLY:
+        trtllm_convert.check_weight_only_shapes(model.llm)
+
+
+def calibration_embeds(model, tokenizer, count: int = 16) -> list:
+    """Prompt embeddings for fp8 calibration: what the LLM sees in service, text tokens with a real
+    face photo's image (and seg) rows spliced in, over `count` crops of the public-domain astronaut
+    photo and a fixed set of face questions. No data set is downloaded."""
+    import io
+
+    from PIL import Image
+
+    from runtime.cli import DEMO_IMAGE
+    from runtime.pipeline import FacePipeline, TorchComponents
+
+    questions = ["Is this person smiling?", "Describe this face.", "What is the hair colour?",
+                 "Does this person wear glasses?", "How old does this person look?", "Is the person wearing a hat?",
+                 "Describe the expression.", "Which way is the person looking?"]
+    photo = Image.open(DEMO_IMAGE).convert("RGB")
+    w, h = photo.size
+    images = []
+    for i in range(count):
+        side = int(min(w, h) * (0.5 + 0.5 * ((i * 7) % count) / max(count - 1, 1)))
+        x, y = (i * 37) % max(w - side, 1), (i * 53) % max(h - side, 1)
+        buf = io.BytesIO()
+        photo.crop((x, y, x + side, y + side)).save(buf, format="PNG")
+        images.append(buf.getvalue())
+    pipe = FacePipeline(TorchComponents(model, "cpu", cuda_graphs=False), tokenizer)
+    prepared = pipe.prepare(images, [questions[i % len(questions)] for i in range(count)], 1)
+    return [e.detach().float().cpu() for e in prepared.prompt_embeds]
+
+
+def _require_gpu_toolchain(backend: str, precision: str = "bf16") -> None:
     """Fail fast, saying what to install, where TensorRT (or TensorRT-LLM) or a GPU is missing."""
     try:
         from export.tensorrt_build import device_target, require_tensorrt
@@ -206,40 +302,56 @@ def _require_gpu_toolchain(backend: str) -> None:
                 raise
             raise EngineError("this facert has no TensorRT-LLM converter (export/trtllm_convert.py)") from None
         require_tensorrt_llm()
+        if precision == "fp8":
+            from export.trtllm_convert import MODELOPT_HINT, TrtLlmError
+
+            try:
+                import modelopt.torch.quantization  # noqa: F401
+            except ImportError as e:
+                raise TrtLlmError(f"--precision fp8 is calibrated by NVIDIA ModelOpt ({e}); {MODELOPT_HINT}") from e
 
 
 def _tensorrt_plans(onnx_manifest: dict, onnx_dir: Path, out: Path, precision: str, max_batch: int,
-                    progress) -> dict:
+                    progress, batch_limits: dict[str, int] | None = None) -> dict:
     try:
         from export.tensorrt_build import build_plans
     except ModuleNotFoundError as e:
         if e.name != "export.tensorrt_build":
             raise
         raise EngineError("this facert has no TensorRT builder (export/tensorrt_build.py)") from None
-    return build_plans(onnx_manifest, onnx_dir, out, precision, max_batch, progress)
+    return build_plans(onnx_manifest, onnx_dir, out, precision, max_batch, progress, batch_limits=batch_limits)
 
 
-def _trtllm_engine(model, config: dict, out: Path, precision: str, max_batch: int, max_new_tokens: int,
-                   progress) -> dict:
+def _trtllm_engine(model, tokenizer, config: dict, out: Path, precision: str, max_batch: int, max_new_tokens: int,
+                   progress, max_images: int = DEFAULT_MAX_IMAGES, max_tiles: int = DEFAULT_MAX_TILES) -> dict:
     try:
         from export import trtllm_convert
     except ModuleNotFoundError as e:
         if e.name != "export.trtllm_convert":
             raise
         raise EngineError("this facert has no TensorRT-LLM converter (export/trtllm_convert.py)") from None
-    ckpt = trtllm_convert.convert_checkpoint(model, config, out / "trtllm_checkpoint", dtype=precision)
-    prompt_rows = model.num_image_tokens + model.num_seg_tokens
+    # fp32/fp16/bf16 engines run in that type; quantized ones keep their activations in the GPU's half type
+    dtype = precision if precision in ("fp32", *HALF_PRECISIONS) else half_precision()
+    quantization = None if precision == dtype else precision
+    ckpt_dir = out / "trtllm_checkpoint"
+    if quantization == "fp8":
+        progress("calibrating FP8 scales with NVIDIA ModelOpt on the calibration prompts")
+        ckpt = trtllm_convert.quantize_fp8(model, config, ckpt_dir, calibration_embeds(model, tokenizer), dtype=dtype)
+    else:
+        ckpt = trtllm_convert.convert_checkpoint(model, config, ckpt_dir, dtype=dtype, quantization=quantization)
+    quant_algo = (trtllm_convert.checkpoint_config(ckpt).get("quantization") or {}).get("quant_algo")
+    rows = trtllm_convert.prompt_rows_per_request(model, max_images, max_tiles)
+    table_rows = trtllm_convert.prompt_table_size(model, max_batch, max_images, max_tiles)
     engine_dir = trtllm_convert.build_engine(
-        ckpt, out / "llm_engine", max_batch=max_batch, max_input_len=prompt_rows + MAX_TEXT_TOKENS,
-        max_output_len=max_new_tokens,
-        max_prompt_embedding_table_size=trtllm_convert.prompt_table_size(model, max_batch), progress=progress)
+        ckpt, out / "llm_engine", max_batch=max_batch, max_input_len=rows + MAX_TEXT_TOKENS,
+        max_output_len=max_new_tokens, max_prompt_embedding_table_size=table_rows, progress=progress)
     shutil.rmtree(ckpt)  # the engine is what runs; the checkpoint can be rebuilt from the source
     files = sorted(str(p.relative_to(out)) for p in Path(engine_dir).rglob("*") if p.is_file())
     main = str((Path(engine_dir) / "rank0.engine").relative_to(out))
     return {"file": main, "kind": "tensorrt-llm-engine", "data_files": [f for f in files if f != main],
-            "precision": precision, "max_batch": max_batch, "max_input_len": prompt_rows + MAX_TEXT_TOKENS,
-            "max_output_len": max_new_tokens, "prompt_table_rows": trtllm_convert.prompt_table_size(model, max_batch),
-            "target": _gpu_target()}
+            "precision": precision, "dtype": dtype, "quant_algo": quant_algo, "max_batch": max_batch,
+            "max_input_len": rows + MAX_TEXT_TOKENS, "max_output_len": max_new_tokens,
+            "prompt_table_rows": table_rows, "target": _gpu_target()}
 
 
 def _gpu_target() -> str:

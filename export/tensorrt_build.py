@@ -8,12 +8,18 @@ before and saved after every build, so a rebuild — or the next component, whic
 shapes — skips the tactic timing already done. Components that are not graphs (the token
 embedding table, embed_tokens.npy) are copied as they are.
 
-Precision:
-  fp32  no reduced-precision flags; TF32 is switched off so the plans keep fp32 parity with torch
-  fp16  BuilderFlag.FP16: TensorRT may run any layer in fp16 (I/O stays as the graph declares it)
-  bf16  BuilderFlag.BF16
-  fp8   BuilderFlag.FP8 (+FP16 for the rest); needs graphs with Q/DQ nodes (explicit quantisation,
-        e.g. from NVIDIA ModelOpt): a plain graph is refused, TensorRT does not calibrate fp8
+Precision (TensorRT 10 and 11):
+  fp32  no reduced-precision types; TF32 is switched off so the plans keep fp32 parity with torch
+  fp16  TensorRT 10: BuilderFlag.FP16 (TensorRT may run any layer in fp16, I/O as the graph declares).
+        TensorRT 11 removed the weak-typing flags (networks are always strongly typed): the graph is
+        first converted to fp16 with NVIDIA ModelOpt AutoCast (modelopt.onnx.autocast, keep_io_types),
+        the documented replacement, then built as it is typed
+  bf16  the same with BuilderFlag.BF16 / AutoCast bf16
+  fp8   needs graphs with Q/DQ nodes (explicit quantisation, e.g. from NVIDIA ModelOpt): a plain graph
+        is refused, TensorRT does not calibrate fp8. TensorRT 10: BuilderFlag.FP8 (+FP16 for the rest);
+        TensorRT 11: the Q/DQ graph's own types
+Networks are created with no creation flags: explicit batch is the only mode since TensorRT 10, and
+NetworkDefinitionCreationFlag.EXPLICIT_BATCH is gone in 11.
 
 TensorRT is imported lazily: this module imports anywhere and says what to install where
 TensorRT is absent.
@@ -28,7 +34,7 @@ import time
 from pathlib import Path
 
 INSTALL_HINT = ("install TensorRT 10 on a Linux machine with an NVIDIA GPU "
-                "(pip install tensorrt-cu12==10.* — tensorrt-cu13 for CUDA 13), "
+                "(pip install 'tensorrt>=10.8,<11'), "
                 "or run inside NVIDIA's TensorRT container (nvcr.io/nvidia/tensorrt)")
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 TIMING_CACHE = "timing.cache"
@@ -134,24 +140,73 @@ def has_qdq(onnx_path: Path) -> bool:
 
 # --------------------------------------------------------------------------------------- build
 
-def _precision_flags(trt, config, precision: str) -> None:
-    if precision == "fp32":
-        config.clear_flag(trt.BuilderFlag.TF32)
-    elif precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
-    elif precision == "fp8":
-        config.set_flag(trt.BuilderFlag.FP8)
-        config.set_flag(trt.BuilderFlag.FP16)
+# The weak-typing builder flags each precision sets where they exist (TensorRT 10).
+WEAK_TYPING_FLAGS = {"fp32": [], "fp16": ["FP16"], "bf16": ["BF16"], "fp8": ["FP8", "FP16"]}
+AUTOCAST_TYPES = {"fp16": "fp16", "bf16": "bf16"}
+
+
+def precision_plan(builder_flags, precision: str) -> tuple[list[str], str | None]:
+    """(builder flags to set, ModelOpt AutoCast low-precision type or None) for `precision`.
+
+    `builder_flags` are the names of the installed TensorRT's BuilderFlag members: TensorRT 10 has
+    FP16/BF16/FP8 and gets them set (weak typing); TensorRT 11 has none of them and gets fp16/bf16
+    graphs converted by AutoCast (strong typing); fp32 and Q/DQ (fp8) graphs build as typed.
+    """
+    if precision not in WEAK_TYPING_FLAGS:
+        raise TensorRTError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    names = set(builder_flags)
+    weak = WEAK_TYPING_FLAGS[precision]
+    if all(f in names for f in weak):
+        return weak, None
+    return [], AUTOCAST_TYPES.get(precision)
+
+
+def builder_flag_names(trt) -> set[str]:
+    return {name for name in dir(trt.BuilderFlag) if name.isupper()}
+
+
+def autocast_graph(onnx_path: Path, low_precision_type: str, out_dir: Path) -> Path:
+    """The graph converted to `low_precision_type` by ModelOpt AutoCast (TensorRT 11's replacement for
+    the FP16/BF16 builder flags), written beside the original; graph inputs and outputs keep their types."""
+    import onnx
+
+    try:
+        autocast = importlib.import_module("modelopt.onnx.autocast")
+    except ImportError as e:
+        raise TensorRTError(f"TensorRT 11 builds {low_precision_type} plans from graphs already in that precision, "
+                            f"converted by NVIDIA ModelOpt AutoCast ({e}): pip install 'nvidia-modelopt[onnx]', "
+                            "or build with TensorRT 10 (pip install 'tensorrt>=10.8,<11')") from e
+    model = autocast.convert_to_mixed_precision(onnx_path=str(onnx_path), low_precision_type=low_precision_type,
+                                                keep_io_types=True)
+    out = out_dir / f"{onnx_path.stem}.{low_precision_type}.onnx"
+    onnx.save(model, str(out), save_as_external_data=True, location=f"{out.name}.data")  # any size
+    return out
+
+
+def load_timing_cache(config, path: Path):
+    """The timing cache for `config`: the file's if TensorRT accepts it, else a fresh one.
+
+    create_timing_cache returns None for bytes it cannot parse (a corrupt or truncated file), and
+    set_timing_cache refuses a cache from another GPU or TensorRT version (ignore_mismatch=False):
+    either way the build starts from an empty cache, which is written back after it.
+    """
+    data = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(data) if data else None
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
 
 
 def build_plan(trt, logger, onnx_path: Path, plan_path: Path, profile: dict, precision: str,
                timing_cache_path: Path) -> None:
     """Parse one ONNX graph and write its serialized plan; the timing cache file is read and rewritten."""
+    flags, autocast = precision_plan(builder_flag_names(trt), precision)
+    if autocast is not None:
+        onnx_path = autocast_graph(onnx_path, autocast, plan_path.parent)
     builder = trt.Builder(logger)
-    # Explicit batch is the only mode in TensorRT 10 (the flag is deprecated there, and still accepted).
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
+    # No creation flags: explicit batch is the only mode since TensorRT 10 (EXPLICIT_BATCH is removed in 11).
+    network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # from the path, so external data beside it is found
         errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -159,7 +214,10 @@ def build_plan(trt, logger, onnx_path: Path, plan_path: Path, profile: dict, pre
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    _precision_flags(trt, config, precision)
+    for flag in flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
 
     opt_profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
@@ -173,11 +231,7 @@ def build_plan(trt, logger, onnx_path: Path, plan_path: Path, profile: dict, pre
         opt_profile.set_shape(tensor.name, p["min"], p["opt"], p["max"])
     config.add_optimization_profile(opt_profile)
 
-    cache_bytes = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
-    # ignore_mismatch=False: a cache written on another GPU or TensorRT version is not trusted;
-    # a fresh one replaces it (and is written back after this build).
-    if not config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False):
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    load_timing_cache(config, timing_cache_path)
 
     plan = builder.build_serialized_network(network, config)
     if plan is None:
@@ -187,13 +241,15 @@ def build_plan(trt, logger, onnx_path: Path, plan_path: Path, profile: dict, pre
 
 
 def build_plans(onnx_manifest: dict, onnx_dir: Path, out_dir: Path, precision: str, max_batch: int,
-                progress=print, max_seq: int | None = None) -> dict:
+                progress=print, max_seq: int | None = None, batch_limits: dict[str, int] | None = None) -> dict:
     """Build one .plan per ONNX component of `onnx_manifest` (its "components": {name: entry}).
 
     Returns {component: entry} for the engines manifest. A plan's entry: file, sha256, kind "plan",
     inputs/outputs (as in the ONNX manifest), profiles (min/opt/max per input), max_batch, max_seq,
     precision, target ('sm_XY'), tensorrt (version), build_seconds. Other components (kind "npy")
     are copied into out_dir with their sha256. max_seq defaults to `default_max_seq(onnx_manifest)`.
+    batch_limits: {component: largest batch} where it differs from max_batch (the vision side batches
+    every image, or tile, of every request).
     """
     if precision not in PRECISIONS:
         raise TensorRTError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -228,7 +284,8 @@ def build_plans(onnx_manifest: dict, onnx_dir: Path, out_dir: Path, precision: s
                 shutil.copy2(onnx_dir / entry["file"], out_dir / entry["file"])
             built[name] = {**entry, "sha256": sha256_file(out_dir / entry["file"])}
             continue
-        profile = profile_shapes(entry, max_batch, max_seq)
+        batch = int((batch_limits or {}).get(name, max_batch))
+        profile = profile_shapes(entry, batch, max_seq)
         plan_file = Path(entry["file"]).with_suffix(".plan").name
         progress(f"[{graphs.index(name) + 1}/{len(graphs)}] TensorRT {precision}: {entry['file']} -> {plan_file}")
         t0 = time.perf_counter()
@@ -240,7 +297,7 @@ def build_plans(onnx_manifest: dict, onnx_dir: Path, out_dir: Path, precision: s
             "inputs": io_specs(entry, "inputs"),
             "outputs": io_specs(entry, "outputs"),
             "profiles": profile,
-            "max_batch": max_batch,
+            "max_batch": batch,
             "max_seq": max_seq,
             "precision": precision,
             "target": target,

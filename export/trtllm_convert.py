@@ -46,6 +46,27 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # facert's precision names (`facert build --precision`) -> TensorRT-LLM dtype names.
 PRECISION_TO_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# facert's quantized precisions -> TensorRT-LLM's QuantAlgo (quantization/mode.py), the documented flows:
+#   int8 / int4  weight-only, per output channel (W8A16 / W4A16): the checkpoint holds the float weights
+#                and `quantization.quant_algo`; trtllm-build quantizes them itself (modeling_utils
+#                preprocess_weights -> convert_utils.weight_only_quantize_dict ->
+#                torch.ops.trtllm.symmetric_quantize_last_axis_of_batched_matrix), because the int8 /
+#                packed-int4 layout its weight-only GEMM reads is interleaved for the build GPU's
+#                architecture (preprocess_weights_for_mixed_gemm). lm_head stays in `dtype`.
+#   fp8          FP8 weights and activations with per-tensor scales calibrated by NVIDIA ModelOpt
+#                (mtq.quantize with FP8_DEFAULT_CFG on calibration prompts, then
+#                export_tensorrt_llm_checkpoint), which writes the checkpoint itself (quantize_fp8).
+QUANT_ALGOS = {"int8": "W8A16", "int4": "W4A16", "fp8": "FP8"}
+WEIGHT_ONLY = ("int8", "int4")
+# TensorRT-LLM's weight-only linears pad in/out features to multiples of 64 (quantization/layers.py),
+# which the checkpoint's unpadded weights would not match: facert refuses other shapes.
+WEIGHT_ONLY_MULTIPLE = 64
+# TensorRT-LLM's attention kernels (fused MHA / XQA / masked MHA) start at head size 32.
+MIN_HEAD_SIZE = 32
+# ModelOpt's decoder_type for each transformers model_type (modelopt.torch.export).
+MODELOPT_DECODER = {"llama": "llama", "qwen2": "qwen"}
+MODELOPT_HINT = ("install NVIDIA ModelOpt on the GPU host (pip install 'nvidia-modelopt[torch]'; "
+                 "NVIDIA's TensorRT-LLM containers ship it)")
 
 INSTALL_HINT = ("install TensorRT-LLM on a Linux machine with an NVIDIA GPU "
                 "(pip install tensorrt-llm --extra-index-url https://pypi.nvidia.com, matching your CUDA), "
@@ -70,21 +91,58 @@ def _dtype_name(dtype: str) -> str:
     name = PRECISION_TO_DTYPE.get(dtype, dtype)
     if name not in DTYPES:
         if dtype == "fp8":
-            raise TrtLlmError("fp8 TensorRT-LLM checkpoints need calibrated scales (NVIDIA ModelOpt quantisation); "
-                              "convert with float16 or bfloat16")
+            raise TrtLlmError("fp8 TensorRT-LLM checkpoints need calibrated scales: they are written by NVIDIA "
+                              "ModelOpt (quantize_fp8), not by convert_checkpoint")
+        if dtype in WEIGHT_ONLY:
+            raise TrtLlmError(f"{dtype} is a quantization, not a dtype: convert_checkpoint(..., dtype='float16' "
+                              f"or 'bfloat16', quantization={dtype!r})")
         raise TrtLlmError(f"dtype must be one of {', '.join(DTYPES)} (or fp32/fp16/bf16), got {dtype!r}")
     return name
 
 
+def quant_config(quantization: str | None) -> dict:
+    """The checkpoint config's `quantization` (TensorRT-LLM's QuantConfig fields) for facert's precision."""
+    if quantization is None:
+        return {"quant_algo": None, "kv_cache_quant_algo": None}
+    if quantization not in QUANT_ALGOS:
+        raise TrtLlmError(f"quantization must be one of {', '.join(QUANT_ALGOS)} or None, got {quantization!r}")
+    return {"quant_algo": QUANT_ALGOS[quantization], "kv_cache_quant_algo": None}
+
+
+def check_weight_only_shapes(llm) -> None:
+    """Every linear TensorRT-LLM quantizes (qkv, dense, fc, gate, proj) has in/out features that are
+    multiples of 64, else its weight-only layer would be padded and refuse the checkpoint's weights."""
+    layer = llm.model.layers[0]
+    att, mlp = layer.self_attn, layer.mlp
+    odd = []
+    for name, lin in (("qkv", att.q_proj), ("qkv", att.k_proj), ("dense", att.o_proj), ("fc", mlp.gate_proj),
+                      ("proj", mlp.down_proj)):
+        for side, n in (("in", lin.in_features), ("out", lin.out_features)):
+            if n % WEIGHT_ONLY_MULTIPLE:
+                odd.append(f"{name} {side}_features {n}")
+    if odd:
+        raise TrtLlmError("int8/int4 weight-only engines need linear sizes that are multiples of "
+                          f"{WEIGHT_ONLY_MULTIPLE} (TensorRT-LLM pads the others); this LLM has " + ", ".join(odd))
+
+
 def _rope(cfg) -> tuple[float, dict | None]:
-    """rotary_base and rotary_scaling from a transformers config (v5 keeps them in rope_parameters)."""
-    rope = dict(getattr(cfg, "rope_parameters", None) or {})
-    base = float(rope.pop("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
-    kind = rope.pop("rope_type", "default")
-    return base, (None if kind == "default" else {"type": kind, **rope})
+    """rotary_base and rotary_scaling from a transformers config.
+
+    transformers 5 keeps both in `rope_parameters`; transformers 4.57 (what TensorRT-LLM 1.x runs on)
+    has `rope_theta` and a separate `rope_scaling` dict or None (runtime.compat.rope_of reads either).
+    TensorRT-LLM's own LLaMA/Qwen configs take that `rope_scaling` dict as `rotary_scaling`
+    (models/llama/config.py); facert writes it with both "type" (what its attention layer reads)
+    and "rope_type" (what transformers writes).
+    """
+    from runtime.compat import rope_of
+
+    base, scaling = rope_of(cfg)
+    if scaling is None:
+        return base, None
+    return base, {"type": scaling["rope_type"], **scaling}
 
 
-def trtllm_config(llm, dtype: str = "float16") -> dict:
+def trtllm_config(llm, dtype: str = "float16", quantization: str | None = None) -> dict:
     """config.json of the TensorRT-LLM checkpoint for a transformers LlamaForCausalLM / Qwen2ForCausalLM."""
     cfg = llm.config
     if cfg.model_type not in ARCHITECTURES:
@@ -119,7 +177,7 @@ def trtllm_config(llm, dtype: str = "float16") -> dict:
         "use_parallel_embedding": False,
         "embedding_sharding_dim": 0,
         "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1},
-        "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+        "quantization": quant_config(quantization),
     }
     if cfg.model_type == "qwen2":
         # QWenConfig fields (TensorRT-LLM models/qwen/config.py); qwen_type selects the Qwen2 layout.
@@ -146,6 +204,8 @@ def trtllm_weights(llm, dtype: str = "float16") -> dict[str, torch.Tensor]:
         if att.q_proj.bias is not None:
             out[p + "attention.qkv.bias"] = t(torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]))
         out[p + "attention.dense.weight"] = t(att.o_proj.weight)
+        if att.o_proj.bias is not None:  # LLaMA with attention_bias: TensorRT-LLM's dense layer has a bias too
+            out[p + "attention.dense.bias"] = t(att.o_proj.bias)
         out[p + "post_layernorm.weight"] = t(layer.post_attention_layernorm.weight)
         out[p + "mlp.fc.weight"] = t(mlp.gate_proj.weight)
         out[p + "mlp.gate.weight"] = t(mlp.up_proj.weight)
@@ -170,6 +230,8 @@ def expected_tensors(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
         if config.get("attn_bias"):
             out[p + "attention.qkv.bias"] = ((qkv,), dt)
         out[p + "attention.dense.weight"] = ((h, config["num_attention_heads"] * d), dt)
+        if config.get("attn_bias") and config["architecture"] == "LlamaForCausalLM":
+            out[p + "attention.dense.bias"] = ((h,), dt)  # Qwen2's Attention has dense_bias=False
         out[p + "post_layernorm.weight"] = ((h,), dt)
         out[p + "mlp.fc.weight"] = ((f, h), dt)
         out[p + "mlp.gate.weight"] = ((f, h), dt)
@@ -177,23 +239,77 @@ def expected_tensors(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
-def convert_checkpoint(model, spec: dict, out_dir, dtype: str = "float16") -> Path:
+def convert_checkpoint(model, spec: dict, out_dir, dtype: str = "float16", quantization: str | None = None) -> Path:
     """Write the LLM of a facert model (`model.llm`, transformers) as a TensorRT-LLM checkpoint.
 
     `spec` is the facert spec; it is not needed for the weights, but a spec naming another LLM than
-    the model holds is refused. Returns the checkpoint directory.
+    the model holds is refused. `quantization` "int8" / "int4" writes a weight-only (W8A16 / W4A16)
+    checkpoint: `dtype` weights (float16 or bfloat16, the activations' type) that trtllm-build
+    quantizes per output channel (see QUANT_ALGOS); fp8 is quantize_fp8's. Returns the directory.
     """
     llm = model.llm
     llm_spec = spec.get("llm") if isinstance(spec, dict) else None
     if isinstance(llm_spec, dict) and llm_spec.get("model_type") not in (None, llm.config.model_type):
         raise TrtLlmError(f"spec says the LLM is {llm_spec['model_type']!r} but the model holds "
                           f"{llm.config.model_type!r}")
-    config = trtllm_config(llm, dtype)
+    if quantization == "fp8":
+        raise TrtLlmError("fp8 checkpoints are calibrated and written by NVIDIA ModelOpt: use quantize_fp8")
+    if quantization is not None:
+        if _dtype_name(dtype) == "float32":
+            raise TrtLlmError(f"{quantization} weight-only engines run float16 or bfloat16 activations, not float32")
+        check_weight_only_shapes(llm)
+    config = trtllm_config(llm, dtype, quantization)
     weights = trtllm_weights(llm, dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out / WEIGHTS), metadata={"format": "pt"})
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def quantize_fp8(model, spec: dict, out_dir, calibration, dtype: str = "float16", device: str = "cuda") -> Path:
+    """An FP8 TensorRT-LLM checkpoint of `model.llm`, calibrated by NVIDIA ModelOpt.
+
+    `calibration` is an iterable of prompt embeddings [1, T, D] (what the LLM sees in facert: text
+    tokens with the image/seg rows spliced in, export.build.calibration_embeds): ModelOpt's
+    forward_loop runs the LLM on each, its quantizers record the activation ranges, and
+    export_tensorrt_llm_checkpoint writes config.json (quant_algo FP8) and rank0.safetensors with
+    FP8 weights and their scales. Needs ModelOpt and a CUDA GPU (its FP8 kernels); the source
+    model's LLM is quantized in place on `device`.
+    """
+    llm = model.llm
+    if llm.config.model_type not in MODELOPT_DECODER:
+        raise TrtLlmError(f"fp8 quantization supports {', '.join(MODELOPT_DECODER)} LLMs, not {llm.config.model_type!r}")
+    torch_dtype = DTYPES[_dtype_name(dtype)]
+    if torch_dtype == torch.float32:
+        raise TrtLlmError("fp8 engines keep their non-FP8 layers in float16 or bfloat16, not float32")
+    try:
+        mtq = importlib.import_module("modelopt.torch.quantization")
+        export = importlib.import_module("modelopt.torch.export")
+    except ImportError as e:
+        raise TrtLlmError(f"fp8 needs NVIDIA ModelOpt ({e}); {MODELOPT_HINT}") from e
+    if not torch.cuda.is_available():
+        raise TrtLlmError("fp8 calibration runs on an NVIDIA GPU; no CUDA device is visible")
+    samples = [torch.as_tensor(x) for x in calibration]
+    if not samples:
+        raise TrtLlmError("fp8 calibration needs at least one prompt")
+    llm.to(device, torch_dtype).eval()
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for embeds in samples:
+                m(inputs_embeds=embeds.to(device, torch_dtype).reshape(1, -1, embeds.shape[-1]))
+
+    mtq.quantize(llm, mtq.FP8_DEFAULT_CFG, forward_loop)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode():
+        export.export_tensorrt_llm_checkpoint(llm, decoder_type=MODELOPT_DECODER[llm.config.model_type],
+                                              dtype=torch_dtype, export_dir=str(out),
+                                              inference_tensor_parallel=1, inference_pipeline_parallel=1)
+    config = checkpoint_config(out)
+    if (config.get("quantization") or {}).get("quant_algo") != "FP8":
+        raise TrtLlmError(f"ModelOpt wrote {out / CONFIG} without quant_algo FP8: {config.get('quantization')}")
     return out
 
 
@@ -236,6 +352,8 @@ def invert_checkpoint(ckpt_dir) -> dict[str, torch.Tensor]:
                 out[hf + f"self_attn.k_proj.{kind}"] = wk
                 out[hf + f"self_attn.v_proj.{kind}"] = wv
         out[hf + "self_attn.o_proj.weight"] = w[p + "attention.dense.weight"]
+        if p + "attention.dense.bias" in w:
+            out[hf + "self_attn.o_proj.bias"] = w[p + "attention.dense.bias"]
         out[hf + "input_layernorm.weight"] = w[p + "input_layernorm.weight"]
         out[hf + "post_attention_layernorm.weight"] = w[p + "post_layernorm.weight"]
         out[hf + "mlp.gate_proj.weight"] = w[p + "mlp.fc.weight"]
@@ -252,20 +370,19 @@ def reference_llm(ckpt_dir, dtype: torch.dtype = torch.float32):
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from runtime.compat import rope_config_kwargs
+
     config = checkpoint_config(ckpt_dir)
     model_type = {a: t for t, a in ARCHITECTURES.items()}.get(config["architecture"])
     if model_type is None:
         raise TrtLlmError(f"unknown architecture {config['architecture']!r} in {ckpt_dir}")
-    rope = {"rope_type": "default", "rope_theta": config["rotary_base"]}
-    if config.get("rotary_scaling"):
-        scaling = dict(config["rotary_scaling"])
-        rope = {"rope_type": scaling.pop("type"), "rope_theta": config["rotary_base"], **scaling}
     hf_cfg = AutoConfig.for_model(
         model_type, vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
         intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_hidden_layers"],
         num_attention_heads=config["num_attention_heads"], num_key_value_heads=config["num_key_value_heads"],
         head_dim=config["head_size"], max_position_embeddings=config["max_position_embeddings"],
-        rms_norm_eps=config["norm_epsilon"], hidden_act=config["hidden_act"], rope_parameters=rope,
+        rms_norm_eps=config["norm_epsilon"], hidden_act=config["hidden_act"],
+        **rope_config_kwargs(config["rotary_base"], config.get("rotary_scaling")),
         tie_word_embeddings=config["tie_word_embeddings"],
         **({"attention_bias": config["attn_bias"]} if model_type == "llama" else {}))
     llm = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
@@ -276,31 +393,68 @@ def reference_llm(ckpt_dir, dtype: torch.dtype = torch.float32):
 
 # ----------------------------------------------------------------------------------- engine build
 
-def prompt_table_size(model, max_batch: int) -> int:
-    """Rows of prompt table an engine needs: every request of a full batch brings its image and seg tokens.
+def tiles_per_image(model, max_tiles: int = 1) -> int:
+    """Vision-tower passes per image: InternVL (FaceLLM) tiles an image into up to max_tiles crops and
+    adds a thumbnail once there is more than one; LLaVA (FaceInsight) encodes one square image."""
+    if max_tiles < 1:
+        raise ValueError(f"max_tiles must be >= 1, got {max_tiles}")
+    if getattr(model, "family", None) == "facellm" and max_tiles > 1:
+        return max_tiles + 1
+    return 1
+
+
+def prompt_rows_per_request(model, max_images: int = 1, max_tiles: int = 1) -> int:
+    """Prompt-table rows of the largest request: every image brings its tiles' image tokens and its seg tokens."""
+    if max_images < 1:
+        raise ValueError(f"max_images must be >= 1, got {max_images}")
+    per_image = tiles_per_image(model, max_tiles) * int(model.num_image_tokens) + int(model.num_seg_tokens)
+    return max_images * per_image
+
+
+def prompt_table_size(model, max_batch: int, max_images: int = 1, max_tiles: int = 1) -> int:
+    """Rows of prompt table an engine needs: every request of a full batch brings its images' rows
+    (TensorRT-LLM concatenates the batch's tables; max_prompt_embedding_table_size bounds the total).
 
     `model` is anything with num_image_tokens and num_seg_tokens (a facert model or components).
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    return max_batch * (int(model.num_image_tokens) + int(model.num_seg_tokens))
+    return max_batch * prompt_rows_per_request(model, max_images, max_tiles)
 
 
 def trtllm_build_command(ckpt_dir, out_dir, max_batch: int, max_input_len: int, max_output_len: int,
-                         max_prompt_embedding_table_size: int) -> list[str]:
-    """The `trtllm-build` command line (run as `python -m tensorrt_llm.commands.build`)."""
+                         max_prompt_embedding_table_size: int, quant_algo: str | None = None) -> list[str]:
+    """The `trtllm-build` command line (run as `python -m tensorrt_llm.commands.build`).
+
+    --gather_generation_logits: the runtime returns the first answer token's logits (facert's
+    `first_logits`, what `facert eval verify` scores): TensorRT-LLM up to 0.1x needs the engine built
+    with it, later versions only warn that the build flag is no longer required (the executor's
+    gather_generation_logits, set by runtime.backends.trtllm_backend, is what counts there).
+    Weight-only checkpoints (W8A16 / W4A16) also get the weight-only GEMM plugin, which int4 requires.
+    """
     for name, value in (("max_batch", max_batch), ("max_input_len", max_input_len),
                         ("max_output_len", max_output_len)):
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if max_prompt_embedding_table_size < 0:
         raise ValueError(f"max_prompt_embedding_table_size must be >= 0, got {max_prompt_embedding_table_size}")
-    return [sys.executable, "-m", "tensorrt_llm.commands.build",
-            "--checkpoint_dir", str(ckpt_dir), "--output_dir", str(out_dir),
-            "--max_batch_size", str(max_batch), "--max_input_len", str(max_input_len),
-            "--max_seq_len", str(max_input_len + max_output_len),
-            "--max_prompt_embedding_table_size", str(max_prompt_embedding_table_size),
-            "--gemm_plugin", "auto"]
+    cmd = [sys.executable, "-m", "tensorrt_llm.commands.build",
+           "--checkpoint_dir", str(ckpt_dir), "--output_dir", str(out_dir),
+           "--max_batch_size", str(max_batch), "--max_input_len", str(max_input_len),
+           "--max_seq_len", str(max_input_len + max_output_len),
+           "--max_prompt_embedding_table_size", str(max_prompt_embedding_table_size),
+           "--gemm_plugin", "auto", "--gather_generation_logits"]
+    if quant_algo in ("W8A16", "W4A16"):
+        cmd += ["--weight_only_quant_matmul_plugin", "auto"]
+    return cmd
+
+
+def check_engine_config(config: dict) -> None:
+    """Refuse, before any build, a checkpoint TensorRT-LLM's kernels cannot run."""
+    head = int(config.get("head_size") or config["hidden_size"] // config["num_attention_heads"])
+    if head < MIN_HEAD_SIZE:
+        raise TrtLlmError(f"head size {head} is below the {MIN_HEAD_SIZE} TensorRT-LLM's attention kernels start at "
+                          "(\"unsupported head_size\"): this LLM cannot be built into a TensorRT-LLM engine")
 
 
 def build_engine(ckpt_dir, out_dir, max_batch: int, max_input_len: int, max_output_len: int,
@@ -311,12 +465,13 @@ def build_engine(ckpt_dir, out_dir, max_batch: int, max_input_len: int, max_outp
     interface (the Python builder API has changed between releases), and the build's GPU memory is
     returned when it exits.
     """
-    checkpoint_config(ckpt_dir)  # a missing or malformed checkpoint fails here, before the slow part
+    config = checkpoint_config(ckpt_dir)  # a missing or malformed checkpoint fails here, before the slow part
+    check_engine_config(config)
     require_tensorrt_llm()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cmd = trtllm_build_command(ckpt_dir, out, max_batch, max_input_len, max_output_len,
-                               max_prompt_embedding_table_size)
+                               max_prompt_embedding_table_size, (config.get("quantization") or {}).get("quant_algo"))
     progress("building TensorRT-LLM engine: " + " ".join(cmd[1:]))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -196,8 +196,7 @@ def _read_safetensors(paths: list[Path], prefixes: tuple[str, ...] | None = None
 
 
 def _build_empty(spec: dict, dtype: torch.dtype):
-    from transformers.initialization import no_init_weights
-
+    from runtime.compat import no_init_weights
     from runtime.models.mllm import build_model
 
     with no_init_weights():

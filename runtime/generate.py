@@ -92,7 +92,9 @@ class TorchLLM:
         return cache
 
     def cache_length(self, cache) -> int:
-        return int(cache.get_max_length())
+        from runtime.compat import cache_max_length
+
+        return cache_max_length(cache)
 
     def _step(self, embeds, attention_mask, position_ids, cache, cache_position):
         out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,

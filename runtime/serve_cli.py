@@ -10,7 +10,7 @@ TensorRT-LLM and the tensorrtllm, onnxruntime and tensorrt backends; facert is i
 because the python steps import it, and the engines are built there for that GPU):
 
   docker run --rm -it --gpus all --shm-size=2g -p 127.0.0.1:8000-8002:8000-8002 \\
-      -v $PWD:/work -w /work nvcr.io/nvidia/tritonserver:24.10-trtllm-python-py3 bash
+      -v $PWD:/work -w /work nvcr.io/nvidia/tritonserver:25.12-trtllm-python-py3 bash
   # in the container:
   pip install -e '.[serve]'
   facert build --checkpoint CKPT --backend tensorrt-llm --precision bf16 --out engines/NAME

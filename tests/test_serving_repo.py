@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from runtime.serving.repo import RepositoryError, fill_repository, parse_config, validate_repository
@@ -78,19 +80,67 @@ def test_engines_give_the_same_shapes_as_the_checkpoint(tiny_checkpoint, tmp_pat
         manifest["components"][name]["kind"] = "plan"
     (trt / "llm_engine").mkdir()
     (trt / "llm_engine" / "rank0.engine").write_bytes(b"")
+    manifest["components"]["vision"]["max_batch"] = 4  # the plan's profile ends at batch 4
     manifest["components"]["llm"] = {"file": "llm_engine/rank0.engine", "kind": "tensorrt-llm-engine",
-                                     "precision": "bf16", "data_files": []}
+                                     "precision": "int4", "dtype": "bf16", "quant_algo": "W4A16", "data_files": [],
+                                     "max_batch": 8, "max_input_len": 600, "max_output_len": 64}
     (trt / "manifest.json").write_text(json.dumps(manifest))
     native = fill_repository(tmp_path / "native-trtllm", engines=trt, backend="tensorrt-llm", target="native")
     assert native["vision_encoder"].platform == "tensorrt_plan"
+    # Triton refuses to load a plan model whose max_batch_size is above the plan's profile
+    assert native["vision_encoder"].max_batch_size == 4 and native["face_parser"].max_batch_size == 8
     trtllm = native["tensorrt_llm"]
     assert trtllm.backend == "tensorrtllm" and trtllm.model_transaction_policy.decoupled
     assert trtllm.parameters["gpt_model_path"].string_value == str(trt.resolve() / "llm_engine")
     table = next(t for t in trtllm.input if t.name == "prompt_embedding_table")
     from tritonclient.grpc import model_config_pb2
 
-    assert table.data_type == model_config_pb2.TYPE_BF16
+    assert table.data_type == model_config_pb2.TYPE_BF16  # an int4 engine's activations (its dtype)
     assert native["llm"].parameters["llm_backend"].string_value == "tensorrtllm"
+    # the KV cache is bounded by what the engine can hold, not only by a share of free GPU memory
+    params = {k: v.string_value for k, v in trtllm.parameters.items()}
+    assert params["max_tokens_in_paged_kv_cache"] == str(8 * (600 + 64))
+    assert float(params["kv_cache_free_gpu_mem_fraction"]) <= 0.5
+    inputs = {t.name: t for t in trtllm.input}
+    # every input the BLS request sends is declared, with the tensorrtllm backend's types
+    for name, dtype in (("runtime_top_k", "TYPE_INT32"), ("random_seed", "TYPE_UINT64"), ("seed", "TYPE_UINT64"),
+                        ("stop_words_list", "TYPE_INT32"), ("runtime_top_p", "TYPE_FP32"), ("temperature", "TYPE_FP32")):
+        assert inputs[name].data_type == getattr(model_config_pb2, dtype), name
+    assert list(inputs["stop_words_list"].dims) == [2, -1]
+
+
+def test_tensorrt_llm_bls_request():
+    """The request the llm step sends the tensorrt_llm model (through BLS): greedy is runtime_top_k 1
+    (argmax) with no temperature; sampling sends top-p, temperature and the seed under both names the
+    tensorrtllm backends read (random_seed up to v0.19, seed from v0.20); every end token but the first
+    and every stop token go as stop_words_list in the backend's [1, 2, N] layout; every name and dtype
+    matches what the native config declares."""
+    from runtime.generate import SamplingParams
+    from runtime.serving.native import stop_words_list, tensorrt_llm_inputs
+
+    ids = np.array([[5, 6, 320, 321, 7]], np.int64)
+    greedy = tensorrt_llm_inputs(ids, SamplingParams(max_new_tokens=9), (2, 7), table_rows=2)
+    assert greedy["runtime_top_k"].tolist() == [[1]] and "temperature" not in greedy and "seed" not in greedy
+    assert greedy["input_ids"].dtype == np.int32 and greedy["input_ids"].tolist() == [[5, 6, 320, 321, 7]]
+    assert greedy["input_lengths"].tolist() == [[5]] and greedy["request_output_len"].tolist() == [[9]]
+    assert greedy["end_id"].tolist() == [[2]] and greedy["prompt_vocab_size"].tolist() == [[2]]
+    assert greedy["stop_words_list"].tolist() == [[[7], [1]]]  # the second end token stops the engine too
+
+    sampled = tensorrt_llm_inputs(ids, SamplingParams(temperature=0.7, top_p=0.9, seed=123, stop_token_ids=(11, 2)),
+                                  (2,), table_rows=2)
+    assert sampled["runtime_top_k"].tolist() == [[0]]
+    assert sampled["temperature"].dtype == np.float32 and np.isclose(sampled["temperature"][0, 0], 0.7)
+    assert np.isclose(sampled["runtime_top_p"][0, 0], 0.9)
+    assert sampled["random_seed"].dtype == sampled["seed"].dtype == np.uint64
+    assert sampled["random_seed"].tolist() == sampled["seed"].tolist() == [[123]]
+    assert sampled["stop_words_list"].tolist() == [[[11], [1]]]  # 2 is end_id already
+    assert "stop_words_list" not in tensorrt_llm_inputs(ids, SamplingParams(), (2,), 2)
+    assert stop_words_list([3, 9, 4]).tolist() == [[[3, 9, 4], [1, 2, 3]]]
+
+    template = (Path(__file__).resolve().parents[1] / "model_repository" / "native" / "tensorrt_llm.pbtxt.j2").read_text()
+    types = {np.int32: "TYPE_INT32", np.uint64: "TYPE_UINT64", np.float32: "TYPE_FP32", np.bool_: "TYPE_BOOL"}
+    for name, array in {**greedy, **sampled}.items():
+        assert f'name: "{name}" data_type: {types[array.dtype.type]}' in template, name
 
 
 def test_invalid_configs_are_refused_with_file_and_reason(tiny_checkpoint, tmp_path):

@@ -25,7 +25,7 @@ def _trt_missing_reason() -> str:
     try:
         tb.require_tensorrt()
     except tb.TensorRTError:
-        return "needs TensorRT (pip install tensorrt-cu12==10.* on a machine with an NVIDIA GPU, or NVIDIA's TensorRT container)"
+        return "needs TensorRT (pip install 'tensorrt>=10.8,<11' on a machine with an NVIDIA GPU, or NVIDIA's TensorRT container)"
     return ""
 
 
@@ -133,7 +133,7 @@ def test_missing_tensorrt_says_what_to_install(onnx_export, tmp_path):
     from runtime.backends.tensorrt_backend import TensorRTComponents
 
     manifest, onnx_dir = onnx_export
-    pattern = r"TensorRT is not available.*pip install tensorrt-cu12==10.*TensorRT container"
+    pattern = r"TensorRT is not available.*pip install 'tensorrt>=10.8,<11'.*TensorRT container"
     with pytest.raises(tb.TensorRTError, match=pattern):
         tb.build_plans(manifest, onnx_dir, tmp_path, "fp16", 2)
     with pytest.raises(tb.TensorRTError, match=pattern):
@@ -298,3 +298,35 @@ def test_plans_refuse_other_targets_and_oversized_inputs(fp32_plans):
         trt_c.encode_image(np.zeros((5, 3, s, s), np.float32))  # max_batch is 4
     with pytest.raises(tb.TensorRTError, match="over the plans' 256-token context"):
         trt_c.llm.new_cache(1, 300)
+
+
+@pytest.mark.gpu
+@needs_trt_gpu
+def test_a_corrupt_timing_cache_is_replaced(onnx_export, tmp_path):
+    """TensorRT's create_timing_cache returns None for bytes it cannot parse: the build starts from an
+    empty cache instead of failing, and writes a valid one back."""
+    manifest, onnx_dir = onnx_export
+    (tmp_path / tb.TIMING_CACHE).write_bytes(b"not a timing cache" * 10)
+    comps = {"attributes": manifest["components"]["attributes"]}
+    built = tb.build_plans({**manifest, "components": comps}, onnx_dir, tmp_path, "fp32", 2,
+                           progress=lambda *_: None, max_seq=64)
+    assert built["attributes"]["kind"] == "plan"
+    assert (tmp_path / tb.TIMING_CACHE).read_bytes()[:18] != b"not a timing cache"
+
+
+@pytest.mark.gpu
+@needs_trt_gpu
+def test_plans_run_on_the_backends_own_device(fp32_plans):
+    """Engines are deserialized and run on the device the backend was given (the last GPU here),
+    with inputs that arrive as unaligned views (a row of a larger batch)."""
+    from runtime.backends.tensorrt_backend import TensorRTComponents
+
+    manifest, out = fp32_plans
+    device = f"cuda:{torch.cuda.device_count() - 1}"
+    trt_c = TensorRTComponents(out, manifest, device=device)
+    s = manifest["spec"]["image_size"]
+    batch = torch.randn(3, 3, s, s, device=device)
+    tokens, pooled = trt_c.encode_image(batch[1:2])
+    assert tokens.device == torch.device(device)
+    ref_tokens, _ = trt_c.encode_image(batch[1:2].clone())
+    torch.testing.assert_close(tokens, ref_tokens)

@@ -41,9 +41,28 @@ def _model(name: str):
     return model, spec
 
 
+def _trt_model(name: str):
+    """The spec's model with an LLM TensorRT-LLM's kernels run: head size 64 (LLaMA, 2 heads, 1 KV head)
+    or 32 (Qwen2, 4 heads, 2 KV heads), and every linear a multiple of 64 wide (weight-only layers)."""
+    spec = get_spec(name)
+    heads, kv = (2, 1) if spec["llm"]["model_type"] == "llama" else (4, 2)
+    spec["llm"].update(hidden_size=128, intermediate_size=192, num_attention_heads=heads, num_key_value_heads=kv)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    with torch.no_grad():
+        for p in model.llm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model, spec
+
+
 @pytest.fixture(scope="module", params=SPECS)
 def source(request):
     return _model(request.param)
+
+
+@pytest.fixture(scope="module", params=SPECS)
+def trt_source(request):
+    return _trt_model(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -213,16 +232,180 @@ def test_prompt_table_size_counts_image_and_seg_tokens():
         tc.prompt_table_size(tiny, 0)
 
 
+def _options(cmd: list[str]) -> dict:
+    """--flag value pairs of a command line; a flag with no value maps to True."""
+    out, i = {}, 3
+    while i < len(cmd):
+        if i + 1 < len(cmd) and not cmd[i + 1].startswith("--"):
+            out[cmd[i]], i = cmd[i + 1], i + 2
+        else:
+            out[cmd[i]], i = True, i + 1
+    return out
+
+
 def test_build_command(tmp_path):
     cmd = tc.trtllm_build_command(tmp_path / "ck", tmp_path / "eng", max_batch=4, max_input_len=300,
                                   max_output_len=64, max_prompt_embedding_table_size=4 * 20)
-    args = dict(zip(cmd[3::2], cmd[4::2]))
     assert cmd[1:3] == ["-m", "tensorrt_llm.commands.build"]
-    assert args == {"--checkpoint_dir": str(tmp_path / "ck"), "--output_dir": str(tmp_path / "eng"),
-                    "--max_batch_size": "4", "--max_input_len": "300", "--max_seq_len": "364",
-                    "--max_prompt_embedding_table_size": "80", "--gemm_plugin": "auto"}
+    # generation logits are gathered: the runtime returns the first answer token's logits
+    assert _options(cmd) == {"--checkpoint_dir": str(tmp_path / "ck"), "--output_dir": str(tmp_path / "eng"),
+                             "--max_batch_size": "4", "--max_input_len": "300", "--max_seq_len": "364",
+                             "--max_prompt_embedding_table_size": "80", "--gemm_plugin": "auto",
+                             "--gather_generation_logits": True}
+    for algo in ("W8A16", "W4A16"):  # weight-only: its GEMM plugin (int4 has no other kernel)
+        opts = _options(tc.trtllm_build_command("a", "b", 1, 10, 5, 0, quant_algo=algo))
+        assert opts["--weight_only_quant_matmul_plugin"] == "auto"
+    assert "--weight_only_quant_matmul_plugin" not in _options(tc.trtllm_build_command("a", "b", 1, 10, 5, 0, "FP8"))
     with pytest.raises(ValueError, match="max_output_len"):
         tc.trtllm_build_command("a", "b", 1, 10, 0, 0)
+
+
+def test_head_sizes_below_32_are_refused_before_any_build(fp32_ckpt, tmp_path):
+    """TensorRT-LLM's attention kernels start at head size 32 ("unsupported head_size"): the tiny specs'
+    16 and 12 are refused before TensorRT-LLM is needed, with the reason."""
+    with pytest.raises(tc.TrtLlmError, match=r"head size (16|12) is below the 32"):
+        tc.build_engine(fp32_ckpt, tmp_path / "engine", 1, 8, 8, 0)
+    tc.check_engine_config({"head_size": 64, "hidden_size": 128, "num_attention_heads": 2})
+    from export.build import _check_trtllm_model
+
+    with pytest.raises(tc.TrtLlmError, match="head size"):
+        _check_trtllm_model(build_model(get_spec("tiny")), "bf16")
+
+
+# ------------------------------------------------------------------------- quantized checkpoints
+
+@pytest.mark.parametrize("precision,algo", [("int8", "W8A16"), ("int4", "W4A16")])
+def test_weight_only_checkpoint_config_and_tensors(trt_source, tmp_path, precision, algo):
+    """Weight-only: config.json's quantization names TensorRT-LLM's QuantAlgo; the weights stay float
+    in the activation dtype (trtllm-build quantizes them into its kernels' layout) and unchanged."""
+    model, spec = trt_source
+    ckpt = tc.convert_checkpoint(model, spec, tmp_path / "ck", dtype="bfloat16", quantization=precision)
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["quantization"] == {"quant_algo": algo, "kv_cache_quant_algo": None}
+    assert config["dtype"] == "bfloat16"
+    plain = load_file(str(tc.convert_checkpoint(model, spec, tmp_path / "plain", dtype="bfloat16") / "rank0.safetensors"))
+    quant = load_file(str(ckpt / "rank0.safetensors"))
+    assert set(quant) == set(plain)
+    for name, t in quant.items():
+        assert t.dtype == torch.bfloat16 and torch.equal(t, plain[name]), name
+    opts = _options(tc.trtllm_build_command(ckpt, tmp_path / "e", 1, 8, 8, 0, config["quantization"]["quant_algo"]))
+    assert opts["--weight_only_quant_matmul_plugin"] == "auto"
+
+
+def test_quantization_refusals(source, trt_source, tmp_path):
+    model, spec = source  # hidden 64, intermediate 96 (tiny) / 48, 80 (tiny-facellm): not multiples of 64
+    with pytest.raises(tc.TrtLlmError, match="multiples of 64"):
+        tc.convert_checkpoint(model, spec, tmp_path / "a", dtype="float16", quantization="int8")
+    model, spec = trt_source
+    with pytest.raises(tc.TrtLlmError, match="float16 or bfloat16 activations"):
+        tc.convert_checkpoint(model, spec, tmp_path / "b", dtype="float32", quantization="int4")
+    with pytest.raises(tc.TrtLlmError, match="ModelOpt"):
+        tc.convert_checkpoint(model, spec, tmp_path / "c", dtype="float16", quantization="fp8")
+    with pytest.raises(tc.TrtLlmError, match="quantization must be one of"):
+        tc.convert_checkpoint(model, spec, tmp_path / "d", dtype="float16", quantization="int2")
+    with pytest.raises(tc.TrtLlmError, match="is a quantization, not a dtype"):
+        tc.convert_checkpoint(model, spec, tmp_path / "e", dtype="int8")
+
+
+def _has_modelopt() -> bool:
+    try:
+        import modelopt.torch.quantization  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(_has_modelopt(), reason="ModelOpt is installed: the not-installed message cannot be shown")
+def test_fp8_says_what_to_install(trt_source, tmp_path):
+    model, spec = trt_source
+    with pytest.raises(tc.TrtLlmError, match=r"fp8 needs NVIDIA ModelOpt.*nvidia-modelopt"):
+        tc.quantize_fp8(model, spec, tmp_path / "fp8", [torch.zeros(1, 4, 128)])
+    with pytest.raises(tc.TrtLlmError, match="not float32"):
+        tc.quantize_fp8(model, spec, tmp_path / "fp8", [], dtype="float32")
+
+
+def test_fp8_calibration_prompts_are_image_prompts(tiny_checkpoint):
+    """fp8 calibration feeds the LLM what it sees in service: chat-template text with a real photo's
+    image and seg rows spliced in (ids >= vocab_size replaced), different for different crops."""
+    from export.build import calibration_embeds
+    from runtime.checkpoint import load_checkpoint
+
+    model, tok, _ = load_checkpoint(tiny_checkpoint)
+    embeds = calibration_embeds(model, tok, count=3)
+    d = model.llm.config.hidden_size
+    rows = model.num_image_tokens + model.num_seg_tokens
+    assert len(embeds) == 3 and all(e.ndim == 2 and e.shape[1] == d and e.shape[0] > rows for e in embeds)
+    assert all(torch.isfinite(e).all() for e in embeds)
+    assert not torch.equal(embeds[0], embeds[1])  # the image rows differ between crops
+
+
+# ------------------------------------------------------------------- rope scaling, attention bias
+
+def _llama(tmp_scaling: bool = True, attention_bias: bool = False):
+    """A transformers LLaMA with linear rope scaling (factor 2) and/or attention biases, built with the
+    installed transformers' own config keywords (rope_parameters in 5.x, rope_theta + rope_scaling in 4.x)."""
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, max_position_embeddings=256, attention_bias=attention_bias)
+    scaling = {"rope_type": "linear", "factor": 2.0} if tmp_scaling else None
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": 5000.0, **(scaling or {})}
+    else:
+        kw.update(rope_theta=5000.0, rope_scaling=scaling)
+    torch.manual_seed(1)
+    llm = LlamaForCausalLM(LlamaConfig(**kw)).eval()
+    with torch.no_grad():
+        for p in llm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.llm = llm
+    return holder
+
+
+def test_rope_scaling_reaches_the_checkpoint(tmp_path):
+    """rotary_base and rotary_scaling come from the installed transformers' own fields, and the
+    checkpoint rebuilt from config.json alone reproduces the scaled-rope logits (positions past 64)."""
+    model = _llama()
+    ckpt = tc.convert_checkpoint(model, {}, tmp_path / "ck", dtype="float32")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["rotary_base"] == 5000.0
+    assert cfg["rotary_scaling"]["type"] == cfg["rotary_scaling"]["rope_type"] == "linear"
+    assert cfg["rotary_scaling"]["factor"] == 2.0
+    ids = torch.randint(0, 96, (1, 120))
+    torch.testing.assert_close(_logits(tc.reference_llm(ckpt), ids), _logits(model.llm, ids), atol=1e-5, rtol=0)
+    plain = tc.convert_checkpoint(_llama(tmp_scaling=False), {}, tmp_path / "plain", dtype="float32")
+    assert json.loads((plain / "config.json").read_text())["rotary_scaling"] is None
+
+
+def test_llama_attention_bias_keeps_the_output_projection_bias(tmp_path):
+    """A LLaMA with attention_bias has an o_proj bias: TensorRT-LLM's LLaMA attention (bias=attn_bias,
+    dense_bias defaulting to it) loads it as attention.dense.bias; leaving it out changes every output."""
+    model = _llama(tmp_scaling=False, attention_bias=True)
+    ckpt = tc.convert_checkpoint(model, {}, tmp_path / "ck", dtype="float32")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    w = load_file(str(ckpt / "rank0.safetensors"))
+    assert cfg["attn_bias"] is True
+    assert torch.equal(w["transformer.layers.1.attention.dense.bias"], model.llm.model.layers[1].self_attn.o_proj.bias)
+    assert set(tc.expected_tensors(cfg)) == set(w)
+    ids = torch.randint(0, 96, (1, 20))
+    torch.testing.assert_close(_logits(tc.reference_llm(ckpt), ids), _logits(model.llm, ids), atol=1e-5, rtol=0)
+
+
+def test_prompt_table_counts_images_and_tiles():
+    facellm, _ = _model("tiny-facellm")
+    tiny, _ = _model("tiny")
+    n = facellm.num_image_tokens
+    assert tc.tiles_per_image(facellm, 1) == 1 and tc.tiles_per_image(facellm, 6) == 7  # 6 tiles + thumbnail
+    assert tc.tiles_per_image(tiny, 6) == 1  # LLaVA: one square image
+    assert tc.prompt_rows_per_request(facellm, 2, 6) == 2 * 7 * n
+    assert tc.prompt_table_size(facellm, 4, 2, 6) == 4 * 2 * 7 * n
+    assert tc.prompt_table_size(tiny, 3, 2) == 3 * 2 * (tiny.num_image_tokens + tiny.num_seg_tokens)
 
 
 def _has_tensorrt_llm() -> bool:
@@ -241,9 +424,11 @@ NO_ENGINE_REASON = ", ".join(
 
 
 @pytest.mark.skipif(HAS_TRTLLM, reason="TensorRT-LLM is installed: the not-installed message cannot be shown")
-def test_build_engine_says_what_to_install(fp32_ckpt, tmp_path):
+def test_build_engine_says_what_to_install(trt_source, tmp_path):
+    model, spec = trt_source
+    ckpt = tc.convert_checkpoint(model, spec, tmp_path / "ck", dtype="float16")
     with pytest.raises(tc.TrtLlmError, match=r"TensorRT-LLM is not installed.*pip install tensorrt-llm.*container"):
-        tc.build_engine(fp32_ckpt, tmp_path / "engine", max_batch=2, max_input_len=64, max_output_len=16,
+        tc.build_engine(ckpt, tmp_path / "engine", max_batch=2, max_input_len=64, max_output_len=16,
                         max_prompt_embedding_table_size=8)
     with pytest.raises(tc.TrtLlmError, match="config.json is missing"):
         tc.build_engine(tmp_path / "nowhere", tmp_path / "engine", 1, 8, 8, 0)
@@ -257,16 +442,19 @@ def test_build_engine_says_what_to_install(fp32_ckpt, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(bool(NO_ENGINE_REASON), reason=NO_ENGINE_REASON)
-def test_engine_with_prompt_table_matches_torch(source, tmp_path):
-    """Build the fp16 engine, feed a prompt whose ids >= vocab_size index a per-request prompt table,
-    compare greedy tokens and first-step logits with the torch LLM run on the spliced embeddings.
-    Tolerance: fp16 engine vs fp32 torch, first logits within 5e-2 * max|logits|; greedy tokens equal."""
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_engine_with_prompt_table_matches_torch(trt_source, tmp_path, quantization):
+    """Build the fp16 engine (plain, int8 or int4 weight-only), feed a prompt whose ids >= vocab_size
+    index a per-request prompt table, compare greedy tokens and first-step logits with the torch LLM
+    run on the spliced embeddings (head size 64 / 32: what TensorRT-LLM's kernels run).
+    Tolerance: first logits within 5e-2 (fp16), 1e-1 (int8), 3e-1 (int4) x max|logits|; greedy tokens
+    equal for fp16 and int8, at least the first for int4."""
     from runtime.backends.trtllm_backend import TrtLlmGenerator
     from runtime.generate import SamplingParams, TorchLLM, generate
     from runtime.prompt import splice_prompt_table
 
-    model, spec = source
-    ckpt = tc.convert_checkpoint(model, spec, tmp_path / "ck", dtype="float16")
+    model, spec = trt_source
+    ckpt = tc.convert_checkpoint(model, spec, tmp_path / "ck", dtype="float16", quantization=quantization)
     n_table = model.num_image_tokens + model.num_seg_tokens
     engine = tc.build_engine(ckpt, tmp_path / "engine", max_batch=2, max_input_len=64, max_output_len=8,
                              max_prompt_embedding_table_size=tc.prompt_table_size(model, 2), progress=lambda *_: None)
@@ -281,6 +469,10 @@ def test_engine_with_prompt_table_matches_torch(source, tmp_path):
               for i, p in enumerate(prompts)]
     want = generate(llm, embeds, params)
     got = TrtLlmGenerator(engine).generate(prompts, tables, params)
-    assert got.tokens == want.tokens
     scale = want.first_logits.abs().max().item()
-    assert (got.first_logits - want.first_logits).abs().max().item() <= 5e-2 * scale
+    tol = {None: 5e-2, "int8": 1e-1, "int4": 3e-1}[quantization]
+    assert (got.first_logits - want.first_logits).abs().max().item() <= tol * scale
+    if quantization == "int4":
+        assert [t[:1] for t in got.tokens] == [t[:1] for t in want.tokens]
+    else:
+        assert got.tokens == want.tokens

@@ -31,6 +31,25 @@ def _torch_dtypes(trt) -> dict:
     return {getattr(trt.DataType, k): v for k, v in pairs.items() if hasattr(trt.DataType, k)}
 
 
+# TensorRT requires every I/O tensor address to be 256-byte aligned (IExecutionContext.set_tensor_address).
+ADDRESS_ALIGNMENT = 256
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, contiguous, at an address TensorRT accepts. A view that starts inside its storage (a slice,
+    a row of a batch) is copied to the first 256-byte boundary of a slightly larger fresh buffer (the
+    CUDA caching allocator aligns its blocks to 512 bytes, but that is its choice, not a promise)."""
+    t = t.contiguous()
+    if not t.numel() or t.data_ptr() % ADDRESS_ALIGNMENT == 0:
+        return t
+    nbytes = t.numel() * t.element_size()
+    buf = torch.empty(nbytes + ADDRESS_ALIGNMENT, dtype=torch.uint8, device=t.device)
+    start = (-buf.data_ptr()) % ADDRESS_ALIGNMENT
+    out = buf[start:start + nbytes].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
+
+
 class TrtEngine:
     """One deserialized plan and its execution context, called with torch CUDA tensors."""
 
@@ -61,7 +80,7 @@ class TrtEngine:
             raise TensorRTError(f"{self.name}: missing inputs {sorted(missing)}")
         keep = []  # the converted inputs must outlive the enqueue
         for name in self.inputs:
-            t = torch.as_tensor(feeds[name]).to(self.device, self.dtypes[name]).contiguous()
+            t = aligned(torch.as_tensor(feeds[name]).to(self.device, self.dtypes[name]))
             self._check_shape(name, tuple(t.shape))
             keep.append(t)
             if not self.context.set_input_shape(name, tuple(t.shape)):
@@ -76,7 +95,9 @@ class TrtEngine:
             self.context.set_tensor_address(name, t.data_ptr() if t.numel() else self._empty.data_ptr())
             out[name] = t
         stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
+        with torch.cuda.device(self.device):  # TensorRT enqueues on the current CUDA device
+            ok = self.context.execute_async_v3(stream.cuda_stream)
+        if not ok:
             raise TensorRTError(f"{self.name}: TensorRT execution failed")
         return out
 
@@ -161,6 +182,8 @@ class TensorRTComponents:
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise TensorRTError(f"TensorRT plans run on a CUDA device, not {device!r}")
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         engines_dir = Path(engines_dir)
         comps = manifest["components"]
         with torch.cuda.device(self.device):
@@ -170,9 +193,12 @@ class TensorRTComponents:
                 raise TensorRTError(f"{entry['file']} was built for {entry.get('target')}, this GPU is {target}: "
                                     "rebuild the engines here")
         logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(logger)
-        self.engines = {name: TrtEngine(trt, self._runtime, engines_dir / e["file"], self.device, e.get("profiles"))
-                        for name, e in comps.items() if e.get("kind") == "plan"}
+        # The plans are deserialized, and their contexts made, on this backend's own device: TensorRT
+        # allocates an engine's memory on the device current at deserialization.
+        with torch.cuda.device(self.device):
+            self._runtime = trt.Runtime(logger)
+            self.engines = {name: TrtEngine(trt, self._runtime, engines_dir / e["file"], self.device, e.get("profiles"))
+                            for name, e in comps.items() if e.get("kind") == "plan"}
         self.spec = manifest["spec"]
         self.family = self.spec["family"]
         table = torch.from_numpy(np.load(engines_dir / comps["embed_tokens"]["file"])).to(self.device)

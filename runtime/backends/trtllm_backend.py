@@ -22,30 +22,72 @@ from pathlib import Path
 
 import torch
 
-from export.trtllm_convert import require_tensorrt_llm
+from export.trtllm_convert import TrtLlmError, require_tensorrt_llm
 from runtime.generate import GenerationResult, SamplingParams
 
 
+# Share of free GPU memory the KV cache may take at most; the cache is also capped at what the engine's
+# own limits need (kv_cache_tokens), so the vision engines beside it on the same GPU keep theirs.
+KV_CACHE_FREE_GPU_MEM_FRACTION = 0.5
+
+
+def kv_cache_tokens(build_config: dict) -> int:
+    """KV-cache tokens a full batch of the longest requests needs: max_batch_size x max_seq_len
+    (trtllm-build's build_config in the engine's config.json)."""
+    return int(build_config["max_batch_size"]) * int(build_config["max_seq_len"])
+
+
+def runner_options(from_dir, device_index: int, build_config: dict) -> dict:
+    """Keyword arguments for ModelRunnerCpp.from_dir, those the installed TensorRT-LLM accepts.
+
+    gather_generation_logits: the executor refuses to return generation logits without it
+    ("To return generation logits, gather_generation_logits must be enabled in ExecutorConfig").
+    device_ids: the engine runs on this backend's CUDA device, not on device 0.
+    The KV cache is bounded by tokens and by a share of free memory (the smaller one wins).
+    """
+    import inspect
+
+    wanted = {"gather_generation_logits": True, "device_ids": [device_index],
+              "max_tokens_in_paged_kv_cache": kv_cache_tokens(build_config),
+              "kv_cache_free_gpu_memory_fraction": KV_CACHE_FREE_GPU_MEM_FRACTION}
+    params = inspect.signature(from_dir).parameters
+    return {k: v for k, v in wanted.items() if k in params}
+
+
+def sampling_options(p: SamplingParams) -> dict:
+    """ModelRunnerCpp.generate's sampling keywords: greedy is top-k 1 (argmax), not temperature 0."""
+    if p.temperature == 0:
+        return {"top_k": 1, "top_p": 0.0, "temperature": 1.0}
+    kw = {"top_k": 0, "top_p": p.top_p, "temperature": p.temperature}
+    if p.seed is not None:
+        kw["random_seed"] = p.seed  # ModelRunnerCpp renames it to the executor's `seed`
+    return kw
+
+
 class TrtLlmGenerator:
-    def __init__(self, engine_dir):
+    def __init__(self, engine_dir, device: str | torch.device = "cuda"):
         require_tensorrt_llm()
         from tensorrt_llm.runtime import ModelRunnerCpp
 
         self.engine_dir = Path(engine_dir)
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise TrtLlmError(f"TensorRT-LLM engines run on a CUDA device, not {device!r}")
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self.device = torch.device("cuda", index)
         # trtllm-build writes {"version", "pretrained_config", "build_config"} next to rank0.engine
-        pretrained = json.loads((self.engine_dir / "config.json").read_text())["pretrained_config"]
+        config = json.loads((self.engine_dir / "config.json").read_text())
+        pretrained = config["pretrained_config"]
         self.vocab_size = int(pretrained["vocab_size"])
         self.table_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16,
                             "float32": torch.float32}[pretrained["dtype"]]
-        self.runner = ModelRunnerCpp.from_dir(engine_dir=str(self.engine_dir), rank=0)
+        with torch.cuda.device(self.device):
+            self.runner = ModelRunnerCpp.from_dir(engine_dir=str(self.engine_dir), rank=0,
+                                                  **runner_options(ModelRunnerCpp.from_dir, index,
+                                                                   config["build_config"]))
 
     def _sampling(self, p: SamplingParams) -> dict:
-        if p.temperature == 0:  # greedy is top-k 1 in TensorRT-LLM's sampler
-            return {"top_k": 1, "top_p": 0.0, "temperature": 1.0}
-        kw = {"top_k": 0, "top_p": p.top_p, "temperature": p.temperature}
-        if p.seed is not None:
-            kw["random_seed"] = p.seed
-        return kw
+        return sampling_options(p)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[list[int]], prompt_tables: torch.Tensor,
@@ -69,7 +111,7 @@ class TrtLlmGenerator:
         max_new = max(p.max_new_tokens for p in plist)
         kw = {}
         if prompt_tables is not None and prompt_tables.shape[1] > 0:
-            kw = {"prompt_table": prompt_tables.to("cuda", self.table_dtype).contiguous(),
+            kw = {"prompt_table": prompt_tables.to(self.device, self.table_dtype).contiguous(),
                   "prompt_tasks": ",".join(str(i) for i in range(batch))}
         extra_stops = [[[t] for t in sorted(s - {end_id})] for s in stops]
         t0 = time.perf_counter()
@@ -79,7 +121,7 @@ class TrtLlmGenerator:
             stop_words_list=extra_stops if any(extra_stops) else None,
             return_dict=True, output_sequence_lengths=True, output_generation_logits=True,
             streaming=False, **self._sampling(plist[0]), **kw)
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - t0
         tokens, reasons = [], []
         for i, ids in enumerate(prompt_ids):

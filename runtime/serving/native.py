@@ -18,6 +18,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 PLATFORMS = {"onnx": "onnxruntime_onnx", "plan": "tensorrt_plan"}
 DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "uint8": "TYPE_UINT8",
           "int32": "TYPE_INT32", "int64": "TYPE_INT64", "bool": "TYPE_BOOL"}
@@ -30,7 +32,68 @@ ROLES = {"vision_encoder": (["PIXEL_VALUES"], ["IMAGE_TOKENS", "POOLED"]),
          "attribute_head": (["POOLED"], ["ATTRIBUTE_PROBS"])}
 STEP_TIMINGS = {"vision_encoder": "VISION_MS", "face_parser": "PARSER_MS", "seg_projection": "SEG_MS",
                 "attribute_head": "ATTRIBUTES_MS"}
-PROMPT_TABLE_TYPES = {"fp16": "TYPE_FP16", "bf16": "TYPE_BF16", "fp32": "TYPE_FP32", "fp8": "TYPE_FP16"}
+PROMPT_TABLE_TYPES = {"fp16": "TYPE_FP16", "bf16": "TYPE_BF16", "fp32": "TYPE_FP32"}
+# Share of free GPU memory the tensorrt_llm model's KV cache may take at most. The cache is also capped
+# at the tokens the engine can ever hold (max_batch x (max_input_len + max_output_len), the smaller of
+# the two wins in TensorRT-LLM's KvCacheConfig), so the vision plans on the same GPU keep their memory
+# whichever model Triton loads first.
+KV_CACHE_FREE_GPU_MEM_FRACTION = 0.5
+
+
+def prompt_table_type(llm_entry: dict) -> str:
+    """The Triton type of the engine's prompt_embedding_table: the engine's activation dtype (a quantized
+    engine's is its `dtype`, fp16 or bf16, recorded by `facert build`)."""
+    dtype = llm_entry.get("dtype") or llm_entry.get("precision", "fp16")
+    return PROMPT_TABLE_TYPES.get(dtype, "TYPE_FP16")
+
+
+def kv_cache_tokens(llm_entry: dict) -> int:
+    """KV-cache tokens a full batch of the longest requests needs."""
+    return int(llm_entry["max_batch"]) * (int(llm_entry["max_input_len"]) + int(llm_entry["max_output_len"]))
+
+
+def stop_words_list(stop_ids) -> np.ndarray:
+    """stop_words_list in the tensorrtllm backend's format [1, 2, N]: row 0 the words' token ids
+    back to back, row 1 each word's end offset (padded with -1); every facert stop is one token."""
+    ids = [int(t) for t in stop_ids]
+    if not ids:
+        return np.zeros((1, 2, 0), np.int32)
+    return np.array([[ids, list(range(1, len(ids) + 1))]], np.int32)
+
+
+def tensorrt_llm_inputs(input_ids: np.ndarray, params, eos_ids, table_rows: int) -> dict[str, np.ndarray]:
+    """The tensorrt_llm model's inputs for one request (all but prompt_embedding_table, sent as a
+    torch tensor through DLPack), each with its batch axis of 1.
+
+    - Greedy (temperature 0) is runtime_top_k 1: argmax, as NVIDIA's own preprocessing sends it;
+      temperature 0 with no top-k would sample.
+    - end_id is the first end-of-sequence token; every other one, and the request's stop tokens,
+      go as stop_words_list, so the engine stops at any of them.
+    - The seed goes as both `random_seed` (tensorrtllm backend up to v0.19) and `seed` (v0.20 on);
+      each backend reads its own name and ignores the other, so one repository serves both.
+    """
+    ids = np.asarray(input_ids, np.int32).reshape(1, -1)
+    out = {"input_ids": ids, "input_lengths": np.array([[ids.shape[1]]], np.int32),
+           "request_output_len": np.array([[params.max_new_tokens]], np.int32),
+           "streaming": np.array([[True]]),
+           "prompt_vocab_size": np.array([[table_rows]], np.int32)}
+    if params.temperature == 0:
+        out["runtime_top_k"] = np.array([[1]], np.int32)
+    else:
+        out["runtime_top_k"] = np.array([[0]], np.int32)
+        out["runtime_top_p"] = np.array([[params.top_p]], np.float32)
+        out["temperature"] = np.array([[params.temperature]], np.float32)
+        if params.seed is not None:
+            out["random_seed"] = np.array([[params.seed]], np.uint64)
+            out["seed"] = np.array([[params.seed]], np.uint64)
+    eos = [int(t) for t in eos_ids]
+    if eos:
+        out["end_id"] = np.array([[eos[0]]], np.int32)
+        out["pad_id"] = np.array([[eos[0]]], np.int32)
+    extra = sorted(set(eos[1:]) | {int(t) for t in params.stop_token_ids} - set(eos[:1]))
+    if extra:
+        out["stop_words_list"] = stop_words_list(extra)
+    return out
 
 
 def _tensors(entries: list[dict], where: str) -> list[dict]:
@@ -72,9 +135,11 @@ def render_native(out: Path, env, ctx: dict, engines: Path, manifest: dict, step
         version.mkdir(parents=True)
         for rel in [entry["file"], *entry.get("data_files", [])]:
             shutil.copy2(engines / rel, version / Path(rel).name)
+        # A plan refuses batches above its optimisation profile: Triton must not form larger ones.
+        max_batch = min(ctx["max_batch_size"], int(entry.get("max_batch") or ctx["max_batch_size"]))
         (out / step / "config.pbtxt").write_text(env.get_template("native/platform_model.pbtxt.j2").render(
             ctx, model_name=step, component=name, engines_dir=str(engines), platform=PLATFORMS[entry["kind"]],
-            filename=Path(entry["file"]).name, inputs=inputs, outputs=outputs))
+            filename=Path(entry["file"]).name, inputs=inputs, outputs=outputs, max_batch_size=max_batch))
         written.add(step)
     ctx["upstream_timings"] = [t for t in ctx["upstream_timings"]
                                if t not in {STEP_TIMINGS[s] for s in written}]
@@ -82,10 +147,13 @@ def render_native(out: Path, env, ctx: dict, engines: Path, manifest: dict, step
     llm = components.get("llm")
     if llm is not None and llm.get("kind") == "tensorrt-llm-engine":
         engine_dir = (engines / llm["file"]).parent
-        table_type = PROMPT_TABLE_TYPES.get(llm.get("precision", "fp16"), "TYPE_FP16")
+        table_type = prompt_table_type(llm)
+        max_batch = min(ctx["max_batch_size"], int(llm.get("max_batch") or ctx["max_batch_size"]))
         (out / "tensorrt_llm" / "1").mkdir(parents=True)  # the engine stays in the engines folder
         (out / "tensorrt_llm" / "config.pbtxt").write_text(env.get_template("native/tensorrt_llm.pbtxt.j2").render(
-            ctx, llm_engines_dir=str(engine_dir), prompt_table_type=table_type))
+            ctx, llm_engines_dir=str(engine_dir), prompt_table_type=table_type, max_batch_size=max_batch,
+            kv_cache_tokens=kv_cache_tokens(dict(llm, max_batch=max_batch)) if "max_input_len" in llm else None,
+            kv_cache_fraction=KV_CACHE_FREE_GPU_MEM_FRACTION))
         ctx["llm_parameters"] = {"llm_backend": "tensorrtllm", "tensorrt_llm_model": "tensorrt_llm",
                                  "prompt_table_type": table_type}
     return written

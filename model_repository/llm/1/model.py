@@ -42,6 +42,7 @@ import triton_python_backend_utils as pb_utils
 from runtime.generate import SamplingParams, generate
 from runtime.pipeline import STAGES, TextStream
 from runtime.prompt import splice_prompt_table
+from runtime.serving.native import tensorrt_llm_inputs
 from runtime.serving.python_backend import (CancelFlags, Step, bytes_tensor, error_response, make_response,
                                             read_inputs)
 
@@ -215,25 +216,12 @@ class TritonPythonModel(Step):
 
         try:
             p = a.params
-            ids = a.ids.to(torch.int32)
             table_dtype = PROMPT_TABLE_DTYPES[self.params.get("prompt_table_type", "TYPE_FP16")]
             table = a.table[0].to(table_dtype).contiguous()  # [P, D]; the batch axis is the request's
-
-            def t(name, array):
-                return pb_utils.Tensor(name, np.asarray(array))
-
-            inputs = [t("input_ids", ids.numpy()), t("input_lengths", np.array([[ids.shape[1]]], np.int32)),
-                      t("request_output_len", np.array([[p.max_new_tokens]], np.int32)),
-                      t("temperature", np.array([[p.temperature]], np.float32)),
-                      t("runtime_top_p", np.array([[p.top_p]], np.float32)),
-                      t("streaming", np.array([[True]])),
-                      pb_utils.Tensor.from_dlpack("prompt_embedding_table", to_dlpack(table[None])),
-                      t("prompt_vocab_size", np.array([[table.shape[0]]], np.int32))]
-            if self.eos_ids:
-                inputs.append(t("end_id", np.array([[self.eos_ids[0]]], np.int32)))
-                inputs.append(t("pad_id", np.array([[self.eos_ids[0]]], np.int32)))
-            if p.seed is not None:
-                inputs.append(t("random_seed", np.array([[p.seed]], np.uint64)))
+            arrays = tensorrt_llm_inputs(a.ids.numpy(), p, self.eos_ids, table.shape[0])
+            inputs = [pb_utils.Tensor(name, array) for name, array in arrays.items()]
+            inputs.append(pb_utils.Tensor.from_dlpack("prompt_embedding_table", to_dlpack(table[None])))
+            stops = set(self.eos_ids) | set(p.stop_token_ids)  # the engine stops at these too (stop_words_list)
             request = pb_utils.InferenceRequest(model_name=self.params.get("tensorrt_llm_model", "tensorrt_llm"),
                                                 inputs=inputs, requested_output_names=["output_ids"])
             stream, tokens, stopped = TextStream(self.tokenizer), [], False
@@ -247,15 +235,15 @@ class TritonPythonModel(Step):
                     continue
                 for token in out.as_numpy().reshape(-1).tolist():
                     first = first if first is not None else time.perf_counter()
-                    if token in self.eos_ids:
+                    if token in stops:
                         stopped = True
                         break
                     if len(tokens) < p.max_new_tokens:
                         tokens.append(int(token))
                         self._token(a, stream, int(token))
-                # Stop reading on cancellation or deadline; 2.51's BLS response iterator cannot cancel
-                # the tensorrt_llm request itself, which runs to its own end.
-                if a.should_stop():
+                # Stop reading at a stop token, on cancellation or at the deadline; 2.51's BLS response
+                # iterator cannot cancel the tensorrt_llm request itself, which runs to its own end.
+                if stopped or a.should_stop():
                     break
             end = time.perf_counter()
             first = first if first is not None else end
