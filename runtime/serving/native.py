@@ -1,9 +1,12 @@
 """The native target: engine files served by Triton's own backends (NVIDIA's Triton containers, GPU).
 
 From an engines folder (`facert build`):
-- the vision encoder, face parser, seg projection and attribute head become `onnxruntime_onnx`
-  (kind "onnx") or `tensorrt_plan` (kind "plan") models on their engine files, with the tensor
-  names the manifest records;
+- the vision encoder, face parser, seg projection and attribute head stay python models (on the
+  GPU) that run the folder's own TensorRT plans or ONNX graphs in-process through facert's backend:
+  a request carries all its images' tiles as one [1, R, 3, S, S] tensor, which Triton's
+  tensorrt_plan / onnxruntime_onnx models (batch axis = images) cannot take from an ensemble, so
+  the python step flattens every request's rows into one engine batch (the plans' profiles are
+  sized for max_batch x max_images x max_tiles by `facert build`);
 - if the folder holds a TensorRT-LLM engine (`--backend tensorrt-llm`), a `tensorrt_llm` model on
   the `tensorrtllm` backend serves it with in-flight batching, and the `llm` step becomes a python
   model that streams from it through BLS (parameter llm_backend=tensorrtllm); otherwise the `llm`
@@ -15,23 +18,10 @@ backend); the configs are checked against the ModelConfig schema like every othe
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-PLATFORMS = {"onnx": "onnxruntime_onnx", "plan": "tensorrt_plan"}
-DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "uint8": "TYPE_UINT8",
-          "int32": "TYPE_INT32", "int64": "TYPE_INT64", "bool": "TYPE_BOOL"}
-STEP_COMPONENTS = {"vision_encoder": "vision", "face_parser": "parser", "seg_projection": "seg",
-                   "attribute_head": "attributes"}
-# The ensemble tensors each engine's inputs/outputs carry, in the order the manifest lists them.
-ROLES = {"vision_encoder": (["PIXEL_VALUES"], ["IMAGE_TOKENS", "POOLED"]),
-         "face_parser": (["PARSER_PIXELS"], ["LABELS"]),
-         "seg_projection": (["LABELS"], ["SEG_TOKENS"]),
-         "attribute_head": (["POOLED"], ["ATTRIBUTE_PROBS"])}
-STEP_TIMINGS = {"vision_encoder": "VISION_MS", "face_parser": "PARSER_MS", "seg_projection": "SEG_MS",
-                "attribute_head": "ATTRIBUTES_MS"}
 PROMPT_TABLE_TYPES = {"fp16": "TYPE_FP16", "bf16": "TYPE_BF16", "fp32": "TYPE_FP32"}
 # Share of free GPU memory the tensorrt_llm model's KV cache may take at most. The cache is also capped
 # at the tokens the engine can ever hold (max_batch x (max_input_len + max_output_len), the smaller of
@@ -96,54 +86,10 @@ def tensorrt_llm_inputs(input_ids: np.ndarray, params, eos_ids, table_rows: int)
     return out
 
 
-def _tensors(entries: list[dict], where: str) -> list[dict]:
-    from runtime.serving.repo import RepositoryError
-
-    out = []
-    for t in entries:
-        if t["dtype"] not in DTYPES:
-            raise RepositoryError(f"{where}: tensor {t['name']} has dtype {t['dtype']}, which Triton configs here do not map")
-        dims = [d if isinstance(d, int) and d > 0 else -1 for d in t["shape"][1:]]  # the batch axis is implicit
-        out.append({"name": t["name"], "data_type": DTYPES[t["dtype"]], "dims": dims})
-    return out
-
-
-def render_native(out: Path, env, ctx: dict, engines: Path, manifest: dict, steps: list[str]) -> set[str]:
-    """Write the platform models and the tensorrt_llm model; returns the steps written here.
-
-    Updates ctx: `io` (engine tensor names per step), `upstream_timings` (platform models report no
-    timing tensor) and `llm_parameters`.
-    """
-    from runtime.serving.repo import RepositoryError
-
+def render_native(out: Path, env, ctx: dict, engines: Path, manifest: dict) -> None:
+    """Write the tensorrt_llm model where the folder has a TensorRT-LLM engine; updates ctx's
+    `llm_parameters` so that the llm step streams from it."""
     components = manifest["components"]
-    written: set[str] = set()
-    for step in steps:
-        name = STEP_COMPONENTS.get(step)
-        entry = components.get(name) if name else None
-        if entry is None or entry.get("kind") not in PLATFORMS:
-            continue
-        where = f"{engines / 'manifest.json'}: component {name}"
-        inputs, outputs = _tensors(entry["inputs"], where), _tensors(entry["outputs"], where)
-        roles_in, roles_out = ROLES[step]
-        if len(inputs) != len(roles_in) or len(outputs) < len(roles_out):
-            raise RepositoryError(f"{where} has {len(inputs)} inputs / {len(outputs)} outputs; the {step} step needs "
-                                  f"{len(roles_in)} / {len(roles_out)}")
-        ctx["io"][step] = {**ctx["io"][step], **dict(zip(roles_in, (t["name"] for t in inputs))),
-                           **dict(zip(roles_out, (t["name"] for t in outputs)))}
-        version = out / step / "1"
-        version.mkdir(parents=True)
-        for rel in [entry["file"], *entry.get("data_files", [])]:
-            shutil.copy2(engines / rel, version / Path(rel).name)
-        # A plan refuses batches above its optimisation profile: Triton must not form larger ones.
-        max_batch = min(ctx["max_batch_size"], int(entry.get("max_batch") or ctx["max_batch_size"]))
-        (out / step / "config.pbtxt").write_text(env.get_template("native/platform_model.pbtxt.j2").render(
-            ctx, model_name=step, component=name, engines_dir=str(engines), platform=PLATFORMS[entry["kind"]],
-            filename=Path(entry["file"]).name, inputs=inputs, outputs=outputs, max_batch_size=max_batch))
-        written.add(step)
-    ctx["upstream_timings"] = [t for t in ctx["upstream_timings"]
-                               if t not in {STEP_TIMINGS[s] for s in written}]
-
     llm = components.get("llm")
     if llm is not None and llm.get("kind") == "tensorrt-llm-engine":
         engine_dir = (engines / llm["file"]).parent
@@ -156,4 +102,3 @@ def render_native(out: Path, env, ctx: dict, engines: Path, manifest: dict, step
             kv_cache_fraction=KV_CACHE_FREE_GPU_MEM_FRACTION))
         ctx["llm_parameters"] = {"llm_backend": "tensorrtllm", "tensorrt_llm_model": "tensorrt_llm",
                                  "prompt_table_type": table_type}
-    return written

@@ -10,12 +10,12 @@ Targets:
 - portable: every step is a python-backend model calling facert's runtime (torch components from
   a checkpoint, or ONNX Runtime / TensorRT components from an engines folder). Runs anywhere,
   including the CPU-only tritonserver from nvidia-pytriton.
-- native: for NVIDIA's Triton containers on GPU hosts (runtime/serving/native.py). The vision
-  encoder, face parser, seg projection and attribute head become `onnxruntime_onnx` or
-  `tensorrt_plan` models on their engine files, the LLM a `tensorrt_llm` model on the
-  `tensorrtllm` backend when the folder was built with `--backend tensorrt-llm`; the `llm` step
-  stays a python model that streams from it through BLS, so the ensemble and its inputs/outputs
-  are the same as portable's.
+- native: for NVIDIA's Triton containers on GPU hosts (runtime/serving/native.py). The image steps
+  run the folder's TensorRT plans (or ONNX graphs) on the GPU as python models (a request's tiles
+  are one [1, R, ...] tensor, which platform models cannot take from an ensemble), the LLM a
+  `tensorrt_llm` model on the `tensorrtllm` backend when the folder was built with `--backend
+  tensorrt-llm`; the `llm` step stays a python model that streams from it through BLS, so the
+  ensemble and its inputs/outputs are the same as portable's.
 """
 
 from __future__ import annotations
@@ -233,23 +233,18 @@ def fill_repository(out: str | Path, checkpoint: str | Path | None = None, engin
     source["max_images"] = str(max_images)  # preprocessing refuses requests with more
     has_seg = info["has_seg"]
     upstream = ["PREPROCESS_MS", "VISION_MS"] + (["PARSER_MS", "SEG_MS", "ATTRIBUTES_MS"] if has_seg else [])
-    io = {step: {name: name for name in ("PIXEL_VALUES", "IMAGE_TOKENS", "POOLED", "PARSER_PIXELS", "LABELS",
-                                         "SEG_TOKENS", "ATTRIBUTE_PROBS")} for step in STEPS}
     ctx = dict(info, source=source, target=target, max_batch_size=max_batch_size, queue_delay_us=queue_delay_us,
                max_queue_size=max_queue_size, queue_timeout_us=queue_timeout_ms * 1000,
                instance_kind="KIND_GPU" if device.startswith("cuda") else "KIND_CPU",
-               ensemble_name=info["family"], upstream_timings=upstream, io=io, llm_parameters={})
+               ensemble_name=info["family"], upstream_timings=upstream, llm_parameters={})
     steps = [s for s in STEPS if has_seg or s not in SEG_BRANCH_STEPS]
     env = _environment()
 
-    native_steps: set[str] = set()
     if target == "native":
         from runtime.serving.native import render_native
 
-        native_steps = render_native(out, env, ctx, engines, _read_manifest(engines), steps)
+        render_native(out, env, ctx, engines, _read_manifest(engines))
     for step in steps:
-        if step in native_steps:
-            continue
         (out / step / "1").mkdir(parents=True)
         (out / step / "config.pbtxt").write_text(env.get_template(f"{step}/config.pbtxt.j2").render(ctx))
         shutil.copy2(TEMPLATES / step / "1" / "model.py", out / step / "1" / "model.py")
