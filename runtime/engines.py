@@ -40,4 +40,9 @@ def open_pipeline(path: str | Path, backend: str = "onnxruntime", device: str = 
     from runtime.tokenizer import load_tokenizer
 
     components = open_components(path, backend, device, **options)
-    return FacePipeline(components, load_tokenizer(Path(path)))
+    limits = read_manifest(path)["model"].get("limits", {})
+    if backend == "onnxruntime":  # dynamic shapes: no capacity fixed at build time
+        return FacePipeline(components, load_tokenizer(Path(path)))
+    # TensorRT profiles and the TensorRT-LLM prompt table hold what the build was sized for
+    return FacePipeline(components, load_tokenizer(Path(path)), max_images=limits.get("max_images"),
+                        tile_limit=limits.get("max_tiles"))

@@ -24,7 +24,8 @@ import torch
 
 from runtime.generate import GenerationResult, SamplingParams, TorchLLM, generate
 from runtime.models.attributes import CELEBA_ATTRIBUTES, apply_constraints
-from runtime.preprocess import MAX_IMAGE_PIXELS, MAX_IMAGES, ImageInputs, check_image_count, preprocess_images
+from runtime.preprocess import (MAX_IMAGE_PIXELS, MAX_IMAGES, ImageError, ImageInputs, check_image_count,
+                                preprocess_images)
 from runtime.prompt import (PromptError, build_prompt_ids, check_messages, image_layout, question_messages,
                             splice_prompt_table)
 
@@ -137,12 +138,15 @@ class RequestBuilder:
     both build exactly the same inputs and refuse exactly the same requests."""
 
     def __init__(self, spec: dict, tokenizer, vocab_size: int, num_image_tokens: int, num_seg_tokens: int,
-                 max_pixels: int = MAX_IMAGE_PIXELS, max_images: int | None = None):
+                 max_pixels: int = MAX_IMAGE_PIXELS, max_images: int | None = None, tile_limit: int | None = None):
+        """`max_images`, `tile_limit`: what engines with a fixed capacity (TensorRT profiles, a
+        TensorRT-LLM prompt table) were built for; a request over them is refused, naming the bound."""
         self.spec = spec
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_pixels = max_pixels
         self.max_images = int(max_images or os.environ.get("FACERT_MAX_IMAGES") or MAX_IMAGES)
+        self.tile_limit = tile_limit
         self.max_context = int(spec["llm"].get("max_position_embeddings", 4096))
         self.layout = image_layout(spec["family"], tokenizer, num_image_tokens, num_seg_tokens)
 
@@ -167,17 +171,28 @@ class RequestBuilder:
               max_tiles: int | None = None) -> tuple[ImageInputs, list[int]]:
         images = _as_list(images)
         conv = self.conversation(len(images), question, messages)
+        if self.tile_limit is not None and max_tiles is not None and max_tiles > self.tile_limit:
+            raise ImageError(f"max_tiles {max_tiles} is over the {self.tile_limit}-tile bound these engines were "
+                             "built for (facert build --max-tiles)")
         inputs = preprocess_images(images, self.spec, self.max_pixels, max_tiles, self.max_images)
+        if self.tile_limit is not None:
+            per_image = self.tile_limit + 1 if self.tile_limit > 1 else 1  # InternVL adds a thumbnail to >1 tile
+            for i, n in enumerate(inputs.tiles):
+                if n > per_image:
+                    raise ImageError(f"image {i + 1} makes {n} tiles, over the {self.tile_limit}-tile bound these "
+                                     f"engines were built for (facert build --max-tiles); send max_tiles <= "
+                                     f"{self.tile_limit}")
         return inputs, self.prompt_ids(conv, inputs.tiles, max_new_tokens)
 
 
 class FacePipeline:
-    def __init__(self, components, tokenizer, max_pixels: int = MAX_IMAGE_PIXELS, max_images: int | None = None):
+    def __init__(self, components, tokenizer, max_pixels: int = MAX_IMAGE_PIXELS, max_images: int | None = None,
+                 tile_limit: int | None = None):
         self.c = components
         self.tokenizer = tokenizer
         self.spec = components.spec
         self.requests = RequestBuilder(self.spec, tokenizer, components.vocab_size, components.num_image_tokens,
-                                       components.num_seg_tokens, max_pixels, max_images)
+                                       components.num_seg_tokens, max_pixels, max_images, tile_limit)
         self.max_context = self.requests.max_context
         eos = tokenizer.eos_token_id
         self.eos_token_ids = tuple(x for x in ([eos] if isinstance(eos, int) else (eos or [])) if x is not None)

@@ -180,3 +180,20 @@ def test_served_refusals_name_the_limit_or_the_item_and_the_server_keeps_serving
         ask_remote(url, data, params=SamplingParams(max_new_tokens=2), **kwargs)
     out = ask_remote(url, [photos["square"]], QUESTION, SamplingParams(max_new_tokens=NEW_TOKENS))
     assert out["token_ids"] == references["internvl", "square photo"]
+
+
+def test_engines_built_for_fewer_tiles_refuse_more_naming_the_bound(engines, photos, internvl_dir):
+    """TensorRT profiles and a TensorRT-LLM prompt table hold what `facert build --max-tiles` sized them
+    for; the runtime says so instead of overrunning them (shown here over the same folder's graphs)."""
+    from runtime.engines import open_components
+    from runtime.pipeline import FacePipeline
+    from runtime.preprocess import ImageError
+    from runtime.tokenizer import load_tokenizer
+
+    pipe = FacePipeline(open_components(engines["internvl"]), load_tokenizer(engines["internvl"]), tile_limit=2)
+    with pytest.raises(ImageError, match="image 1 makes .* tiles, over the 2-tile bound"):
+        pipe.ask(photos["wide"], QUESTION, SamplingParams(max_new_tokens=2))
+    with pytest.raises(ImageError, match="max_tiles 3 is over the 2-tile bound"):
+        pipe.ask(photos["wide"], QUESTION, SamplingParams(max_new_tokens=2), max_tiles=3)
+    expected, _ = reference_internvl(internvl_dir, [photos["wide"]], user_turn(1, QUESTION), NEW_TOKENS, max_patches=2)
+    assert pipe.ask(photos["wide"], QUESTION, SamplingParams(max_new_tokens=NEW_TOKENS), max_tiles=2).token_ids == expected
