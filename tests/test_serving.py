@@ -56,6 +56,27 @@ def test_streamed_answer_equals_in_process(served_tiny, tiny_pipeline, face_png,
     _check_same_answer(whole, expected)
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_multi_image_request_served_equals_in_process(served_tiny, tiny_pipeline, face_images, protocol):
+    """Three images in one FaceInsight request (image and seg rows of each, every image's attributes)."""
+    expected = tiny_pipeline.ask(face_images, QUESTION, GREEDY)
+    served = ask_remote(served_tiny.url(protocol), face_images, QUESTION, GREEDY, protocol=protocol, stream=True)
+    _check_same_answer(served, expected)
+    assert served["prompt_tokens"] == expected.prompt_tokens
+    assert len(served["image_attributes"]) == len(expected.image_attributes) == 3
+    for got, want in zip(served["image_attributes"], expected.image_attributes):
+        np.testing.assert_allclose([got["attributes_raw"][k] for k in want["attributes_raw"]],
+                                   list(want["attributes_raw"].values()), rtol=1e-5, atol=1e-6)
+    # a conversation with a system turn, its image parts taking the images in order
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION},
+                                             {"type": "image"}]}]
+    expected = tiny_pipeline.ask(face_images[:2], messages=messages, params=GREEDY)
+    served = ask_remote(served_tiny.url(protocol), face_images[:2], None, GREEDY, protocol=protocol,
+                        messages=messages)
+    assert served["token_ids"] == expected.token_ids
+
+
 def _metrics(served) -> dict[tuple[str, str], float]:
     """{(metric, model): value} from the Prometheus endpoint."""
     with urllib.request.urlopen(served.server.metrics_url, timeout=10) as r:
