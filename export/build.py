@@ -265,7 +265,8 @@ def calibration_embeds(model, tokenizer, count: int = 16) -> list:
     from PIL import Image
 
     from runtime.cli import DEMO_IMAGE
-    from runtime.pipeline import FacePipeline, TorchComponents
+    from runtime.backends.torch_backend import TorchComponents
+    from runtime.pipeline import FacePipeline
 
     questions = ["Is this person smiling?", "Describe this face.", "What is the hair colour?",
                  "Does this person wear glasses?", "How old does this person look?", "Is the person wearing a hat?",

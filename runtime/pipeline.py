@@ -8,8 +8,9 @@ A request holds 1..max_images images (default 8, FACERT_MAX_IMAGES); each become
 model's processor gives it (InternVL: 1..max_tiles tiles + a thumbnail), and every tile of every
 image of every request in a batch goes through the vision tower as one batch.
 
-The pipeline drives components through a small interface (`encode_image`, `parse_face`,
-`seg_tokens`, `attributes`, `llm`); `TorchComponents` is the torch reference backend.
+The pipeline drives any backend's components through one interface (runtime/backends/base.py:
+`encode_image`, `parse_face`, `seg_tokens`, `attributes`, `llm`); `TorchComponents`
+(runtime/backends/torch_backend.py) is the torch reference backend.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from runtime.generate import GenerationResult, SamplingParams, TorchLLM, generate
+from runtime.backends.torch_backend import TorchComponents
+from runtime.generate import GenerationResult, SamplingParams, generate
 from runtime.models.attributes import CELEBA_ATTRIBUTES, apply_constraints
 from runtime.preprocess import (MAX_IMAGE_PIXELS, MAX_IMAGES, ImageError, ImageInputs, check_image_count,
                                 preprocess_images)
@@ -30,47 +32,6 @@ from runtime.prompt import (PromptError, build_prompt_ids, check_messages, image
                             splice_prompt_table)
 
 STAGES = ("preprocess", "parser", "seg", "vision", "attributes", "prefill", "decode")
-
-
-class TorchComponents:
-    """The torch backend: the model's own modules."""
-
-    backend = "torch"
-
-    def __init__(self, model, device: str | torch.device = "cpu", cuda_graphs: bool | None = None):
-        if torch.device(device).type != "meta":  # parts loaded on meta (not needed here) stay there
-            for m in model.children():
-                if next(m.parameters(), torch.empty(0)).device.type != "meta":
-                    m.to(device)
-        self.model = model.eval()
-        self.device = torch.device(device)
-        if cuda_graphs is None:  # the GPU fast path is the default wherever there is a GPU
-            cuda_graphs = self.device.type == "cuda"
-        self.spec = model.spec
-        self.family = model.family
-        self.vocab_size = model.vocab_size
-        self.num_image_tokens = model.num_image_tokens
-        self.num_seg_tokens = model.num_seg_tokens
-        self.llm = TorchLLM(model.llm, cuda_graphs=cuda_graphs)
-
-    def _t(self, x) -> torch.Tensor:
-        return torch.as_tensor(x).to(self.device)
-
-    @torch.inference_mode()
-    def encode_image(self, pixel_values):
-        return self.model.encode_image(self._t(pixel_values))
-
-    @torch.inference_mode()
-    def parse_face(self, parser_pixels):
-        return self.model.parse_face(self._t(parser_pixels))
-
-    @torch.inference_mode()
-    def seg_tokens(self, labels):
-        return self.model.seg(self._t(labels))
-
-    @torch.inference_mode()
-    def attributes(self, pooled):
-        return self.model.attributes(self._t(pooled))
 
 
 @dataclass

@@ -6,7 +6,8 @@ import torch
 
 from runtime.checkpoint import SMOLLM2_GGUF, _smollm2_dir, load_checkpoint
 from runtime.generate import SamplingParams
-from runtime.pipeline import FacePipeline, TorchComponents
+from runtime.backends.torch_backend import TorchComponents
+from runtime.pipeline import FacePipeline
 
 
 def test_demo_llm_is_smollm2_and_answers(demo_checkpoint, face_png):

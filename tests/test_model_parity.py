@@ -12,7 +12,8 @@ import torch
 
 from runtime.checkpoint import facert_key_to_hf, load_checkpoint
 from runtime.generate import SamplingParams, TorchLLM, generate
-from runtime.pipeline import FacePipeline, TorchComponents
+from runtime.backends.torch_backend import TorchComponents
+from runtime.pipeline import FacePipeline
 from runtime.preprocess import preprocess
 from runtime.prompt import build_prompt_ids, image_layout, question_messages, splice_prompt_table
 

@@ -215,7 +215,7 @@ def test_plan_entries_and_timing_cache(fp32_plans):
 @needs_trt_gpu
 def test_fp32_plans_match_torch(tiny, fp32_plans):
     from runtime.backends.tensorrt_backend import TensorRTComponents
-    from runtime.pipeline import TorchComponents
+    from runtime.backends.torch_backend import TorchComponents
 
     model, _ = tiny
     manifest, out = fp32_plans
@@ -254,7 +254,8 @@ def test_fp32_plans_match_torch(tiny, fp32_plans):
 def test_pipeline_greedy_tokens_match_torch(tiny, fp32_plans, face_images):
     from runtime.backends.tensorrt_backend import TensorRTComponents
     from runtime.generate import SamplingParams
-    from runtime.pipeline import FacePipeline, TorchComponents
+    from runtime.backends.torch_backend import TorchComponents
+from runtime.pipeline import FacePipeline
 
     model, tok = tiny
     manifest, out = fp32_plans
@@ -269,7 +270,7 @@ def test_pipeline_greedy_tokens_match_torch(tiny, fp32_plans, face_images):
 @needs_trt_gpu
 def test_fp16_plans_close_to_torch(tiny, onnx_export, tmp_path):
     from runtime.backends.tensorrt_backend import TensorRTComponents
-    from runtime.pipeline import TorchComponents
+    from runtime.backends.torch_backend import TorchComponents
 
     model, _ = tiny
     manifest, onnx_dir = onnx_export

@@ -1,7 +1,7 @@
 """The onnxruntime backend: the ONNX graphs of an engines folder behind the components interface.
 
-`OrtComponents` has the surface of runtime.pipeline.TorchComponents (encode_image, parse_face,
-seg_tokens, attributes, llm), so `FacePipeline(components, tokenizer)` runs it unchanged;
+`OrtComponents` is runtime.backends.base.Components (encode_image, parse_face, seg_tokens,
+attributes, llm), like the torch backend's TorchComponents, so `FacePipeline(components, tokenizer)` runs it unchanged;
 `OrtLLM` is runtime.generate's LLM interface over the llm_prefill / llm_decode graphs
 (export/onnx_export.py documents their inputs and outputs).
 
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from export.manifest import EngineError
+from runtime.backends.base import LLM
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = PROVIDER_ORDER[:2]
@@ -253,9 +254,15 @@ def _as_numpy(x, dtype) -> np.ndarray:
 
 
 class OrtComponents:
-    """runtime.pipeline's components interface over an engines folder's ONNX graphs."""
+    """runtime.backends.base.Components over an engines folder's ONNX graphs."""
 
     backend = "onnxruntime"
+    spec: dict
+    family: str
+    vocab_size: int
+    num_image_tokens: int
+    num_seg_tokens: int
+    llm: LLM
 
     def __init__(self, engines_dir: str | Path, manifest: dict, device: str = "cpu",
                  intra_op_threads: int | None = None, trt_cache_dir: str | Path | None = None):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from export.tensorrt_build import TensorRTError, device_target, require_tensorrt
+from runtime.backends.base import LLM
 
 
 def _torch_dtypes(trt) -> dict:
@@ -167,13 +168,19 @@ class TrtLLM:
 
 
 class TensorRTComponents:
-    """The components interface of runtime.pipeline.TorchComponents, over TensorRT plans.
+    """runtime.backends.base.Components over TensorRT plans.
 
     `manifest` is the engines folder's manifest.json: "spec" (the model spec) and "components",
     each plan entry with file, sha256, target and profiles (export/tensorrt_build.build_plans).
     """
 
     backend = "tensorrt"
+    spec: dict
+    family: str
+    vocab_size: int
+    num_image_tokens: int
+    num_seg_tokens: int
+    llm: LLM
 
     def __init__(self, engines_dir, manifest: dict, device: str = "cuda"):
         trt = require_tensorrt()
