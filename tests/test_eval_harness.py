@@ -151,7 +151,17 @@ def _summary(out) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def test_the_two_images_of_a_pair_reach_the_model_as_two_images(tmp_path, tiny_checkpoint, asked):
+def test_the_two_images_of_a_pair_reach_the_model_as_two_images(tmp_path, tiny_checkpoint, asked, monkeypatch):
+    from runtime.pipeline import TorchComponents
+
+    encoded: list[int] = []
+    real_encode = TorchComponents.encode_image
+
+    def counting(self, pixel_values):
+        encoded.append(int(pixel_values.shape[0]))
+        return real_encode(self, pixel_values)
+
+    monkeypatch.setattr(TorchComponents, "encode_image", counting)
     data, expected = write_lfw(tmp_path / "lfw", sets=10, per_class=1, header=False)
     out = tmp_path / "out"
     assert main(["eval", "verify", str(data), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
@@ -160,13 +170,18 @@ def test_the_two_images_of_a_pair_reach_the_model_as_two_images(tmp_path, tiny_c
     assert questions == [VERIFY_QUESTION] * 5
     # Each request: the pair's two images, as two separate images, in order.
     assert images == [[a.read_bytes(), b.read_bytes()] for a, b, _, _ in expected[:5]]
-    # The prompt holds two image blocks: one more image's rows than the same question with one image.
+    # The vision tower encodes two images per pair (the tiny LLaVA: one tile each), not a composite.
+    assert encoded == [10]
+    # The prompt holds two images' rows: image and segmentation placeholders (ids >= vocab_size).
     pipe = FacePipeline.from_checkpoint(tiny_checkpoint)
+    ids = pipe.prompt_ids(pipe.conversation(2, VERIFY_QUESTION), [1, 1], 2)
+    per_image = pipe.c.num_image_tokens + pipe.c.num_seg_tokens
+    assert sum(i >= pipe.c.vocab_size for i in ids) == 2 * per_image and per_image > 0
+    # The same, measured on the answer: one more image adds its rows (plus the template's separator).
     a, b = (p.read_bytes() for p in expected[0][:2])
     two = pipe.ask([a, b], VERIFY_QUESTION, SamplingParams(max_new_tokens=1))
     one = pipe.ask([a], VERIFY_QUESTION, SamplingParams(max_new_tokens=1))
-    per_image = pipe.c.num_image_tokens + pipe.c.num_seg_tokens
-    assert two.prompt_tokens - one.prompt_tokens == per_image > 0
+    assert two.prompt_tokens == len(ids) and per_image <= two.prompt_tokens - one.prompt_tokens <= per_image + 4
 
 
 def test_verify_in_process_and_served_give_the_same_results(tmp_path, tiny_checkpoint, served_tiny, capsys):
