@@ -321,6 +321,26 @@ def test_mcq_in_process_and_served_give_the_same_results(tmp_path, tiny_checkpoi
         == local["lfw_multiple_mcq/2"]["text"].strip()
 
 
+def test_mcq_on_internvl_passes_max_tiles(tmp_path, tiny_facellm_checkpoint, monkeypatch):
+    """FaceLLM (InternVL): each image tiled as its processor does, at most --max-tiles tiles per image."""
+    seen: list = []
+    real = FacePipeline.ask_batch
+
+    def recording(self, images, questions, params, *a, **k):
+        seen.append(([len(x) for x in images], k.get("max_tiles"), params.max_new_tokens))
+        return real(self, images, questions, params, *a, **k)
+
+    monkeypatch.setattr(FacePipeline, "ask_batch", recording)
+    bench = write_facexbench(tmp_path)
+    out = tmp_path / "out"
+    assert main(["eval", "mcq", str(bench / "lfw_multiple_mcq.json"), "--checkpoint", str(tiny_facellm_checkpoint),
+                 "--out", str(out), "--max-tokens", "4", "--max-tiles", "2", "--concurrency", "2"]) == 0
+    assert seen == [([4, 4], 2, 4)]
+    summary = _summary(out)
+    assert summary["total"]["total"] == 2 and summary["num_images"]["multiple"]["total"] == 2
+    assert json.loads((out / "run.json").read_text())["max_tiles"] == 2
+
+
 # --------------------------------------------------------------------- attributes, end to end
 
 def test_attributes_in_process_and_served_give_the_same_results(tmp_path, tiny_checkpoint, served_tiny):
