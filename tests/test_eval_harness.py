@@ -184,6 +184,7 @@ def test_the_two_images_of_a_pair_reach_the_model_as_two_images(tmp_path, tiny_c
     assert two.prompt_tokens == len(ids) and per_image <= two.prompt_tokens - one.prompt_tokens <= per_image + 4
 
 
+@pytest.mark.slow
 def test_verify_in_process_and_served_give_the_same_results(tmp_path, tiny_checkpoint, served_tiny, capsys):
     data, _ = write_lfw(tmp_path / "lfw", sets=10, per_class=1, header=False)
     runs = {}
