@@ -174,11 +174,12 @@ def test_the_two_images_of_a_pair_reach_the_model_as_two_images(tmp_path, tiny_c
     assert encoded == [10]
     # The prompt holds two images' rows: image and segmentation placeholders (ids >= vocab_size).
     pipe = FacePipeline.from_checkpoint(tiny_checkpoint)
-    ids = pipe.prompt_ids(pipe.conversation(2, VERIFY_QUESTION), [1, 1], 2)
+    a, b = (p.read_bytes() for p in expected[0][:2])
+    inputs, ids = pipe.requests.build([a, b], VERIFY_QUESTION, None, 2)
     per_image = pipe.c.num_image_tokens + pipe.c.num_seg_tokens
+    assert inputs.num_images == 2 and inputs.tiles == [1, 1]
     assert sum(i >= pipe.c.vocab_size for i in ids) == 2 * per_image and per_image > 0
     # The same, measured on the answer: one more image adds its rows (plus the template's separator).
-    a, b = (p.read_bytes() for p in expected[0][:2])
     two = pipe.ask([a, b], VERIFY_QUESTION, SamplingParams(max_new_tokens=1))
     one = pipe.ask([a], VERIFY_QUESTION, SamplingParams(max_new_tokens=1))
     assert two.prompt_tokens == len(ids) and per_image <= two.prompt_tokens - one.prompt_tokens <= per_image + 4

@@ -110,9 +110,13 @@ def summarize_verify(pairs: list[Pair], records: dict[str, dict], log: ResultsLo
     groups: dict[str | None, list[Pair]] = {}
     for p in pairs:
         groups.setdefault(p.group, []).append(p)
-    summary: dict = {"task": "verify", "title": title, "items": len(pairs), "scored": len(_ok(pairs, records)),
-                     "errors": _errors(pairs, records),
-                     "score": "cosine similarity of face embeddings" if embedding else "first-token P(yes)",
+    ok = _ok(pairs, records)
+    if embedding:
+        score = "cosine similarity of face embeddings"
+    else:  # a server that returns no first-token probabilities leaves the P(yes) figures out
+        score = "first-token P(yes)" if ok and all("p_yes" in r for r in ok) else None
+    summary: dict = {"task": "verify", "title": title, "items": len(pairs), "scored": len(ok),
+                     "errors": _errors(pairs, records), "score": score,
                      "decision": None if embedding else "the parsed yes/no answer; neither counts as wrong"}
     per_group, curves = {}, {}
     for name, members in groups.items():
