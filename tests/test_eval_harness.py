@@ -1,196 +1,41 @@
-"""`facert eval`: the data formats (built here in their real layouts), the safe .bin loader,
-end-to-end runs on the tiny checkpoint, resuming, and the face-embedding ONNX baseline."""
+"""`facert eval` end to end: the safe .bin loader, the resumable log, and every evaluation on the
+tiny checkpoints in-process and served (real tritonserver), with equal results between the two;
+the two images of a pair reach the model as two images."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
-import random
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
 
+from eval_data import face, pair_plan, read_jsonl, write_bin, write_celeba, write_embedding_onnx, write_facexbench, write_lfw
 from runtime.cli import main
-from runtime.eval.datasets import (
-    DataError,
-    composite,
-    facexbench_prompt,
-    load_bin,
-    load_celeba_attributes,
-    load_facexbench,
-    load_pairs_txt,
-)
-from runtime.eval.metrics import equal_error_rate, ten_fold_accuracy
-from runtime.eval.runner import EvalError, RemoteBackend, ResultsLog
-from runtime.eval.tasks import MULTI_IMAGE_NOTE, VERIFY_QUESTION, run_verify, summarize_mcq
-from runtime.models.attributes import CELEBA_ATTRIBUTES
+from runtime.eval.datasets import load_celeba_attributes, load_facexbench
+from runtime.eval.pairs import DataError, load_bin
+from runtime.eval.protocols import ATTRIBUTES_QUESTION, VERIFY_QUESTION
+from runtime.eval.runner import EvalError, ResultsLog
+from runtime.eval.scoring import facexbench_option
 from runtime.generate import SamplingParams
+from runtime.models.attributes import CELEBA_ATTRIBUTES
 from runtime.pipeline import FacePipeline
-
-
-# ------------------------------------------------------------------------------ data builders
-
-def face(identity: int, shot: int, size: int = 112, fmt: str = "JPEG") -> bytes:
-    """A small synthetic face photo: skin tone, eye spacing and mouth fixed per identity,
-    background and position varying per shot."""
-    ident, rng = random.Random(identity), random.Random(identity * 1000 + shot)
-    skin = tuple(ident.randint(110, 235) for _ in range(3))
-    img = Image.new("RGB", (size, size), tuple(rng.randint(0, 70) for _ in range(3)))
-    d = ImageDraw.Draw(img)
-    s = size / 112
-    dx = rng.randint(-3, 3)
-    d.ellipse((18 * s + dx, 10 * s, 94 * s + dx, 104 * s), fill=skin)
-    ex = ident.randint(30, 42)
-    for x in (ex, 112 - ex):
-        d.ellipse(((x - 6) * s + dx, 42 * s, (x + 6) * s + dx, 52 * s), fill=(30, 30, 30))
-    d.arc((36 * s + dx, 66 * s, 76 * s + dx, (86 + ident.randint(0, 10)) * s), 0, 180, fill=(120, 20, 20), width=3)
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def pair_plan(n: int) -> list[tuple[int, int, bool]]:
-    """(identity a, identity b, same) for n pairs: blocks of same then different, as LFW orders them."""
-    plan = []
-    for i in range(n):
-        same = (i // 3) % 2 == 0
-        plan.append((i, i if same else i + 500, same))
-    return plan
-
-
-def write_bin(path: Path, n: int = 20, protocol: int = pickle.HIGHEST_PROTOCOL, issame_array: bool = False) -> Path:
-    """An insightface .bin: pickle.dump((bins, issame_list), f) with encoded JPEG bytes."""
-    bins, issame = [], []
-    for a, b, same in pair_plan(n):
-        bins += [face(a, 0), face(b, 1)]
-        issame.append(same)
-    with open(path, "wb") as f:
-        pickle.dump((bins, np.array(issame) if issame_array else issame), f, protocol=protocol)
-    return path
-
-
-def write_lfw(root: Path, sets: int = 2, per_class: int = 5) -> Path:
-    """LFW layout: pairs.txt (header `SETS<TAB>N`) and lfw/<name>/<name>_000k.jpg."""
-    images = root / "lfw"
-    lines = [f"{sets}\t{per_class}"]
-
-    def put(name: str, k: int, identity: int) -> None:
-        d = images / name
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"{name}_{k:04d}.jpg").write_bytes(face(identity, k, size=250))
-
-    pid = 0
-    for _ in range(sets):
-        for _ in range(per_class):
-            name = f"Person_{pid}"
-            put(name, 1, pid)
-            put(name, 2, pid)
-            lines.append(f"{name}\t1\t2")
-            pid += 1
-        for _ in range(per_class):
-            a, b = f"Person_{pid}", f"Person_{pid + 1}"
-            put(a, 1, pid)
-            put(b, 3, pid + 1)
-            lines.append(f"{a}\t1\t{b}\t3")
-            pid += 2
-    (root / "pairs.txt").write_text("\n".join(lines) + "\n")
-    return root / "pairs.txt"
-
-
-def write_facexbench(root: Path) -> Path:
-    """Two FaceXBench files in its benchmark/ layout: one single-image, one multi-image."""
-    bench = root / "benchmark"
-    (bench / "images" / "celeba_single_mcq").mkdir(parents=True)
-    (bench / "images" / "lfw_multiple_mcq").mkdir(parents=True)
-    single = {"category": "attributes_expression", "sub-category": "attributes", "dataset": "celeba",
-              "question_type": "MCQ", "num_images": "single",
-              "prepend_text": "Facial attribute prediction is the task of ...",
-              "postpend_text": "Please answer the question and provide only the correct option letter, e.g., A, B, C, D.",
-              "questions": {}}
-    for q in range(1, 4):
-        rel = f"images/celeba_single_mcq/question_{q}.png"
-        (bench / rel).write_bytes(face(q, 0, fmt="PNG"))
-        single["questions"][str(q)] = {"image_paths": [rel], "question_text": "Which attribute is present?",
-                                       "options": ["Smiling", "Eyeglasses", "Bald", "Wearing_Hat"],
-                                       "correct_answer_option": "ABC"[q - 1], "answer": ["Smiling", "Eyeglasses", "Bald"][q - 1]}
-    multi = {"category": "face_recognition", "sub-category": "hr_fr", "dataset": "lfw", "question_type": "MCQ",
-             "num_images": "multiple", "prepend_text": "High-resolution face recognition ...",
-             "postpend_text": "Please answer the question and provide only the correct option letter, e.g., A, B, C, D.",
-             "questions": {}}
-    for q in range(1, 3):
-        rels = []
-        for k in range(1, 5):
-            rel = f"images/lfw_multiple_mcq/question_{q}_{k}.png"
-            (bench / rel).write_bytes(face(10 * q + k % 3, k, fmt="PNG"))
-            rels.append(rel)
-        multi["questions"][str(q)] = {"image_paths": rels, "question_text": "Which two images show the same person?",
-                                      "options": ["Images 1 and 2", "Images 1 and 4", "Images 2 and 3", "Images 3 and 4"],
-                                      "correct_answer_option": "B", "answer": "Images 1 and 4"}
-    (bench / "celeba_single_mcq.json").write_text(json.dumps(single, indent=4))
-    (bench / "lfw_multiple_mcq.json").write_text(json.dumps(multi, indent=4))
-    return bench
-
-
-def write_celeba(root: Path, n: int = 6, seed: int = 0) -> Path:
-    """list_attr_celeba.txt (count, the 40 names, `000001.jpg -1  1 ...` rows) + img_align_celeba/."""
-    rng = np.random.default_rng(seed)
-    labels = rng.choice([-1, 1], size=(n, 40))
-    (root / "img_align_celeba").mkdir(parents=True)
-    rows = []
-    for i in range(n):
-        name = f"{i + 1:06d}.jpg"
-        (root / "img_align_celeba" / name).write_bytes(face(i, 0, size=96))
-        rows.append(name + " " + " ".join(f"{v:2d}" for v in labels[i]))
-    (root / "list_attr_celeba.txt").write_text(f"{n}\n" + " ".join(CELEBA_ATTRIBUTES) + " \n" + "\n".join(rows) + "\n")
-    return root / "list_attr_celeba.txt"
-
-
-def write_embedding_onnx(path: Path, dim: int = 8, seed: int = 0) -> np.ndarray:
-    """A face-embedding model as insightface exports them: [B,3,112,112] float -> [B,dim].
-    Here Flatten + MatMul with seeded weights; returns the weights for an independent check."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = np.random.default_rng(seed).standard_normal((3 * 112 * 112, dim)).astype(np.float32) / 100
-    graph = helper.make_graph(
-        [helper.make_node("Flatten", ["data"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "w"], ["fc1"])],
-        "embed", [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["batch", 3, 112, 112])],
-        [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["batch", dim])], [numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return w
-
-
-def independent_embedding(data: bytes, w: np.ndarray) -> np.ndarray:
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    if img.size != (112, 112):
-        img = img.resize((112, 112), Image.BILINEAR)
-    x = (np.asarray(img, dtype=np.float32).transpose(2, 0, 1) - 127.5) / 128.0
-    return x.reshape(-1).astype(np.float64) @ w.astype(np.float64)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+from serving_fixtures import served_tiny  # noqa: F401 (fixture)
 
 
 @pytest.fixture
-def count_batches(monkeypatch):
-    """Counts FacePipeline.ask_batch calls and the requests in them (the real method still runs)."""
-    calls: list[list[str]] = []
+def asked(monkeypatch):
+    """Every FacePipeline.ask_batch call's (images, questions); the real method still runs."""
+    calls: list[tuple[list, list]] = []
     real = FacePipeline.ask_batch
 
-    def counted(self, images, questions, params, *a, **k):
-        calls.append(list(questions))
+    def recording(self, images, questions, params, *a, **k):
+        calls.append((list(images), list(questions)))
         return real(self, images, questions, params, *a, **k)
 
-    monkeypatch.setattr(FacePipeline, "ask_batch", counted)
+    monkeypatch.setattr(FacePipeline, "ask_batch", recording)
     return calls
 
 
@@ -279,213 +124,8 @@ def test_bin_structure_is_checked(tmp_path):
         load_bin(path)
 
 
-# ------------------------------------------------------------------------ other data formats
 
-def test_pairs_txt(tmp_path):
-    path = write_lfw(tmp_path, sets=2, per_class=3)
-    pairs = load_pairs_txt(path, tmp_path / "lfw")
-    assert len(pairs) == 12 and [p.issame for p in pairs] == ([True] * 3 + [False] * 3) * 2
-    assert pairs[0].left == tmp_path / "lfw" / "Person_0" / "Person_0_0001.jpg"
-    assert pairs[3].right == tmp_path / "lfw" / "Person_4" / "Person_4_0003.jpg"
-    with pytest.raises(DataError, match="pass --images"):
-        load_pairs_txt(path)  # images are under lfw/, not beside pairs.txt
-    text = path.read_text().splitlines()
-    (tmp_path / "short.txt").write_text("\n".join(text[:-1]))
-    with pytest.raises(DataError, match="= 12 lines, found 11"):
-        load_pairs_txt(tmp_path / "short.txt", tmp_path / "lfw")
-    (tmp_path / "bad.txt").write_text("\n".join(text[:2] + ["a b"] + text[3:]))
-    with pytest.raises(DataError, match=r"bad.txt:3: expected"):
-        load_pairs_txt(tmp_path / "bad.txt", tmp_path / "lfw")
-
-
-def test_facexbench_format(tmp_path):
-    bench = write_facexbench(tmp_path)
-    qs = load_facexbench(bench)
-    assert [q.id for q in qs] == ["celeba_single_mcq/1", "celeba_single_mcq/2", "celeba_single_mcq/3",
-                                  "lfw_multiple_mcq/1", "lfw_multiple_mcq/2"]
-    q = qs[0]
-    assert (q.category, q.subtask, q.num_images, q.answer) == ("attributes_expression", "attributes", "single", "A")
-    # The prompt FaceXBench's evaluate.py builds (without --prepend_text).
-    assert q.prompt == ("Which attribute is present?\n"
-                        "Please answer the question and provide only the correct option letter, e.g., A, B, C, D.\n"
-                        "(A) Smiling\n(B) Eyeglasses\n(C) Bald\n(D) Wearing_Hat\n")
-    assert load_facexbench(bench, prepend=True)[0].prompt.startswith("Facial attribute prediction is the task of ...\n")
-    assert len(qs[3].images) == 4 and qs[3].images[0] == bench / "images/lfw_multiple_mcq/question_1_1.png"
-    tools = {"category": "tools_use", "context": "API list", "postpend_text": "Letter only.",
-             "questions": {"1": {"question_text": "Q?", "options": ["a", "b"], "correct_answer_option": "B"}}}
-    assert facexbench_prompt(tools, tools["questions"]["1"], False) == "API list\nQ?\nLetter only.\n(A) a\n(B) b\n"
-    data = json.loads((bench / "lfw_multiple_mcq.json").read_text())
-    data["questions"]["1"]["correct_answer_option"] = "E"
-    (bench / "lfw_multiple_mcq.json").write_text(json.dumps(data))
-    with pytest.raises(DataError, match="question 1: correct_answer_option 'E'"):
-        load_facexbench(bench)
-    (bench / "images/celeba_single_mcq/question_2.png").unlink()
-    with pytest.raises(DataError, match="question_2.png does not exist"):
-        load_facexbench(bench / "celeba_single_mcq.json")
-
-
-def test_celeba_attribute_list(tmp_path):
-    path = write_celeba(tmp_path, n=4)
-    items = load_celeba_attributes(path)
-    rows = path.read_text().splitlines()
-    assert len(items) == 4 and items[0].id == "000001.jpg"
-    assert items[0].path == tmp_path / "img_align_celeba" / "000001.jpg"
-    first = [int(v) for v in rows[2].split()[1:]]
-    assert [items[0].labels[n] for n in CELEBA_ATTRIBUTES] == [int(v == 1) for v in first]
-    path.write_text("\n".join(["5"] + rows[1:]))
-    with pytest.raises(DataError, match="says 5 images, found 4"):
-        load_celeba_attributes(path)
-    path.write_text("\n".join(["4", rows[1].replace("Smiling", "Grinning")] + rows[2:]))
-    with pytest.raises(DataError, match="unknown attribute names"):
-        load_celeba_attributes(path)
-
-
-def test_composite_layout():
-    left = Image.new("RGB", (112, 112), (255, 0, 0))
-    right = Image.new("RGB", (50, 100), (0, 0, 255))
-    enc = []
-    for im in (left, right):
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        enc.append(buf.getvalue())
-    img = Image.open(io.BytesIO(composite(enc)))
-    assert img.size == (448, 224)  # side by side, 224-pixel tiles
-    assert img.getpixel((112, 112)) == (255, 0, 0)  # left = first
-    assert img.getpixel((224 + 112, 112)) == (0, 0, 255)
-    assert img.getpixel((224 + 5, 112)) == (127, 127, 127)  # the narrow image is centred on grey
-    grid = Image.open(io.BytesIO(composite(enc * 3, numbered=True)))
-    assert grid.size == (3 * 224, 2 * 224)  # six images: three columns, two rows
-
-
-# ----------------------------------------------------------------------------- verify runs
-
-def test_verify_embedding_baseline_on_pairs_txt_and_bin(tmp_path, capsys):
-    onnx_path = tmp_path / "embed.onnx"
-    w = write_embedding_onnx(onnx_path)
-    pairs_txt = write_lfw(tmp_path / "lfwdata", sets=2, per_class=5)
-    out = tmp_path / "out_txt"
-    rc = main(["eval", "verify", str(pairs_txt), "--images", str(tmp_path / "lfwdata/lfw"),
-               "--embedding-model", str(onnx_path), "--out", str(out), "--concurrency", "3"])
-    assert rc == 0
-    pairs = load_pairs_txt(pairs_txt, tmp_path / "lfwdata/lfw")
-    recs = {r["id"]: r for r in read_jsonl(out / "results.jsonl")}
-    expected = []
-    for p in pairs:
-        a, b = (independent_embedding(x, w) for x in p.images())
-        expected.append(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
-    got = [recs[p.id]["score"] for p in pairs]
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
-    summary = json.loads((out / "summary.json").read_text())
-    labels = [p.issame for p in pairs]
-    m = summary["metrics"]
-    assert (m["pairs"], m["same"], m["different"]) == (20, 10, 10)
-    # Metrics from the independently computed scores.
-    assert m["eer"]["eer"] == pytest.approx(equal_error_rate(expected, labels)[0], abs=1e-6)
-    assert m["ten_fold"]["folds"] == pytest.approx(ten_fold_accuracy(expected, labels)["folds"])
-    assert (out / "roc.png").read_bytes()[:4] == b"\x89PNG"
-    printed = capsys.readouterr().out
-    assert "10-fold accuracy" in printed and "TMR @ FMR 0.001" in printed and "EER" in printed
-
-    # The same model on a .bin.
-    out = tmp_path / "out_bin"
-    rc = main(["eval", "verify", str(write_bin(tmp_path / "agedb_30.bin", n=12)), "--embedding-model", str(onnx_path),
-               "--out", str(out), "--flip"])
-    assert rc == 0
-    pairs = load_bin(tmp_path / "agedb_30.bin")
-    rec = read_jsonl(out / "results.jsonl")[4]
-    flip = lambda data: independent_embedding(  # noqa: E731
-        _png(Image.open(io.BytesIO(data)).convert("RGB").transpose(Image.FLIP_LEFT_RIGHT)), w)
-    a, b = (independent_embedding(x, w) + flip(x) for x in pairs[4].images())
-    assert rec["score"] == pytest.approx(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)), abs=1e-5)
-
-
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def test_verify_mllm_end_to_end_tiny(tmp_path, tiny_checkpoint, count_batches, capsys):
-    data = write_bin(tmp_path / "lfw.bin", n=12)
-    out = tmp_path / "out"
-    rc = main(["eval", "verify", str(data), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
-               "--concurrency", "5", "--max-tokens", "3"])
-    assert rc == 0
-    assert [len(c) for c in count_batches] == [5, 5, 2]  # --concurrency requests per batched call
-    assert all(q == VERIFY_QUESTION for c in count_batches for q in c)
-    recs = read_jsonl(out / "results.jsonl")
-    assert len(recs) == 12 and all("p_yes" in r for r in recs)
-
-    # P(yes) recomputed independently for one pair: the byte-level tokenizer spells "yes" from the
-    # single-byte tokens "y"/"Y", so P(yes) = softmax(first logits) at those two ids.
-    pipe = FacePipeline.from_checkpoint(tiny_checkpoint)
-    pair = load_bin(data)[7]
-    answer = pipe.ask(composite(list(pair.images())), VERIFY_QUESTION, SamplingParams(max_new_tokens=3))
-    probs = np.exp(answer.first_logits.double().numpy() - answer.first_logits.double().logsumexp(0).item())
-    tok = pipe.tokenizer
-    y_ids = [tok.convert_tokens_to_ids(t) for t in ("y", "Y")]
-    n_ids = [tok.convert_tokens_to_ids(t) for t in ("n", "N")]
-    rec = next(r for r in recs if r["id"] == "7")
-    assert rec["p_yes"] == pytest.approx(probs[y_ids].sum(), rel=1e-4)
-    assert rec["p_no"] == pytest.approx(probs[n_ids].sum(), rel=1e-4)
-    assert rec["text"] == answer.text
-
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["score"] == "first-token P(yes)"
-    labels = [r["issame"] for r in sorted(recs, key=lambda r: int(r["id"]))]
-    scores = [r["p_yes"] for r in sorted(recs, key=lambda r: int(r["id"]))]
-    assert summary["metrics"]["ten_fold"]["folds"] == pytest.approx(ten_fold_accuracy(scores, labels)["folds"])
-    decisions = [r["decision"] is True for r in recs]
-    assert summary["metrics"]["decision_accuracy"] == pytest.approx(
-        np.mean([d == r["issame"] for d, r in zip(decisions, recs)]))
-    assert "verify lfw" in capsys.readouterr().out
-
-
-def test_interrupted_run_resumes_without_recomputing(tmp_path, tiny_checkpoint, count_batches, monkeypatch):
-    data = write_bin(tmp_path / "cfp_fp.bin", n=12)
-    out = tmp_path / "out"
-    args = ["eval", "verify", str(data), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
-            "--concurrency", "2", "--max-tokens", "2"]
-    # 1) --limit: only the first 4 pairs.
-    assert main(args + ["--limit", "4"]) == 0
-    assert sum(len(c) for c in count_batches) == 4
-    # 2) killed during its third batch (Ctrl-C reaches the model call).
-    real = FacePipeline.ask_batch
-    calls: list[int] = []
-
-    def dies_on_third(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(FacePipeline, "ask_batch", dies_on_third)
-    assert main(args) == 130
-    done = {r["id"] for r in read_jsonl(out / "results.jsonl")}
-    assert done == {str(i) for i in range(8)}  # 4 from the limited run, 4 from two batches
-    # 3) resumed: only the last 4 pairs are computed.
-    monkeypatch.setattr(FacePipeline, "ask_batch", real)
-    seen: list[int] = []
-
-    def tracking(self, images, questions, params, *a, **k):
-        seen.append(len(images))
-        return real(self, images, questions, params, *a, **k)
-
-    monkeypatch.setattr(FacePipeline, "ask_batch", tracking)
-    assert main(args) == 0
-    assert sum(seen) == 4
-    recs = read_jsonl(out / "results.jsonl")
-    assert sorted(int(r["id"]) for r in recs) == list(range(12))  # each pair once
-    # The resumed results equal an uninterrupted run's (greedy decoding is deterministic).
-    assert main(args[:6] + [str(tmp_path / "fresh")] + args[7:]) == 0
-    fresh = {r["id"]: r for r in read_jsonl(tmp_path / "fresh" / "results.jsonl")}
-    for r in recs:
-        assert r["text"] == fresh[r["id"]]["text"]
-        assert r["p_yes"] == pytest.approx(fresh[r["id"]]["p_yes"], rel=1e-5)
-    # 4) nothing left: a rerun computes nothing and reprints the summary.
-    seen.clear()
-    assert main(args) == 0 and seen == []
-
+# ------------------------------------------------------------------------------ results log
 
 def test_results_log_drops_a_cut_line_and_refuses_a_different_run(tmp_path, capsys):
     cfg = {"command": "verify", "question": "q1"}
@@ -503,138 +143,244 @@ def test_results_log_drops_a_cut_line_and_refuses_a_different_run(tmp_path, caps
         ResultsLog(tmp_path, {"command": "verify", "question": "q2"})
 
 
+
+
+# ------------------------------------------------------------------------ verify, end to end
+
+def _summary(out) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_the_two_images_of_a_pair_reach_the_model_as_two_images(tmp_path, tiny_checkpoint, asked, monkeypatch):
+    from runtime.pipeline import TorchComponents
+
+    encoded: list[int] = []
+    real_encode = TorchComponents.encode_image
+
+    def counting(self, pixel_values):
+        encoded.append(int(pixel_values.shape[0]))
+        return real_encode(self, pixel_values)
+
+    monkeypatch.setattr(TorchComponents, "encode_image", counting)
+    data, expected = write_lfw(tmp_path / "lfw", sets=10, per_class=1, header=False)
+    out = tmp_path / "out"
+    assert main(["eval", "verify", str(data), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
+                 "--concurrency", "5", "--max-tokens", "2", "--limit", "5"]) == 0
+    (images, questions), = asked  # one batched call of five requests
+    assert questions == [VERIFY_QUESTION] * 5
+    # Each request: the pair's two images, as two separate images, in order.
+    assert images == [[a.read_bytes(), b.read_bytes()] for a, b, _, _ in expected[:5]]
+    # The vision tower encodes two images per pair (the tiny LLaVA: one tile each), not a composite.
+    assert encoded == [10]
+    # The prompt holds two images' rows: image and segmentation placeholders (ids >= vocab_size).
+    pipe = FacePipeline.from_checkpoint(tiny_checkpoint)
+    a, b = (p.read_bytes() for p in expected[0][:2])
+    inputs, ids = pipe.requests.build([a, b], VERIFY_QUESTION, None, 2)
+    per_image = pipe.c.num_image_tokens + pipe.c.num_seg_tokens
+    assert inputs.num_images == 2 and inputs.tiles == [1, 1]
+    assert sum(i >= pipe.c.vocab_size for i in ids) == 2 * per_image and per_image > 0
+    # The same, measured on the answer: one more image adds its rows (plus the template's separator).
+    two = pipe.ask([a, b], VERIFY_QUESTION, SamplingParams(max_new_tokens=1))
+    one = pipe.ask([a], VERIFY_QUESTION, SamplingParams(max_new_tokens=1))
+    assert two.prompt_tokens == len(ids) and per_image <= two.prompt_tokens - one.prompt_tokens <= per_image + 4
+
+
+@pytest.mark.slow
+def test_verify_in_process_and_served_give_the_same_results(tmp_path, tiny_checkpoint, served_tiny, capsys):
+    data, _ = write_lfw(tmp_path / "lfw", sets=10, per_class=1, header=False)
+    runs = {}
+    for where, model in (("--checkpoint", str(tiny_checkpoint)), ("--url", served_tiny.grpc_url)):
+        out = tmp_path / where.strip("-")
+        assert main(["eval", "verify", str(data), where, model, "--out", str(out), "--concurrency", "4",
+                     "--max-tokens", "3"]) == 0
+        runs[where] = ({r["id"]: r for r in read_jsonl(out / "results.jsonl")}, _summary(out))
+    (local, local_s), (served, served_s) = runs["--checkpoint"], runs["--url"]
+    assert set(local) == set(served) and len(local) == 20
+    for pid, r in local.items():
+        assert served[pid]["text"] == r["text"] and served[pid]["decision"] == r["decision"]
+    lm, sm = local_s["metrics"], served_s["metrics"]
+    for key in ("pairs", "same", "different", "decision_accuracy", "answers_neither", "decision_folds"):
+        assert sm[key] == lm[key], key
+    # In-process the first-token probabilities give the threshold-tuned figures; the server
+    # returns no first-token probabilities, and its summary says so instead of inventing them.
+    assert lm["threshold_ten_fold"] is not None and lm["eer"] is not None
+    if not all("p_yes" in r for r in served.values()):
+        assert sm["threshold_ten_fold"] is None and any("first-token" in n for n in sm["notes"])
+    printed = capsys.readouterr().out
+    assert "decision accuracy: parsed yes/no answer (headline, as the papers report)" in printed
+
+
+def test_p_yes_is_the_first_tokens_probability(tmp_path, tiny_checkpoint):
+    data = write_bin(tmp_path / "lfw.bin", n=12)
+    out = tmp_path / "out"
+    assert main(["eval", "verify", str(data), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
+                 "--concurrency", "6", "--max-tokens", "3"]) == 0
+    recs = {r["id"]: r for r in read_jsonl(out / "results.jsonl")}
+    # Recomputed for one pair: the byte-level tokenizer spells "yes" from the single-byte tokens
+    # "y"/"Y", so P(yes) = softmax(first logits) at those two ids.
+    pipe = FacePipeline.from_checkpoint(tiny_checkpoint)
+    answer = pipe.ask(load_bin(data)[7].images(), VERIFY_QUESTION, SamplingParams(max_new_tokens=3))
+    probs = np.exp(answer.first_logits.double().numpy() - answer.first_logits.double().logsumexp(0).item())
+    tok = pipe.tokenizer
+    assert recs["7"]["p_yes"] == pytest.approx(probs[[tok.convert_tokens_to_ids(t) for t in ("y", "Y")]].sum(), rel=1e-4)
+    assert recs["7"]["p_no"] == pytest.approx(probs[[tok.convert_tokens_to_ids(t) for t in ("n", "N")]].sum(), rel=1e-4)
+    assert recs["7"]["text"] == answer.text
+    m = _summary(out)["metrics"]
+    labels = [recs[str(i)]["issame"] for i in range(12)]
+    decisions = [recs[str(i)]["decision"] for i in range(12)]
+    assert m["decision_accuracy"] == pytest.approx(np.mean([d is not None and d == y for d, y in zip(decisions, labels)]))
+
+
+def test_interrupted_run_resumes_without_recomputing(tmp_path, tiny_checkpoint, asked, monkeypatch):
+    data = write_bin(tmp_path / "cfp_fp.bin", n=12)
+    out = tmp_path / "out"
+    args = ["eval", "verify", str(data), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
+            "--concurrency", "2", "--max-tokens", "2"]
+    # 1) --limit: only the first 4 pairs.
+    assert main(args + ["--limit", "4"]) == 0
+    assert sum(len(q) for _, q in asked) == 4
+    # 2) killed during its third batch (Ctrl-C reaches the model call).
+    real = FacePipeline.ask_batch
+    calls: list[int] = []
+
+    def dies_on_third(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(FacePipeline, "ask_batch", dies_on_third)
+    assert main(args) == 130
+    assert {r["id"] for r in read_jsonl(out / "results.jsonl")} == {str(i) for i in range(8)}
+    # 3) resumed: only the last 4 pairs are computed.
+    seen: list[int] = []
+
+    def tracking(self, images, *a, **k):
+        seen.append(len(images))
+        return real(self, images, *a, **k)
+
+    monkeypatch.setattr(FacePipeline, "ask_batch", tracking)
+    assert main(args) == 0
+    assert sum(seen) == 4
+    recs = read_jsonl(out / "results.jsonl")
+    assert sorted(int(r["id"]) for r in recs) == list(range(12))  # each pair once
+    # The resumed results equal an uninterrupted run's (greedy decoding is deterministic).
+    assert main(args[:6] + [str(tmp_path / "fresh")] + args[7:]) == 0
+    fresh = {r["id"]: r for r in read_jsonl(tmp_path / "fresh" / "results.jsonl")}
+    for r in recs:
+        assert r["text"] == fresh[r["id"]]["text"]
+        assert r["p_yes"] == pytest.approx(fresh[r["id"]]["p_yes"], rel=1e-5)
+    # 4) nothing left: a rerun computes nothing and reprints the summary.
+    seen.clear()
+    assert main(args) == 0 and seen == []
+
+
 def test_bad_item_becomes_an_error_record_not_a_crash(tmp_path, tiny_checkpoint):
     bins = [face(0, 0), face(0, 1), b"not an image", face(1, 1), face(2, 0), face(3, 1)]
     (tmp_path / "x.bin").write_bytes(pickle.dumps((bins, [True, True, False])))
-    rc = main(["eval", "verify", str(tmp_path / "x.bin"), "--checkpoint", str(tiny_checkpoint),
-               "--out", str(tmp_path / "out"), "--max-tokens", "1"])
-    assert rc == 0
+    assert main(["eval", "verify", str(tmp_path / "x.bin"), "--checkpoint", str(tiny_checkpoint),
+                 "--out", str(tmp_path / "out"), "--max-tokens", "1"]) == 0
     recs = {r["id"]: r for r in read_jsonl(tmp_path / "out" / "results.jsonl")}
-    assert "cannot decode image" in recs["1"]["error"]
-    assert "error" not in recs["0"] and "error" not in recs["2"]
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["errors"] == 1 and summary["scored"] == 2
+    assert "image 1 of 2" in recs["1"]["error"] and "error" not in recs["0"] and "error" not in recs["2"]
+    summary = _summary(tmp_path / "out")
+    assert summary["errors"] == 1 and summary["scored"] == 2 and summary["metrics"]["errors"] == 1
 
 
-def test_remote_backend_runs_requests_concurrently(tmp_path, tiny_checkpoint):
-    """The --url path's thread pool, with the server call standing in as a function that runs the
-    real tiny pipeline (one at a time, as one model instance would) after a network-like delay."""
-    pipe = FacePipeline.from_checkpoint(tiny_checkpoint)
-    lock = threading.Lock()
-    in_flight, peak = [0], [0]
+# ---------------------------------------------------------------------------- mcq, end to end
 
-    def ask_remote(url, image, question, params, protocol, logprobs=True):
-        with lock:
-            in_flight[0] += 1
-            peak[0] = max(peak[0], in_flight[0])
-        time.sleep(0.05)
-        with lock:
-            a = pipe.ask(image, question, params)
-            in_flight[0] -= 1
-        resp = {"text": a.text}
-        if logprobs:
-            lp = a.first_logits.double().log_softmax(0)
-            top = lp.topk(20)
-            resp["first_token_logprobs"] = {pipe.tokenizer.decode([int(i)]): float(v)
-                                            for v, i in zip(top.values, top.indices)}
-        return resp
+def test_mcq_in_process_and_served_give_the_same_results(tmp_path, tiny_checkpoint, served_tiny, asked, capsys):
+    bench = write_facexbench(tmp_path)
+    qs = load_facexbench(bench)
+    runs = {}
+    for where, model in (("--checkpoint", str(tiny_checkpoint)), ("--url", served_tiny.grpc_url)):
+        out = tmp_path / where.strip("-")
+        assert main(["eval", "mcq", str(bench), where, model, "--out", str(out), "--max-tokens", "6",
+                     "--concurrency", "8"]) == 0
+        runs[where] = ({r["id"]: r for r in read_jsonl(out / "results.jsonl")}, _summary(out))
+    # In-process: each question's images as separate images, then FaceXBench's text, no grid, no note.
+    requests = [(imgs, q) for images, questions in asked for imgs, q in zip(images, questions)]
+    assert [q for _, q in requests] == [q.prompt for q in qs]
+    assert [len(imgs) for imgs, _ in requests] == [1, 1, 1, 4, 4]
+    assert requests[3][0] == [p.read_bytes() for p in qs[3].images]
+    (local, local_s), (served, served_s) = runs["--checkpoint"], runs["--url"]
+    for q in qs:
+        assert served[q.id]["text"] == local[q.id]["text"]
+    for key in ("total", "category", "sub-category", "num_images", "total_with_other_parser"):
+        assert served_s[key] == local_s[key], key
+    # The totals are aggregate_results.py's reading of the answers.
+    correct = sum(facexbench_option(local[q.id]["text"], q.options) == q.answer for q in qs)
+    assert local_s["total"] == {"correct": correct, "total": 5, "accuracy": 100.0 * correct / 5}
+    assert set(local_s["sub-category"]) == {"attributes", "hr_fr"} and local_s["num_images"]["multiple"]["total"] == 2
+    assert "Total Accuracy:" in capsys.readouterr().out
+    # Rescored with the strict parser: nothing is generated again.
+    asked.clear()
+    out = tmp_path / "checkpoint"
+    assert main(["eval", "mcq", str(bench), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
+                 "--max-tokens", "6", "--concurrency", "8", "--answer-parser", "strict"]) == 0
+    assert asked == [] and _summary(out)["answer_parser"] == "strict"
+    assert _summary(out)["total"]["correct"] == local_s["total_with_other_parser"]["correct"]
+    assert json.loads((out / "facexbench" / "lfw_multiple_mcq.json").read_text())["questions"]["2"]["prediction"] \
+        == local["lfw_multiple_mcq/2"]["text"].strip()
 
-    pairs = load_bin(write_bin(tmp_path / "rfw.bin", n=10))
-    backend = RemoteBackend("localhost:8001", "grpc", concurrency=4, ask_remote=ask_remote)
-    summary, _ = run_verify(pairs, ResultsLog(tmp_path / "a", {}), backend=backend, max_tokens=2)
-    assert peak[0] > 1
-    assert summary["scored"] == 10 and summary["score"] == "first-token P(yes)"
-    # A server that returns no first-token log-probabilities: the parsed answer is the score.
-    backend = RemoteBackend("localhost:8001", "grpc", concurrency=4,
-                            ask_remote=lambda *a: ask_remote(*a, logprobs=False))
-    summary, _ = run_verify(pairs, ResultsLog(tmp_path / "b", {}), backend=backend, max_tokens=2)
-    assert summary["score"].startswith("parsed yes/no answer")
 
+def test_mcq_on_internvl_passes_max_tiles(tmp_path, tiny_facellm_checkpoint, monkeypatch):
+    """FaceLLM (InternVL): each image tiled as its processor does, at most --max-tiles tiles per image."""
+    seen: list = []
+    real = FacePipeline.ask_batch
 
-# ------------------------------------------------------------------------------- mcq runs
+    def recording(self, images, questions, params, *a, **k):
+        seen.append(([len(x) for x in images], k.get("max_tiles"), params.max_new_tokens))
+        return real(self, images, questions, params, *a, **k)
 
-def test_mcq_end_to_end_tiny(tmp_path, tiny_checkpoint, count_batches, capsys):
+    monkeypatch.setattr(FacePipeline, "ask_batch", recording)
     bench = write_facexbench(tmp_path)
     out = tmp_path / "out"
-    rc = main(["eval", "mcq", str(bench), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
-               "--max-tokens", "4", "--concurrency", "8"])
-    assert rc == 0
-    asked = [q for c in count_batches for q in c]
-    qs = load_facexbench(bench)
-    # Single-image questions go as they are; the multi-image ones get the grid note.
-    assert asked[0] == qs[0].prompt
-    assert asked[3] == MULTI_IMAGE_NOTE.format(n=4) + qs[3].prompt
-    recs = {r["id"]: r for r in read_jsonl(out / "results.jsonl")}
-    assert set(recs) == {q.id for q in qs}
-    from runtime.eval.scoring import extract_option_letter
-
-    for q in qs:
-        r = recs[q.id]
-        assert r["predicted"] == extract_option_letter(r["text"], q.options)
-        assert r["correct"] == (r["predicted"] == "ABC"[int(q.id[-1]) - 1] if q.subtask == "attributes"
-                                else r["predicted"] == "B")
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["overall"]["total"] == 5
-    assert summary["overall"]["correct"] == sum(r["correct"] for r in recs.values())
-    assert set(summary["by_subtask"]) == {"attributes", "hr_fr"}
-    assert summary["by_category"]["face_recognition"]["total"] == 2
-    assert "overall" in capsys.readouterr().out
+    assert main(["eval", "mcq", str(bench / "lfw_multiple_mcq.json"), "--checkpoint", str(tiny_facellm_checkpoint),
+                 "--out", str(out), "--max-tokens", "4", "--max-tiles", "2", "--concurrency", "2"]) == 0
+    assert seen == [([4, 4], 2, 4)]
+    summary = _summary(out)
+    assert summary["total"]["total"] == 2 and summary["num_images"]["multiple"]["total"] == 2
+    assert json.loads((out / "run.json").read_text())["max_tiles"] == 2
 
 
-def test_mcq_summary_by_hand():
-    from runtime.eval.datasets import MCQuestion
+# --------------------------------------------------------------------- attributes, end to end
 
-    def q(i, cat, sub):
-        return MCQuestion(str(i), "", ["a", "b"], "A", [], cat, sub, "single")
-
-    qs = [q(0, "c1", "s1"), q(1, "c1", "s1"), q(2, "c1", "s2"), q(3, "c2", "s3"), q(4, "c2", "s3")]
-    recs = {"0": {"id": "0", "correct": True, "predicted": "A"}, "1": {"id": "1", "correct": False, "predicted": None},
-            "2": {"id": "2", "correct": True, "predicted": "A"}, "3": {"id": "3", "error": "prompt too long"},
-            "4": {"id": "4", "correct": True, "predicted": "A"}}
-    s, text = summarize_mcq(qs, recs, "t")
-    assert s["overall"] == {"correct": 3, "total": 5, "accuracy": 0.6}
-    assert s["by_category"]["c1"] == {"correct": 2, "total": 3, "accuracy": 2 / 3}
-    assert s["by_subtask"]["s3"] == {"correct": 1, "total": 2, "accuracy": 0.5}  # the error counts as wrong
-    assert s["unparsed_answers"] == 1 and s["errors"] == 1
-    assert "60.00%" in text
-
-
-# ------------------------------------------------------------------------- attribute runs
-
-def test_attributes_end_to_end_tiny(tmp_path, tiny_checkpoint, capsys):
-    path = write_celeba(tmp_path / "celeba", n=5)
-    out = tmp_path / "out"
-    assert main(["eval", "attributes", str(path), "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    # Independently: ask the pipeline about each image, threshold, count matches per attribute.
+def test_attributes_in_process_and_served_give_the_same_results(tmp_path, tiny_checkpoint, served_tiny):
+    path = write_celeba(tmp_path / "celeba", n=6, partition=[0, 2, 1, 2, 2, 0])
+    runs = {}
+    for where, model in (("--checkpoint", str(tiny_checkpoint)), ("--url", served_tiny.grpc_url)):
+        out = tmp_path / where.strip("-")
+        assert main(["eval", "attributes", str(path), where, model, "--out", str(out)]) == 0
+        runs[where] = _summary(out)
+    local, served = runs["--checkpoint"], runs["--url"]
+    assert local["split"] == "test" and local["scored"] == 3
+    for key in ("before_constraints", "after_constraints"):
+        assert served[key]["per_attribute"] == pytest.approx(local[key]["per_attribute"])
+    # Independently: ask the pipeline about each test image, threshold, count matches per attribute.
     pipe = FacePipeline.from_checkpoint(tiny_checkpoint)
-    items = load_celeba_attributes(path)
+    items, _ = load_celeba_attributes(path)
     right = {"raw": np.zeros(40), "after": np.zeros(40)}
     for item in items:
-        a = pipe.ask(item.path.read_bytes(), "Describe this person's face.", SamplingParams(max_new_tokens=1))
+        a = pipe.ask([item.path.read_bytes()], ATTRIBUTES_QUESTION, SamplingParams(max_new_tokens=1))
         for j, name in enumerate(CELEBA_ATTRIBUTES):
             right["raw"][j] += (a.attributes_raw[name] >= 0.5) == bool(item.labels[name])
             right["after"][j] += (a.attributes[name] >= 0.5) == bool(item.labels[name])
-    assert summary["before_constraints"]["mean"] == pytest.approx(right["raw"].mean() / 5)
-    assert summary["after_constraints"]["mean"] == pytest.approx(right["after"].mean() / 5)
-    assert summary["before_constraints"]["per_attribute"]["Smiling"] == pytest.approx(
-        right["raw"][CELEBA_ATTRIBUTES.index("Smiling")] / 5)
-    assert "mean over 40 attributes" in capsys.readouterr().out
+    assert local["before_constraints"]["mean"] == pytest.approx(right["raw"].mean() / 3)
+    assert local["after_constraints"]["mean"] == pytest.approx(right["after"].mean() / 3)
 
 
 def test_attributes_refuses_facellm(tmp_path, tiny_facellm_checkpoint, capsys):
     path = write_celeba(tmp_path / "celeba", n=2)
-    rc = main(["eval", "attributes", str(path), "--checkpoint", str(tiny_facellm_checkpoint),
-               "--out", str(tmp_path / "out")])
-    assert rc == 2
+    assert main(["eval", "attributes", str(path), "--checkpoint", str(tiny_facellm_checkpoint),
+                 "--out", str(tmp_path / "out")]) == 2
     assert "needs FaceInsight's attribute head" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------- --engines backend
 
 def test_engines_backend_matches_the_checkpoint(tmp_path, tiny_checkpoint):
-    """The same evaluation through an ONNX Runtime engines folder (built here from the tiny
-    checkpoint) gives the torch run's P(yes) to fp32 tolerance, and the same attribute accuracies."""
+    """The same evaluations through an ONNX Runtime engines folder (built here from the tiny
+    checkpoint): the torch run's P(yes) to fp32 tolerance, the same answers and attribute accuracies."""
     build = pytest.importorskip("export.build")
     engines = build.build_engines(tiny_checkpoint, "onnxruntime", tmp_path / "engines",
                                   progress=build.Progress(4, quiet=True))
@@ -646,8 +392,7 @@ def test_engines_backend_matches_the_checkpoint(tmp_path, tiny_checkpoint):
         out = tmp_path / where.strip("-")
         assert main(["eval", "verify", str(data), where, model, "--out", str(out / "v"), "--max-tokens", "2"]) == 0
         assert main(["eval", "attributes", str(celeba), where, model, "--out", str(out / "a")]) == 0
-        runs[where] = ({r["id"]: r for r in read_jsonl(out / "v" / "results.jsonl")},
-                       json.loads((out / "a" / "summary.json").read_text()))
+        runs[where] = ({r["id"]: r for r in read_jsonl(out / "v" / "results.jsonl")}, _summary(out / "a"))
     (torch_v, torch_a), (ort_v, ort_a) = runs["--checkpoint"], runs["--engines"]
     for pid, r in torch_v.items():
         assert ort_v[pid]["p_yes"] == pytest.approx(r["p_yes"], rel=1e-4)

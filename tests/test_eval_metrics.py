@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 
 from runtime.eval.metrics import (
+    across_groups,
     attribute_accuracy,
     best_threshold,
+    contiguous_folds,
+    decision_correct,
     equal_error_rate,
-    fold_slices,
+    fold_accuracy_of_decisions,
     grouped_accuracy,
     plot_roc,
     roc_curve,
@@ -102,12 +105,12 @@ def test_best_threshold_matches_brute_force_and_prefers_smallest(random_scores):
 
 def test_folds_are_contiguous_blocks_like_kfold():
     # sklearn KFold(10, shuffle=False) on 23 items: three folds of 3, then seven of 2.
-    sizes = [s.stop - s.start for s in fold_slices(23)]
-    assert sizes == [3, 3, 3, 2, 2, 2, 2, 2, 2, 2]
-    assert fold_slices(23)[0] == slice(0, 3) and fold_slices(23)[-1] == slice(21, 23)
-    assert [s.stop - s.start for s in fold_slices(6000)] == [600] * 10
+    ids = contiguous_folds(23).tolist()
+    assert [ids.count(f) for f in range(10)] == [3, 3, 3, 2, 2, 2, 2, 2, 2, 2]
+    assert ids[:4] == [0, 0, 0, 1] and ids[-2:] == [9, 9] and ids == sorted(ids)
+    assert [contiguous_folds(6000).tolist().count(f) for f in range(10)] == [600] * 10
     with pytest.raises(ValueError, match="at least 10"):
-        fold_slices(9)
+        contiguous_folds(9)
 
 
 def test_ten_fold_against_hand_computation():
@@ -126,33 +129,88 @@ def test_ten_fold_against_hand_computation():
     assert r["std"] == pytest.approx(0.3)  # population std: sqrt((0.81 + 9 * 0.01) / 10)
 
 
+def brute_ten_fold(scores, labels, fold_of):
+    """Per fold: the threshold (smallest on ties) best on the other folds, scored on this one."""
+    accs = []
+    for k in range(10):
+        train = [i for i in range(len(scores)) if fold_of[i] != k]
+        test = [i for i in range(len(scores)) if fold_of[i] == k]
+        ts, tl = [scores[i] for i in train], [labels[i] for i in train]
+        best = max(sorted(set(ts)) + [math.inf], key=lambda c: (brute_accuracy(ts, tl, c), -c))
+        accs.append(brute_accuracy([scores[i] for i in test], [labels[i] for i in test], best))
+    return accs
+
+
 def test_ten_fold_matches_brute_force(random_scores):
     scores, labels = random_scores
     r = ten_fold_accuracy(scores, labels)
-    n = len(scores)
-    accs = []
-    for k in range(10):
-        lo, hi = k * n // 10, (k + 1) * n // 10  # 300 pairs: equal folds of 30
-        test = list(range(lo, hi))
-        train = [i for i in range(n) if not lo <= i < hi]
-        ts, tl = [scores[i] for i in train], [labels[i] for i in train]
-        cands = sorted(set(ts)) + [math.inf]
-        best = max(cands, key=lambda c: (brute_accuracy(ts, tl, c), -c))  # smallest on ties
-        accs.append(brute_accuracy([scores[i] for i in test], [labels[i] for i in test], best))
+    accs = brute_ten_fold(scores, labels, [i * 10 // len(scores) for i in range(len(scores))])  # 30 per fold
     assert r["folds"] == pytest.approx(accs)
     assert r["mean"] == pytest.approx(np.mean(accs))
     assert r["std"] == pytest.approx(np.std(accs))
 
 
-def test_verification_metrics_handles_one_class_and_decisions():
-    m = verification_metrics([0.9] * 12, [True] * 12, decisions=[1] * 6 + [0] * 6)
-    assert m["eer"] is None and "both" in m["note"]
+def test_ten_fold_with_the_data_sets_own_folds_matches_brute_force(random_scores):
+    """Folds given per pair (CFP's Split folders, the text formats' stratified folds): interleaved
+    here, so that contiguous blocks would give other numbers."""
+    scores, labels = random_scores
+    folds = [(7 * i) % 10 for i in range(len(scores))]
+    r = ten_fold_accuracy(scores, labels, folds=folds)
+    assert r["folds"] == pytest.approx(brute_ten_fold(scores, labels, folds))
+    assert r["folds"] != pytest.approx(ten_fold_accuracy(scores, labels)["folds"])
+    with pytest.raises(ValueError, match="cover folds 0..9"):
+        ten_fold_accuracy(scores, labels, folds=[f % 9 for f in folds])
+
+
+def test_decision_accuracy_counts_neither_as_wrong():
+    labels = [True, True, False, False, True, False]
+    decisions = [True, None, False, True, False, None]
+    assert decision_correct(decisions, labels).tolist() == [True, False, True, False, False, False]
+    r = fold_accuracy_of_decisions(decisions, labels, k=3, folds=[0, 0, 1, 1, 2, 2])
+    assert r["folds"] == [0.5, 0.5, 0.0]
+    assert r["mean"] == pytest.approx(1 / 3) and r["std"] == pytest.approx(np.std([0.5, 0.5, 0.0]))
+
+
+def test_verification_metrics_brute_force(random_scores):
+    scores, labels = random_scores
+    rng = np.random.default_rng(3)
+    decisions = [None if u < 0.1 else bool(s >= 0.45) for u, s in zip(rng.random(len(scores)), scores)]
+    folds = [i % 10 for i in range(len(scores))]
+    m = verification_metrics(labels, scores, decisions, folds)
+    right = [d is not None and d == y for d, y in zip(decisions, labels)]
+    assert m["decision_accuracy"] == pytest.approx(sum(right) / len(right))
+    assert m["answers_neither"] == decisions.count(None)
+    per_fold = [np.mean([r for r, f in zip(right, folds) if f == k]) for k in range(10)]
+    assert m["decision_folds"]["mean"] == pytest.approx(np.mean(per_fold))
+    assert m["threshold_ten_fold"]["folds"] == pytest.approx(brute_ten_fold(scores, labels, folds))
+    assert m["eer"]["eer"] == pytest.approx(brute_eer(scores, labels))
+    assert m["tmr_at_fmr"]["0.001"]["tmr"] == pytest.approx(brute_tmr_at(scores, labels, 1e-3))
+    # Without scores (a server that returns no first-token probabilities): the decisions only.
+    m = verification_metrics(labels, None, decisions, folds)
+    assert m["decision_accuracy"] == pytest.approx(sum(right) / len(right))
+    assert m["threshold_ten_fold"] is None and m["eer"] is None and "first-token" in m["notes"][-1]
+
+
+def test_verification_metrics_handles_one_class_and_few_pairs():
+    m = verification_metrics([True] * 12, [0.9] * 12, decisions=[True] * 6 + [False] * 6)
+    assert m["eer"] is None and any("both" in n for n in m["notes"])
     assert m["decision_accuracy"] == 0.5
     # 12 pairs: folds [0:2] [2:4] [4] [5] ... [11]; the first six decisions are right.
-    assert m["decision_ten_fold"]["folds"] == [1.0] * 4 + [0.0] * 6
-    m = verification_metrics([0.9, 0.1] * 3, [True, False] * 3)
-    assert m["ten_fold"] is None  # fewer than 10 pairs
+    assert m["decision_folds"]["folds"] == [1.0] * 4 + [0.0] * 6
+    m = verification_metrics([True, False] * 3, [0.9, 0.1] * 3)
+    assert m["threshold_ten_fold"] is None and any("at least 10" in n for n in m["notes"])
     assert m["eer"]["eer"] == 0.0
+
+
+def test_across_groups_mean_and_population_std():
+    per = {"African": {"decision_accuracy": 0.8, "eer": {"eer": 0.2}}, "Asian": {"decision_accuracy": 0.9, "eer": None},
+           "Caucasian": {"decision_accuracy": 0.95, "eer": {"eer": 0.1}}, "Indian": {"decision_accuracy": 0.85}}
+    a = across_groups(per, ("decision_accuracy", "eer.eer", "threshold_ten_fold.mean"))
+    vals = [0.8, 0.9, 0.95, 0.85]
+    assert a["decision_accuracy"]["mean"] == pytest.approx(sum(vals) / 4)
+    assert a["decision_accuracy"]["std"] == pytest.approx(math.sqrt(sum((v - 0.875) ** 2 for v in vals) / 4))
+    assert a["eer.eer"] == {"mean": pytest.approx(0.15), "std": pytest.approx(0.05), "groups": 2}
+    assert a["threshold_ten_fold.mean"] is None
 
 
 def test_roc_plot_writes_png(tmp_path, random_scores):

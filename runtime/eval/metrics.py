@@ -8,11 +8,15 @@ Verification conventions (higher score = more likely the same person; "accept" =
   under at once; where the two curves cross it is their common value.
 - TMR@FMR=f = the largest TMR among thresholds with FMR <= f. With fewer than 1/f
   different-person pairs only FMR = 0 meets the bound; summaries say so (`resolvable`).
-- 10-fold accuracy follows insightface's verification.py: folds are contiguous blocks of pairs
-  (sklearn KFold without shuffling: the first n % k folds get one pair more), the threshold with
-  the best accuracy on the other nine folds is applied to the held-out fold, and the mean and
-  (population, ddof=0) std of the ten fold accuracies are reported. Candidate thresholds are the
-  training folds' distinct scores plus +inf; ties go to the smallest threshold.
+- 10-fold accuracy follows insightface's verification.py: the threshold with the best accuracy
+  on the other nine folds is applied to the held-out fold, and the mean and (population, ddof=0)
+  std of the ten fold accuracies are reported. Candidate thresholds are the training folds'
+  distinct scores plus +inf; ties go to the smallest threshold. Folds are the data set's own
+  (`folds`, one id per pair: see runtime.eval.pairs) or, without them, contiguous blocks of pairs
+  (sklearn KFold without shuffling: the first n % k folds get one pair more), as for a .bin.
+- Decision accuracy: the share of pairs whose parsed yes/no answer is right; an answer that says
+  neither counts as wrong. No threshold is chosen: this is the figure the papers report.
+- Across groups (RFW's races): the mean and the population std (ddof=0) of the per-group figures.
 """
 
 from __future__ import annotations
@@ -32,13 +36,25 @@ def _check(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     return s, y
 
 
-def fold_slices(n: int, k: int = 10) -> list[slice]:
-    """Contiguous folds, as sklearn's KFold(n_splits=k, shuffle=False)."""
+def contiguous_folds(n: int, k: int = 10) -> np.ndarray:
+    """Fold id per pair for contiguous folds, as sklearn's KFold(n_splits=k, shuffle=False)."""
     if n < k:
         raise ValueError(f"{k}-fold needs at least {k} pairs, got {n}")
     sizes = [n // k + (1 if i < n % k else 0) for i in range(k)]
-    starts = np.cumsum([0] + sizes)
-    return [slice(int(starts[i]), int(starts[i + 1])) for i in range(k)]
+    return np.repeat(np.arange(k), sizes)
+
+
+def _fold_ids(n: int, folds, k: int) -> np.ndarray:
+    if folds is None:
+        return contiguous_folds(n, k)
+    f = np.asarray(folds, dtype=np.int64).reshape(-1)
+    if f.size != n:
+        raise ValueError(f"{f.size} fold ids for {n} pairs")
+    if set(f.tolist()) != set(range(k)):
+        missing = sorted(set(range(k)) - set(f.tolist()))
+        raise ValueError(f"the pairs must cover folds 0..{k - 1} (fold ids {sorted(set(f.tolist()))[:12]}, "
+                         f"missing {missing})")
+    return f
 
 
 def accept_accuracy(scores, labels, threshold: float) -> float:
@@ -58,22 +74,32 @@ def best_threshold(scores, labels) -> tuple[float, float]:
     return float(candidates[best]), float(acc[best])
 
 
-def ten_fold_accuracy(scores, labels, k: int = 10) -> dict:
+def ten_fold_accuracy(scores, labels, k: int = 10, folds=None) -> dict:
+    """Threshold tuned on the other folds, applied to each fold (see the module docstring)."""
     s, y = _check(scores, labels)
+    ids = _fold_ids(s.size, folds, k)
     accs, thresholds = [], []
-    for test in fold_slices(s.size, k):
-        train = np.ones(s.size, dtype=bool)
-        train[test] = False
-        t, _ = best_threshold(s[train], y[train])
+    for f in range(k):
+        test = ids == f
+        t, _ = best_threshold(s[~test], y[~test])
         thresholds.append(t)
         accs.append(accept_accuracy(s[test], y[test], t))
     return {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "folds": accs, "thresholds": thresholds}
 
 
-def fold_accuracy_of_decisions(decisions, labels, k: int = 10) -> dict:
-    """Mean and std over the same folds of fixed yes/no decisions (no threshold to choose)."""
-    d, y = _check(np.asarray(decisions, dtype=float), labels)
-    accs = [float(np.mean((d[f] >= 0.5) == y[f])) for f in fold_slices(d.size, k)]
+def decision_correct(decisions, labels) -> np.ndarray:
+    """Per pair: the answer (True yes, False no, None neither) is right; neither is wrong."""
+    y = np.asarray(labels, dtype=bool).reshape(-1)
+    if len(decisions) != y.size:
+        raise ValueError(f"{len(decisions)} decisions for {y.size} labels")
+    return np.array([d is not None and bool(d) == bool(t) for d, t in zip(decisions, y)], dtype=bool)
+
+
+def fold_accuracy_of_decisions(decisions, labels, k: int = 10, folds=None) -> dict:
+    """Mean and std over the folds of the answers' accuracy (no threshold to choose)."""
+    right = decision_correct(decisions, labels)
+    ids = _fold_ids(right.size, folds, k)
+    accs = [float(np.mean(right[ids == f])) for f in range(k)]
     return {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "folds": accs}
 
 
@@ -106,21 +132,53 @@ def tmr_at_fmr(scores, labels, target: float) -> dict:
             "resolvable": n_diff * target >= 1.0}
 
 
-def verification_metrics(scores, labels, decisions=None, fmr_targets=(1e-3, 1e-4), k: int = 10) -> dict:
-    """Everything the verify summary reports; parts that the data cannot support are None with a reason."""
-    s, y = _check(scores, labels)
-    out: dict = {"pairs": int(s.size), "same": int(y.sum()), "different": int((~y).sum())}
-    out["ten_fold"] = ten_fold_accuracy(s, y, k) if s.size >= k else None
+def verification_metrics(labels, scores=None, decisions=None, folds=None, fmr_targets=(1e-3, 1e-4),
+                         k: int = 10) -> dict:
+    """Everything the verify summary reports for one pair set. `decisions`: the parsed answers
+    (True / False / None); `scores`: P(yes) or a similarity (None where the backend gave none).
+    Parts the data cannot support are None, with the reason in `notes`."""
+    y = np.asarray(labels, dtype=bool).reshape(-1)
+    out: dict = {"pairs": int(y.size), "same": int(y.sum()), "different": int((~y).sum()), "notes": []}
+    try:
+        ids = _fold_ids(y.size, folds, k)
+    except ValueError as e:  # too few pairs, or a --limit that left folds out
+        ids = None
+        out["notes"].append(f"no per-fold figures: {e}")
     if decisions is not None:
-        out["decision_accuracy"] = float(np.mean((np.asarray(decisions, float) >= 0.5) == y))
-        out["decision_ten_fold"] = fold_accuracy_of_decisions(decisions, y, k) if s.size >= k else None
+        right = decision_correct(decisions, y)
+        out["decision_accuracy"] = float(right.mean()) if right.size else None
+        out["answers_neither"] = sum(1 for d in decisions if d is None)
+        out["decision_folds"] = fold_accuracy_of_decisions(decisions, y, k, ids) if ids is not None else None
+    if scores is None:
+        out["threshold_ten_fold"] = out["eer"] = out["tmr_at_fmr"] = None
+        out["notes"].append("no scores: threshold-tuned accuracy, EER and TMR need first-token probabilities")
+        return out
+    s, y = _check(scores, y)
+    out["threshold_ten_fold"] = ten_fold_accuracy(s, y, k, ids) if ids is not None else None
     if y.all() or not y.any():
         out["eer"] = out["tmr_at_fmr"] = None
-        out["note"] = "EER and TMR need both same-person and different-person pairs"
+        out["notes"].append("EER and TMR need both same-person and different-person pairs")
         return out
     eer, t = equal_error_rate(s, y)
     out["eer"] = {"eer": eer, "threshold": t}
     out["tmr_at_fmr"] = {f"{f:g}": tmr_at_fmr(s, y, f) for f in fmr_targets}
+    return out
+
+
+def across_groups(per_group: dict[str, dict], keys: tuple[str, ...]) -> dict:
+    """Mean and population std across groups of each figure in `keys` (a dotted path into the
+    per-group metrics, e.g. "threshold_ten_fold.mean"); groups lacking it are left out."""
+    out = {}
+    for key in keys:
+        values = []
+        for m in per_group.values():
+            v = m
+            for part in key.split("."):
+                v = v.get(part) if isinstance(v, dict) else None
+            if v is not None:
+                values.append(float(v))
+        out[key] = ({"mean": float(np.mean(values)), "std": float(np.std(values)), "groups": len(values)}
+                    if values else None)
     return out
 
 

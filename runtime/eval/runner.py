@@ -146,12 +146,14 @@ def run_items(items: list, score_group: Callable[[list], list[dict]], log: Resul
 
 class PipelineBackend:
     """The in-process runtime (a FacePipeline from --checkpoint or --engines): up to
-    `concurrency` requests share one batched generate call."""
+    `concurrency` requests share one batched generate call. Each request is a list of images
+    (in prompt order) and the text after them, as FacePipeline.ask_batch takes them."""
 
-    def __init__(self, pipeline, concurrency: int = 1):
+    def __init__(self, pipeline, concurrency: int = 1, max_tiles: int | None = None):
         self.pipeline = pipeline
         self.batch_size = max(1, concurrency)
         self.workers = 1
+        self.max_tiles = max_tiles
         self._yes_no: YesNoTokens | None = None
 
     @property
@@ -162,8 +164,8 @@ class PipelineBackend:
     def family(self) -> str:
         return str(self.pipeline.spec.get("family", "unknown"))
 
-    def answer(self, images: list[bytes], questions: list[str], params, yes_no: bool = False) -> list[dict]:
-        answers = self.pipeline.ask_batch(images, questions, params)
+    def answer(self, images: list[list[bytes]], questions: list[str], params, yes_no: bool = False) -> list[dict]:
+        answers = self.pipeline.ask_batch(images, questions, params, max_tiles=self.max_tiles)
         out = []
         for a in answers:
             r = {"text": a.text, "attributes": a.attributes, "attributes_raw": a.attributes_raw,
@@ -178,25 +180,27 @@ class PipelineBackend:
 
 class RemoteBackend:
     """A running `facert serve` (--url): one request per call, `concurrency` calls in flight,
-    through runtime.client.ask_remote."""
+    through runtime.client.ask_remote, with the same images and text as in-process."""
 
-    def __init__(self, url: str, protocol: str = "grpc", concurrency: int = 8, ask_remote=None):
+    def __init__(self, url: str, protocol: str = "grpc", concurrency: int = 8, max_tiles: int | None = None,
+                 ask_remote=None):
         if ask_remote is None:
             try:
                 from runtime.client import ask_remote  # the serving client; imported only for --url
             except ImportError as e:
                 raise EvalError(f"--url needs the serving client (runtime.client): {e}") from None
         self.ask_remote = ask_remote
-        self.url, self.protocol = url, protocol
+        self.url, self.protocol, self.max_tiles = url, protocol, max_tiles
         self.batch_size = 1
         self.workers = max(1, concurrency)
         self.has_attributes = None  # known from the first response
         self.family = "remote"
 
-    def answer(self, images: list[bytes], questions: list[str], params, yes_no: bool = False) -> list[dict]:
+    def answer(self, images: list[list[bytes]], questions: list[str], params, yes_no: bool = False) -> list[dict]:
         out = []
-        for image, question in zip(images, questions):
-            resp = self.ask_remote(self.url, image, question, params, self.protocol)
+        for request_images, question in zip(images, questions):
+            resp = self.ask_remote(self.url, request_images, question, params, protocol=self.protocol,
+                                   max_tiles=self.max_tiles)
             r = {"text": resp.get("text", ""), "attributes": resp.get("attributes"),
                  "attributes_raw": resp.get("attributes_raw"), "constraints_fired": resp.get("constraints_fired", [])}
             if yes_no:

@@ -7,7 +7,9 @@
   ("Yes", " yes", "yes.", "YES,") or a leading piece of "yes" ("y", "ye": tokenizers that spell
   words in pieces start "yes" with one); "no" likewise ("No", " no", "n"), so "not"/"none"/"now"
   do not count. `parse_yes_no` reads the decision from the generated text.
-- Multiple choice: `extract_option_letter` finds the chosen option in free text.
+- Multiple choice: `facexbench_option` reads the chosen option from free text exactly as
+  FaceXBench's aggregate_results.py does (the default of `facert eval mcq`);
+  `extract_option_letter` is facert's stricter reading (`--answer-parser strict`).
 - Face embeddings: `OnnxFaceEmbedder` runs a face-recognition ONNX model (the specialist baseline).
 """
 
@@ -79,6 +81,39 @@ def parse_yes_no(text: str) -> bool | None:
 
 
 # --------------------------------------------------------------------------- option letters
+
+# A single ASCII letter with no word character (Unicode letter, digit, underscore) on either side.
+_STANDALONE_LETTER = re.compile(r"(?<!\w)([A-Za-z])(?!\w)")
+ANSWER_PARSERS = ("facexbench", "strict")
+
+
+def facexbench_option(text: str, options: list[str]) -> str | None:
+    """The option letter as FaceXBench's aggregate_results.py extracts it, or None.
+
+    Its rule, read from its source: on the stripped answer, (1) the first standalone letter (see
+    _STANDALONE_LETTER; its patterns "A", "(A)", "A.", "A:", "A -", "Option A" each only find
+    such letters, at the start first and then anywhere, so the first one in the text is the one
+    found) that is one of the option labels, upper case only (A-D for four options): "A man is
+    shown" is A, "b" is nothing; else (2) the first option, in option order, whose stripped text
+    occurs in the answer, case-sensitively ("Male" is found in "Male." and in "Female" is not).
+    """
+    labels = [chr(ord("A") + i) for i in range(len(options))]
+    clean = (text or "").strip()
+    for m in _STANDALONE_LETTER.finditer(clean):
+        if m.group(1) in labels:
+            return m.group(1)
+    for label, option in zip(labels, options):
+        if str(option).strip() in clean:
+            return label
+    return None
+
+
+def option_parser(name: str):
+    """The answer parser `facert eval mcq --answer-parser NAME` uses."""
+    if name not in ANSWER_PARSERS:
+        raise ValueError(f"answer parser must be one of {', '.join(ANSWER_PARSERS)}, got {name!r}")
+    return facexbench_option if name == "facexbench" else extract_option_letter
+
 
 def extract_option_letter(text: str, options: list[str]) -> str | None:
     """The option letter an answer chose, or None.
