@@ -170,7 +170,7 @@ def step_tensorrt(args, ctx) -> dict:
 def step_tensorrt_llm(args, ctx) -> dict:
     import torch
 
-    from export.trtllm_convert import TrtLlmError
+    from runtime.backends.trtllm_backend import TrtLlmError
     from runtime.backends.trtllm_backend import TrtLlmGenerator
     from runtime.checkpoint import load_checkpoint
     from runtime.generate import SamplingParams, TorchLLM, generate

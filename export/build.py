@@ -22,7 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from export.manifest import FORMAT, FORMAT_VERSION, EngineError, tool_versions, write_manifest
+from export.manifest import tool_versions, write_manifest
+from runtime.manifest import FORMAT, FORMAT_VERSION, EngineError
 
 BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-llm")
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
@@ -288,7 +289,7 @@ def calibration_embeds(model, tokenizer, count: int = 16) -> list:
 def _require_gpu_toolchain(backend: str, precision: str = "bf16") -> None:
     """Fail fast, saying what to install, where TensorRT (or TensorRT-LLM) or a GPU is missing."""
     try:
-        from export.tensorrt_build import device_target, require_tensorrt
+        from runtime.backends.tensorrt_backend import device_target, require_tensorrt
     except ModuleNotFoundError as e:
         if e.name != "export.tensorrt_build":
             raise
@@ -297,7 +298,7 @@ def _require_gpu_toolchain(backend: str, precision: str = "bf16") -> None:
     device_target()
     if backend == "tensorrt-llm":
         try:
-            from export.trtllm_convert import require_tensorrt_llm
+            from runtime.backends.trtllm_backend import require_tensorrt_llm
         except ModuleNotFoundError as e:
             if e.name != "export.trtllm_convert":
                 raise
@@ -356,6 +357,6 @@ def _trtllm_engine(model, tokenizer, config: dict, out: Path, precision: str, ma
 
 
 def _gpu_target() -> str:
-    from export.tensorrt_build import device_target
+    from runtime.backends.tensorrt_backend import device_target
 
     return device_target()

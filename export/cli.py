@@ -9,7 +9,7 @@ import sys
 def build_arguments(args) -> dict:
     """build_engines keyword arguments: the recipe's values (--recipe), then every option given on the
     command line over them; what neither gives keeps build_engines' defaults."""
-    from export.manifest import EngineError
+    from runtime.manifest import EngineError
 
     kw = {}
     if args.recipe:
@@ -30,9 +30,9 @@ def build_arguments(args) -> dict:
 
 def cmd_build(args) -> int:
     from export.build import build_engines
-    from export.manifest import EngineError
-    from export.tensorrt_build import TensorRTError
-    from export.trtllm_convert import TrtLlmError
+    from runtime.manifest import EngineError
+    from runtime.backends.tensorrt_backend import TensorRTError
+    from runtime.backends.trtllm_backend import TrtLlmError
 
     command = shlex.join(["facert", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("facert") else None
     try:

@@ -60,15 +60,12 @@ import torch.nn.functional as F
 from onnx import external_data_helper
 from torch import nn
 
+from runtime.manifest import io_signature
+
 OPSET = 17
 LLM_DATA_FILE = "llm.onnx.data"
 EMBED_FILE = "embed_tokens.npy"
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with headroom
-
-ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-               onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64",
-               onnx.TensorProto.INT32: "int32", onnx.TensorProto.UINT8: "uint8",
-               onnx.TensorProto.BOOL: "bool"}
 
 
 class ExportError(RuntimeError):
@@ -273,18 +270,6 @@ def kv_names(num_layers: int, prefix: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------- exporting
-
-def io_signature(model: onnx.ModelProto) -> dict:
-    """Input/output names, shapes (ints, or the dynamic axis' name) and dtypes of a graph."""
-    def entry(v):
-        t = v.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
-        return {"name": v.name, "shape": shape, "dtype": ONNX_DTYPES.get(t.elem_type, str(t.elem_type))}
-
-    init = {i.name for i in model.graph.initializer}
-    return {"inputs": [entry(v) for v in model.graph.input if v.name not in init],
-            "outputs": [entry(v) for v in model.graph.output]}
-
 
 def _trace(module: nn.Module, args: tuple, input_names, output_names, dynamic_axes) -> onnx.ModelProto:
     import tempfile

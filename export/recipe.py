@@ -29,7 +29,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from export.manifest import EngineError
+from runtime.manifest import EngineError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -27,15 +27,14 @@ TensorRT is absent.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import shutil
 import time
 from pathlib import Path
 
-INSTALL_HINT = ("install TensorRT 10 on a Linux machine with an NVIDIA GPU "
-                "(pip install 'tensorrt>=10.8,<11'), "
-                "or run inside NVIDIA's TensorRT container (nvcr.io/nvidia/tensorrt)")
+from runtime.backends.tensorrt_backend import TensorRTError, device_target, require_tensorrt
+from runtime.checkpoint import sha256_file
+
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 TIMING_CACHE = "timing.cache"
 WORKSPACE_BYTES = 4 << 30  # scratch memory one layer's tactic may use; the builder keeps to tactics that fit
@@ -43,36 +42,6 @@ WORKSPACE_BYTES = 4 << 30  # scratch memory one layer's tactic may use; the buil
 # the square of the sequence, so the plans' context is capped (the runtime refuses longer prompts).
 DEFAULT_MAX_SEQ = 2048
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
-
-
-class TensorRTError(RuntimeError):
-    """TensorRT is missing, a graph does not parse, or a plan does not build / load / fit."""
-
-
-def require_tensorrt():
-    """The tensorrt module, or a TensorRTError that says what to install."""
-    try:
-        return importlib.import_module("tensorrt")
-    except (ImportError, OSError) as e:  # OSError: the wheel is there but its CUDA libraries are not
-        raise TensorRTError(f"TensorRT is not available ({e}); {INSTALL_HINT}") from e
-
-
-def device_target() -> str:
-    """'sm_XY' of the current CUDA device: a plan runs only on the GPU architecture it was built for."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise TensorRTError("TensorRT plans are built on, and for, an NVIDIA GPU; no CUDA device is visible")
-    major, minor = torch.cuda.get_device_capability()
-    return f"sm_{major}{minor}"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------- profiles

@@ -35,6 +35,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from runtime.backends.trtllm_backend import TrtLlmError, require_tensorrt_llm
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -67,25 +69,6 @@ MIN_HEAD_SIZE = 32
 MODELOPT_DECODER = {"llama": "llama", "qwen2": "qwen"}
 MODELOPT_HINT = ("install NVIDIA ModelOpt on the GPU host (pip install 'nvidia-modelopt[torch]'; "
                  "NVIDIA's TensorRT-LLM containers ship it)")
-
-INSTALL_HINT = ("install TensorRT-LLM on a Linux machine with an NVIDIA GPU "
-                "(pip install tensorrt-llm --extra-index-url https://pypi.nvidia.com, matching your CUDA), "
-                "or run inside NVIDIA's TensorRT-LLM container (nvcr.io/nvidia/tensorrt-llm/release)")
-
-
-class TrtLlmError(RuntimeError):
-    """TensorRT-LLM is missing, or a checkpoint / engine build is not what it should be."""
-
-
-def require_tensorrt_llm():
-    """The tensorrt_llm module, or a TrtLlmError that says what to install."""
-    try:
-        return importlib.import_module("tensorrt_llm")
-    except ImportError as e:  # also a broken install (missing CUDA libraries raise ImportError/OSError)
-        raise TrtLlmError(f"TensorRT-LLM is not installed ({e}); {INSTALL_HINT}") from e
-    except OSError as e:
-        raise TrtLlmError(f"TensorRT-LLM failed to load ({e}); {INSTALL_HINT}") from e
-
 
 def _dtype_name(dtype: str) -> str:
     name = PRECISION_TO_DTYPE.get(dtype, dtype)

@@ -3,7 +3,7 @@
     pipe = open_pipeline("engines/demo", backend="onnxruntime")
     answer = pipe.ask(image_bytes, "Is this person smiling?")
 
-Opening checks the folder first (export.manifest.verify): the manifest, the backend and target
+Opening checks the folder first (runtime.manifest.verify): the manifest, the backend and target
 it was built for, the sha256 of every file and the shapes of every graph. Anything wrong is
 refused with an EngineError that names the file and the check.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from export.manifest import EngineError, read_manifest, verify
+from runtime.manifest import EngineError, read_manifest, verify
 from runtime.backends import BACKENDS, open_components as _backend_components, target_for
 
 __all__ = ["EngineError", "open_components", "open_pipeline", "verify_engines"]

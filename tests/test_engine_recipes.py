@@ -14,7 +14,7 @@ import torch
 
 from export.build import (BACKEND_PRECISIONS, build_engines, default_precision, half_precision,
                           vision_batch_limits)
-from export.manifest import EngineError
+from runtime.manifest import EngineError
 from export.recipe import CONTAINER, load_recipe
 from runtime.cli import main
 

@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from export.build import Progress, build_engines
-from export.manifest import EngineError
+from runtime.manifest import EngineError
 from runtime.checkpoint import checkpoint_hash
 from runtime.cli import DEMO_IMAGE, main
 from runtime.engines import open_components, open_pipeline, verify_engines

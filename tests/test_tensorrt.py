@@ -255,7 +255,7 @@ def test_pipeline_greedy_tokens_match_torch(tiny, fp32_plans, face_images):
     from runtime.backends.tensorrt_backend import TensorRTComponents
     from runtime.generate import SamplingParams
     from runtime.backends.torch_backend import TorchComponents
-from runtime.pipeline import FacePipeline
+    from runtime.pipeline import FacePipeline
 
     model, tok = tiny
     manifest, out = fp32_plans

@@ -16,8 +16,8 @@ def target_for(backend: str) -> str:
     if backend == "onnxruntime":
         return "cpu"
     if backend == "tensorrt":
-        from export.manifest import EngineError
-        from export.tensorrt_build import TensorRTError, device_target
+        from runtime.manifest import EngineError
+        from runtime.backends.tensorrt_backend import TensorRTError, device_target
 
         try:
             return device_target()

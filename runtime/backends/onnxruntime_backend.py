@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.manifest import EngineError
+from runtime.manifest import EngineError
 from runtime.backends.base import LLM
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")

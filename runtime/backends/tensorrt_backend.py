@@ -17,13 +17,39 @@ token's `present_*` rows into it.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from export.tensorrt_build import TensorRTError, device_target, require_tensorrt
 from runtime.backends.base import LLM
+
+INSTALL_HINT = ("install TensorRT 10 on a Linux machine with an NVIDIA GPU "
+                "(pip install 'tensorrt>=10.8,<11'), "
+                "or run inside NVIDIA's TensorRT container (nvcr.io/nvidia/tensorrt)")
+
+
+class TensorRTError(RuntimeError):
+    """TensorRT is missing, a graph does not parse, or a plan does not build / load / fit."""
+
+
+def require_tensorrt():
+    """The tensorrt module, or a TensorRTError that says what to install."""
+    try:
+        return importlib.import_module("tensorrt")
+    except (ImportError, OSError) as e:  # OSError: the wheel is there but its CUDA libraries are not
+        raise TensorRTError(f"TensorRT is not available ({e}); {INSTALL_HINT}") from e
+
+
+def device_target() -> str:
+    """'sm_XY' of the current CUDA device: a plan runs only on the GPU architecture it was built for."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TensorRTError("TensorRT plans are built on, and for, an NVIDIA GPU; no CUDA device is visible")
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
 
 
 def _torch_dtypes(trt) -> dict:

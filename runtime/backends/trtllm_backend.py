@@ -16,14 +16,32 @@ as decode_s and prefill_s is 0.
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from export.trtllm_convert import TrtLlmError, require_tensorrt_llm
 from runtime.generate import GenerationResult, SamplingParams
+
+INSTALL_HINT = ("install TensorRT-LLM on a Linux machine with an NVIDIA GPU "
+                "(pip install tensorrt-llm --extra-index-url https://pypi.nvidia.com, matching your CUDA), "
+                "or run inside NVIDIA's TensorRT-LLM container (nvcr.io/nvidia/tensorrt-llm/release)")
+
+
+class TrtLlmError(RuntimeError):
+    """TensorRT-LLM is missing, or a checkpoint / engine build is not what it should be."""
+
+
+def require_tensorrt_llm():
+    """The tensorrt_llm module, or a TrtLlmError that says what to install."""
+    try:
+        return importlib.import_module("tensorrt_llm")
+    except ImportError as e:  # also a broken install (missing CUDA libraries raise ImportError/OSError)
+        raise TrtLlmError(f"TensorRT-LLM is not installed ({e}); {INSTALL_HINT}") from e
+    except OSError as e:
+        raise TrtLlmError(f"TensorRT-LLM failed to load ({e}); {INSTALL_HINT}") from e
 
 
 # Share of free GPU memory the KV cache may take at most; the cache is also capped at what the engine's

@@ -162,7 +162,7 @@ def describe_engines(path: str | Path) -> dict:
 
 
 def _read_manifest(engines: Path) -> dict:
-    from export.manifest import EngineError, read_manifest
+    from runtime.manifest import EngineError, read_manifest
 
     try:
         return read_manifest(engines)
