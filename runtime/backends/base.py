@@ -74,12 +74,13 @@ class Generator(Protocol):
 
 
 def missing_members(cls, protocol) -> list[str]:
-    """The members of `protocol` that `cls` does not define (methods on the class, data as annotations
-    or attributes): how a test checks a backend against the interface without building it."""
-    wanted = set(getattr(protocol, "__annotations__", {})) | {
-        n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_")} | {
-        n for n, v in vars(protocol).items() if isinstance(v, property)}
-    have = set(dir(cls))
-    for klass in cls.__mro__:
-        have |= set(getattr(klass, "__annotations__", {}))
-    return sorted(wanted - have)
+    """The methods and properties of `protocol` that `cls` does not implement itself (a backend that
+    subclasses the protocol inherits only its signatures), and the data members it does not declare:
+    how a test checks a backend class against the interface without building it (TensorRT needs a GPU)."""
+    own = [k for k in cls.__mro__ if k is not protocol and k not in protocol.__mro__]
+    implemented = {n for k in own for n in vars(k)}
+    wanted = {n for n, v in vars(protocol).items()
+              if (callable(v) or isinstance(v, property)) and not n.startswith("_")}
+    declared = {n for k in cls.__mro__ for n in getattr(k, "__annotations__", {})} | set(dir(cls))
+    data = set(getattr(protocol, "__annotations__", {}))
+    return sorted((wanted - implemented) | (data - declared))

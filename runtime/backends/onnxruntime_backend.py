@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from runtime.manifest import EngineError
-from runtime.backends.base import LLM
+from runtime.backends.base import Components
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = PROVIDER_ORDER[:2]
@@ -253,16 +253,10 @@ def _as_numpy(x, dtype) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=dtype)
 
 
-class OrtComponents:
+class OrtComponents(Components):
     """runtime.backends.base.Components over an engines folder's ONNX graphs."""
 
     backend = "onnxruntime"
-    spec: dict
-    family: str
-    vocab_size: int
-    num_image_tokens: int
-    num_seg_tokens: int
-    llm: LLM
 
     def __init__(self, engines_dir: str | Path, manifest: dict, device: str = "cpu",
                  intra_op_threads: int | None = None, trt_cache_dir: str | Path | None = None):

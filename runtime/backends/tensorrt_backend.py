@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.backends.base import LLM
+from runtime.backends.base import Components
 
 INSTALL_HINT = ("install TensorRT 10 on a Linux machine with an NVIDIA GPU "
                 "(pip install 'tensorrt>=10.8,<11'), "
@@ -193,7 +193,7 @@ class TrtLLM:
         return out["logits"].float()
 
 
-class TensorRTComponents:
+class TensorRTComponents(Components):
     """runtime.backends.base.Components over TensorRT plans.
 
     `manifest` is the engines folder's manifest.json: "spec" (the model spec) and "components",
@@ -201,12 +201,6 @@ class TensorRTComponents:
     """
 
     backend = "tensorrt"
-    spec: dict
-    family: str
-    vocab_size: int
-    num_image_tokens: int
-    num_seg_tokens: int
-    llm: LLM
 
     def __init__(self, engines_dir, manifest: dict, device: str = "cuda"):
         trt = require_tensorrt()

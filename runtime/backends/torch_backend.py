@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from runtime.backends.base import LLM
+from runtime.backends.base import Components
 from runtime.generate import TorchLLM
 
 
-class TorchComponents:
+class TorchComponents(Components):
     """The torch backend: the model's own modules (runtime.backends.base.Components)."""
 
     backend = "torch"
-    spec: dict
-    family: str
-    vocab_size: int
-    num_image_tokens: int
-    num_seg_tokens: int
-    llm: LLM
 
     def __init__(self, model, device: str | torch.device = "cpu", cuda_graphs: bool | None = None):
         if torch.device(device).type != "meta":  # parts loaded on meta (not needed here) stay there
