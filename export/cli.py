@@ -1,9 +1,23 @@
-"""`facert build`: registered into the facert command by runtime/cli.py (EXTRA_COMMAND_MODULES)."""
+"""`facert build`, `facert demo` and `facert serve-demo`: the subcommands that build engines.
+
+They join the facert command through the `facert.commands` entry point (pyproject.toml; see
+runtime/cli/__init__.py), because export builds on runtime and never the reverse.
+
+  facert build --checkpoint DIR --backend onnxruntime|tensorrt|tensorrt-llm --out DIR   (or --recipe)
+  facert demo [--in-process]    the main job: demo checkpoint -> onnxruntime engines -> repository
+                                -> tritonserver -> one streamed question over gRPC -> stop
+  facert serve-demo             the same, with --no-engines to serve the torch checkpoint
+"""
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
+from pathlib import Path
+
+from runtime.cli.ask import ask_local, cmd_init, print_answer
+from runtime.cli.common import DEMO_IMAGE, DEMO_QUESTION, add_sampling, err, progress, sampling
 
 
 def build_arguments(args) -> dict:
@@ -39,13 +53,90 @@ def cmd_build(args) -> int:
         kw = build_arguments(args)
         out = build_engines(simplify=not args.no_simplify, force=args.force, command=command, **kw)
     except EngineError as e:  # a bad recipe or option: the message says which
-        print(f"facert: error: {e}", file=sys.stderr)
-        return 2
+        return err(str(e))
     except (TensorRTError, TrtLlmError) as e:  # TensorRT missing, no GPU, or a failed build: no traceback
-        print(f"facert: error: {e}", file=sys.stderr)
-        return 2
+        return err(str(e))
     print(out)
     return 0
+
+
+def cmd_demo(args) -> int:
+    if not args.in_process:
+        return served_demo(args.out, args.image, args.question, sampling(args))
+    ckpt = Path(args.out) / "checkpoints" / "demo"
+    if not (ckpt / "config.json").exists():
+        cmd_init(argparse.Namespace(model="demo", out=str(ckpt), layers=None, seed=0, dtype=None))
+    else:
+        progress(f"reusing {ckpt} (delete it to rebuild)")
+    print(f"Q: {args.question}\n(image: {args.image})\nA: ", end="", flush=True)
+    args.stream, args.json, args.checkpoint, args.engines = True, False, str(ckpt), None
+    return ask_local([Path(args.image)], args.question, args)
+
+
+def served_demo(out: str | Path, image: str | Path, question: str, params, use_engines: bool = True,
+                host: str = "127.0.0.1", echo=print) -> int:
+    """init the demo checkpoint, build onnxruntime engines, fill the repository, serve, ask over gRPC, stop."""
+    from runtime.checkpoint import init_checkpoint
+    from runtime.client import ask_remote, model_card
+    from runtime.pipeline import Answer
+    from runtime.serving.repo import fill_repository
+    from runtime.serving.server import TritonServer, free_ports, port_is_free
+
+    out = Path(out)
+    ckpt = out / "checkpoints" / "demo"
+    if not (ckpt / "config.json").exists():
+        init_checkpoint("demo", ckpt, progress=progress)
+    else:
+        progress(f"reusing {ckpt} (delete it to rebuild)")
+    source = {"checkpoint": ckpt}
+    if use_engines:
+        engines = out / "engines" / "demo-onnxruntime"
+        if not (engines / "manifest.json").exists():
+            from export.build import build_engines
+
+            progress(f"building onnxruntime engines into {engines}")
+            build_engines(str(ckpt), "onnxruntime", str(engines), force=True)
+        else:
+            progress(f"reusing {engines} (delete it to rebuild)")
+        source = {"engines": engines, "backend": "onnxruntime"}
+    repo = out / "model_repository"
+    fill_repository(repo, overwrite=True, **source)
+    progress(f"model repository {repo} ({'onnxruntime engines' if use_engines else 'torch checkpoint'})")
+
+    ports = [8000, 8001, 8002]
+    if not all(port_is_free(host, p) for p in ports):
+        ports = free_ports(3, host)
+    log_path = out / "tritonserver.log"
+    with open(log_path, "w") as log_file:
+        server = TritonServer(repo, host=host, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2],
+                              log=lambda line: print(line, file=log_file, flush=True), provision_log=progress)
+        progress(f"starting tritonserver (log: {log_path})")
+        with server:
+            progress(f"ready: gRPC {server.grpc_url}, HTTP {server.http_url}")
+            echo(f"Q: {question}\n(image: {image}, asked over gRPC at {server.grpc_url}, streamed)\nA: ", end="")
+            result = ask_remote(server.grpc_url, Path(image).read_bytes(), question, params, stream=True,
+                                on_text=lambda piece: echo(piece, end="", flush=True))
+            card = model_card(server.grpc_url, result["model"])
+            answer = Answer(result["text"], result["token_ids"], result["finish_reason"] or "", result["timings"],
+                            result["attributes"], result["attributes_raw"], result["constraints_fired"])
+            print_answer(answer, card, streamed=True, out=sys.stdout)
+            progress("stopping tritonserver")
+    return 0
+
+
+def cmd_serve_demo(args) -> int:
+    from runtime.client import RemoteError
+    from runtime.generate import SamplingParams
+    from runtime.serving.repo import RepositoryError
+    from runtime.serving.server import ServerError
+
+    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    try:
+        return served_demo(args.out, args.image, args.question, params.validate(), use_engines=not args.no_engines)
+    except (ServerError, RepositoryError, RemoteError, ValueError) as e:
+        print(file=sys.stderr)
+        return err(str(e))
 
 
 def register(sub) -> None:
@@ -75,3 +166,29 @@ def register(sub) -> None:
     p.add_argument("--no-simplify", action="store_true", help="keep the exported graphs as they are (no onnxslim)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("demo", help="the main job: demo model -> engines -> Triton server -> streamed answer",
+                       description="The main job, on any laptop: builds the demo checkpoint (real SmolLM2-135M "
+                                   "LLM, seeded random vision/parser/seg/attribute parts) and its onnxruntime "
+                                   "engines once, fills a Triton model repository, starts the server on "
+                                   "127.0.0.1, asks about a public-domain face photo over gRPC with streaming, "
+                                   "prints the answer, attributes and timings, and stops the server.")
+    p.add_argument("--in-process", action="store_true",
+                   help="skip engines and server: answer with the torch checkpoint in this process")
+    p.add_argument("--out", default="demo_out", help="working directory (default demo_out/)")
+    p.add_argument("--image", default=str(DEMO_IMAGE), help="image (default: the NASA astronaut photo)")
+    p.add_argument("--question", default=DEMO_QUESTION, help="question to ask")
+    add_sampling(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "serve-demo", help="the main job, served: demo model -> engines -> Triton -> streamed answer over gRPC",
+        description="Build the demo checkpoint (once) and its onnxruntime engines (once), fill the model "
+                    "repository, start tritonserver on 127.0.0.1, ask one question over gRPC with streaming, "
+                    "print the answer, attributes and per-stage timings, and stop the server.")
+    p.add_argument("--out", default="demo_out", help="working directory (default demo_out/)")
+    p.add_argument("--image", default=str(DEMO_IMAGE), help="image (default: the NASA astronaut photo)")
+    p.add_argument("--question", default=DEMO_QUESTION, help="question to ask")
+    p.add_argument("--no-engines", action="store_true", help="serve the torch checkpoint instead of onnxruntime engines")
+    add_sampling(p)
+    p.set_defaults(func=cmd_serve_demo)

@@ -16,7 +16,6 @@ import base64
 import http.client
 import json
 import queue
-import sys
 import uuid
 from dataclasses import dataclass
 from typing import Callable
@@ -325,39 +324,3 @@ def model_card(url: str, model: str, protocol: str = "grpc") -> dict:
         return json.loads(card) if card else {}
     except Exception:  # noqa: BLE001 (the card is only for printing)
         return {}
-
-
-def cli_ask(image_paths, question: str, args) -> int:
-    """`facert ask IMAGE [IMAGE ...] QUESTION --url HOST:PORT [--protocol grpc|http] [--stream] [--json]`."""
-    from runtime.cli import print_answer
-    from runtime.pipeline import Answer
-
-    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed)
-    try:
-        params.validate()
-    except ValueError as e:
-        print(f"facert: error: {e}", file=sys.stderr)
-        return 2
-    on_text = None
-    if args.stream and not args.json:
-        def on_text(piece: str) -> None:
-            print(piece, end="", flush=True)
-    try:
-        out = ask_remote(args.url, [open(p, "rb").read() for p in image_paths], question, params,
-                         protocol=args.protocol, stream=args.stream, on_text=on_text,
-                         max_tiles=getattr(args, "max_tiles", None))
-    except RemoteError as e:
-        if on_text is not None:
-            print(file=sys.stderr)
-        print(f"facert: error: {e}", file=sys.stderr)
-        return 2
-    card = model_card(args.url, out["model"], args.protocol)
-    if args.json:
-        print(json.dumps({**out, **card}, indent=2))
-        return 0
-    answer = Answer(out["text"], out["token_ids"], out["finish_reason"] or "", out["timings"],
-                    out["attributes"], out["attributes_raw"], out["constraints_fired"],
-                    prompt_tokens=out["prompt_tokens"] or 0, image_attributes=out["image_attributes"])
-    print_answer(answer, card, streamed=args.stream, out=sys.stdout)
-    return 0

@@ -1,4 +1,4 @@
-"""Evaluation harnesses: `facert eval verify|mcq|attributes` (see runtime/eval_cli.py).
+"""Evaluation harnesses: `facert eval verify|mcq|attributes` (see runtime/cli/eval.py).
 
 protocols what the seeds' protocols fix: the questions, the generation limits
 pairs     verification pair sets in their native files (insightface .bin with a restricted

@@ -1,4 +1,4 @@
-"""`facert bench`: the benchmarks in benchmarks/, from the facert command (registered by runtime/cli.py).
+"""`facert bench`: the benchmarks in benchmarks/, from the facert command (registered by runtime/cli).
 
   facert bench all      the CPU suite: server load + perf_analyzer + per-stage latency, each next to
                         transformers; results under benchmarks/results/<date>-cpu-<machine id>/
@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _benchmarks_importable() -> bool:

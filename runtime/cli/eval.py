@@ -19,11 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from runtime.cli.common import progress
 from runtime.eval.protocols import MCQ_MAX_TOKENS, VERIFY_MAX_TOKENS, VERIFY_QUESTION
-
-
-def _progress(msg: str) -> None:
-    print(f"[facert] {msg}", file=sys.stderr, flush=True)
 
 
 def _model_identity(args) -> dict:
@@ -49,12 +46,12 @@ def _open_backend(args):
     if args.engines:
         from runtime.engines import open_pipeline  # the engines folders and their backends
 
-        _progress(f"loading engines {args.engines} ({args.backend})")
+        progress(f"loading engines {args.engines} ({args.backend})")
         pipeline = open_pipeline(args.engines, backend=args.backend, device=args.device)
     else:
         from runtime.pipeline import FacePipeline
 
-        _progress(f"loading {args.checkpoint}")
+        progress(f"loading {args.checkpoint}")
         pipeline = FacePipeline.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
     return PipelineBackend(pipeline, args.concurrency, max_tiles)
 

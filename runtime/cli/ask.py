@@ -1,45 +1,25 @@
-"""`facert`: one command, with subcommands.
+"""`facert init` and `facert ask`: write a checkpoint; answer a question about face images.
 
-  facert init  --model SPEC --out DIR          write a checkpoint with seeded random weights
-  facert ask   IMAGE [IMAGE ...] QUESTION --checkpoint DIR   answer a question about face images, in-process
-  facert demo                                   the main job: demo model, engines, server, streamed answer
+  facert init  --model SPEC --out DIR                      a checkpoint with seeded random weights
+  facert ask   IMAGE [IMAGE ...] QUESTION (--checkpoint DIR | --engines DIR | --url HOST:PORT)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-ASSETS = Path(__file__).parent / "assets"
-DEMO_IMAGE = ASSETS / "astronaut.png"
+from runtime.cli.common import add_sampling, err, progress, sampling
+
 # build (export), serve/repo (serving), eval, bench: registered if present.
-EXTRA_COMMAND_MODULES = ("export.cli", "runtime.serve_cli", "runtime.eval_cli", "runtime.bench_cli")
-DEMO_QUESTION = "Describe this person's face: hair, expression and any accessories."
-
-
-def _err(msg: str) -> int:
-    print(f"facert: error: {msg}", file=sys.stderr)
-    return 2
-
-
-def _progress(msg: str) -> None:
-    print(f"[facert] {msg}", file=sys.stderr, flush=True)
 
 
 def cmd_init(args) -> int:
     from runtime.checkpoint import init_checkpoint
 
-    init_checkpoint(args.model, args.out, layers=args.layers, seed=args.seed, dtype=args.dtype, progress=_progress)
+    init_checkpoint(args.model, args.out, layers=args.layers, seed=args.seed, dtype=args.dtype, progress=progress)
     return 0
-
-
-def _sampling(args):
-    from runtime.generate import SamplingParams
-
-    return SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          seed=args.seed).validate()
 
 
 def print_answer(answer, spec: dict, streamed: bool, out=sys.stdout) -> None:
@@ -77,16 +57,16 @@ def _open_pipeline(args):
     if getattr(args, "engines", None):
         from runtime.engines import open_pipeline  # issue 3: engines folders and their backends
 
-        _progress(f"loading engines {args.engines} ({args.backend})")
+        progress(f"loading engines {args.engines} ({args.backend})")
         return open_pipeline(args.engines, backend=args.backend, device=args.device)
-    _progress(f"loading {args.checkpoint}")
+    progress(f"loading {args.checkpoint}")
     return FacePipeline.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype,
                                         cuda_graphs=not args.no_cuda_graphs)
 
 
-def _ask_local(images: list[Path], question: str, args) -> int:
+def ask_local(images: list[Path], question: str, args) -> int:
     data = [p.read_bytes() for p in images]
-    params = _sampling(args)
+    params = sampling(args)
     pipe = _open_pipeline(args)
     on_text = None
     if args.stream and not args.json:
@@ -100,59 +80,53 @@ def _ask_local(images: list[Path], question: str, args) -> int:
     return 0
 
 
+def _ask_remote(image_paths, question: str, args) -> int:
+    """`facert ask IMAGE [IMAGE ...] QUESTION --url HOST:PORT [--protocol grpc|http] [--stream] [--json]`."""
+    from runtime.client import RemoteError, ask_remote, model_card
+    from runtime.pipeline import Answer
+
+    params = sampling(args)
+    on_text = None
+    if args.stream and not args.json:
+        def on_text(piece: str) -> None:
+            print(piece, end="", flush=True)
+    try:
+        out = ask_remote(args.url, [open(p, "rb").read() for p in image_paths], question, params,
+                         protocol=args.protocol, stream=args.stream, on_text=on_text,
+                         max_tiles=getattr(args, "max_tiles", None))
+    except RemoteError as e:
+        if on_text is not None:
+            print(file=sys.stderr)
+        return err(str(e))
+    card = model_card(args.url, out["model"], args.protocol)
+    if args.json:
+        print(json.dumps({**out, **card}, indent=2))
+        return 0
+    answer = Answer(out["text"], out["token_ids"], out["finish_reason"] or "", out["timings"],
+                    out["attributes"], out["attributes_raw"], out["constraints_fired"],
+                    prompt_tokens=out["prompt_tokens"] or 0, image_attributes=out["image_attributes"])
+    print_answer(answer, card, streamed=args.stream, out=sys.stdout)
+    return 0
+
+
 def cmd_ask(args) -> int:
     # positional: IMAGE [IMAGE ...] QUESTION; --image adds more images after them, in order
     *positional, question = args.images_and_question
     images = [Path(p) for p in positional + (args.image or [])]
     if not images:
-        return _err("give at least one image: facert ask IMAGE [IMAGE ...] QUESTION (or --image FILE)")
+        return err("give at least one image: facert ask IMAGE [IMAGE ...] QUESTION (or --image FILE)")
     for image in images:
         if not image.is_file():
-            return _err(f"image {image} does not exist")
+            return err(f"image {image} does not exist")
     if args.url:
-        from runtime.client import cli_ask  # issue 5: the gRPC/HTTP client
-
-        return cli_ask(images, question, args)
+        return _ask_remote(images, question, args)
     if not (args.checkpoint or args.engines):
-        return _err("say where the model is: --checkpoint DIR, --engines DIR or --url HOST:PORT")
-    return _ask_local(images, question, args)
+        return err("say where the model is: --checkpoint DIR, --engines DIR or --url HOST:PORT")
+    return ask_local(images, question, args)
 
 
-def cmd_demo(args) -> int:
-    if not args.in_process:
-        from runtime.serve_cli import served_demo  # the main job: engines, repository, server, gRPC
-
-        return served_demo(args.out, args.image, args.question, _sampling(args))
-    ckpt = Path(args.out) / "checkpoints" / "demo"
-    if not (ckpt / "config.json").exists():
-        cmd_init(argparse.Namespace(model="demo", out=str(ckpt), layers=None, seed=0, dtype=None))
-    else:
-        _progress(f"reusing {ckpt} (delete it to rebuild)")
-    print(f"Q: {args.question}\n(image: {args.image})\nA: ", end="", flush=True)
-    args.stream, args.json, args.checkpoint, args.engines = True, False, str(ckpt), None
-    return _ask_local([Path(args.image)], args.question, args)
-
-
-def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed, for reproducible answers (default 0)")
-    p.add_argument("--device", default="cpu", help="torch device for the in-process runtime (default cpu)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
-                   help="run the checkpoint in this dtype (default: as stored; bf16 is the GPU fast path's)")
-    p.add_argument("--no-cuda-graphs", action="store_true",
-                   help="on CUDA, decode eagerly instead of through compiled CUDA graphs")
-
-
-def build_parser() -> argparse.ArgumentParser:
+def register(sub) -> None:
     from runtime.specs import SPEC_NAMES
-
-    ap = argparse.ArgumentParser(
-        prog="facert",
-        description="Run face-perception multimodal LLMs (FaceInsight, FaceLLM) in production.",
-        epilog="Start with `facert demo`. Every subcommand has its own --help.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", help="write a checkpoint with seeded random weights",
                        description="Write a facert checkpoint (config.json + model.safetensors + tokenizer) "
@@ -188,50 +162,5 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="grpc", choices=("grpc", "http"), help="protocol for --url (default grpc)")
     p.add_argument("--stream", action="store_true", help="print the answer token by token")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    _add_sampling(p)
+    add_sampling(p)
     p.set_defaults(func=cmd_ask)
-
-    p = sub.add_parser("demo", help="the main job: demo model -> engines -> Triton server -> streamed answer",
-                       description="The main job, on any laptop: builds the demo checkpoint (real SmolLM2-135M "
-                                   "LLM, seeded random vision/parser/seg/attribute parts) and its onnxruntime "
-                                   "engines once, fills a Triton model repository, starts the server on "
-                                   "127.0.0.1, asks about a public-domain face photo over gRPC with streaming, "
-                                   "prints the answer, attributes and timings, and stops the server.")
-    p.add_argument("--in-process", action="store_true",
-                   help="skip engines and server: answer with the torch checkpoint in this process")
-    p.add_argument("--out", default="demo_out", help="working directory (default demo_out/)")
-    p.add_argument("--image", default=str(DEMO_IMAGE), help="image (default: the NASA astronaut photo)")
-    p.add_argument("--question", default=DEMO_QUESTION, help="question to ask")
-    _add_sampling(p)
-    p.set_defaults(func=cmd_demo)
-
-    # Subcommands that live beside the parts they drive (each module has `register(subparsers)`).
-    import importlib
-
-    for name in EXTRA_COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        module.register(sub)
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from runtime.checkpoint import CheckpointError
-    from runtime.preprocess import ImageError
-    from runtime.prompt import PromptError
-
-    try:
-        return args.func(args)
-    except (CheckpointError, ImageError, PromptError, ValueError) as e:
-        return _err(str(e))
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
