@@ -253,7 +253,7 @@ def test_openai_component(tmp_path):
 def test_dockerfile_matches_the_pinned_server_and_the_manifests(rendered):
     """FROM NVIDIA's Triton images: for the CPU demo (python + torch flavour) the release whose
     tritonserver facert runs and is tested against (release YY.MM ships 2.(51 + months since 24.10));
-    for native the TensorRT-LLM container that `facert serve --help` names for the native target.
+    for native the TensorRT-LLM container runtime/serve_cli.py names for the native target.
     The image's default command is a facert serve a pod can reach."""
     import runtime.serve_cli
     from runtime.serving.native import EXECUTOR_WORKER
