@@ -1,7 +1,8 @@
 """A bounded asynchronous gRPC streaming load generator for a running `facert serve`.
 
     .venv/bin/python benchmarks/loadgen.py --url 127.0.0.1:8001 [--concurrency 1,2,4,8] [--requests 16]
-        [--max-seconds 60] [--max-tokens 16]
+        [--max-seconds 60] [--max-tokens 16] [--warmup 1]
+    .venv/bin/python benchmarks/loadgen.py --url 127.0.0.1:8001,127.0.0.1:9001 ...   (several replicas)
     facert bench serve ...                      (starts a server on the demo model and runs this)
 
 Closed loop: `concurrency` virtual users, each with its own gRPC bidirectional stream
@@ -18,6 +19,12 @@ response per token; the client notes when each arrives:
 Bounded: a level stops handing out requests after --requests or after --max-seconds, whichever
 comes first, and gives the requests in flight --grace-seconds more before cancelling them (they
 are counted as timed out). Loopback only: the URL must name this machine.
+
+Several replicas (`--url A,B,...`, the same model behind each): virtual user i keeps its stream to
+replica i mod R, as a client behind a connection-balancing Service does, so the users spread evenly
+over the replicas. Each row then also says how many requests each replica answered
+(`requests_per_url`) and how many different answers came back (`distinct_answers`: greedy requests
+for one image and question give 1 when every replica serves the same model the same way).
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ class RequestRecord:
     done: float | None = None
     error: str | None = None
     server_timings: dict = field(default_factory=dict)
+    url: str = ""
+    token_ids: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -110,6 +119,10 @@ def summarize(records: list[RequestRecord], concurrency: int) -> dict:
     errors = [r.error for r in records if r.error]
     if errors:
         row["first_error"] = errors[0][:300]
+    urls = sorted({r.url for r in records if r.url})
+    if len(urls) > 1:
+        row["requests_per_url"] = {u: sum(r.url == u for r in ok) for u in urls}
+    row["distinct_answers"] = len({tuple(r.token_ids) for r in ok})
     return row
 
 
@@ -117,12 +130,12 @@ def _bytes_str(array) -> str:
     return bytes(array.reshape(-1)[0]).decode("utf-8") if array is not None and array.size else ""
 
 
-async def _user(client, model: str, make_inputs, claim, records: list[RequestRecord]) -> None:
-    """One virtual user: one stream, one request at a time, until `claim()` says stop."""
+async def _user(client, model: str, make_inputs, claim, records: list[RequestRecord], url: str = "") -> None:
+    """One virtual user: one stream (to `url`), one request at a time, until `claim()` says stop."""
     if not claim():
         return
     pending: asyncio.Queue = asyncio.Queue()
-    current = RequestRecord()
+    current = RequestRecord(url=url)
     records.append(current)
 
     async def requests():
@@ -147,13 +160,14 @@ async def _user(client, model: str, make_inputs, claim, records: list[RequestRec
                 if n:
                     current.token_times.append(now)
                     current.tokens += n
+                    current.token_ids.extend(int(t) for t in ids.reshape(-1))
                 if _bytes_str(result.as_numpy("FINISH_REASON")):
                     current.done = now
                     timings = _bytes_str(result.as_numpy("TIMINGS"))
                     current.server_timings = json.loads(timings) if timings else {}
             if current.done is not None:
                 if claim():
-                    current = RequestRecord()
+                    current = RequestRecord(url=url)
                     records.append(current)
                     pending.put_nowait((current,))
                 else:
@@ -176,16 +190,22 @@ async def run_bounded(workers: list, timeout_s: float, what: str) -> None:
             raise LoadError(f"{what} failed: {task.exception()!r}") from task.exception()
 
 
-async def run_level(url: str, concurrency: int, max_requests: int, max_seconds: float, image: bytes, question: str,
-                    max_tokens: int, model: str | None = None, grace_seconds: float = 60.0) -> dict:
-    """One concurrency level, bounded in requests and time; returns its summary row."""
+async def run_level(url: str | list[str], concurrency: int, max_requests: int, max_seconds: float, image: bytes,
+                    question: str, max_tokens: int, model: str | None = None, grace_seconds: float = 60.0) -> dict:
+    """One concurrency level, bounded in requests and time; returns its summary row. With several
+    URLs (replicas of one model), virtual user i sends to URL i mod len(urls)."""
     import tritonclient.grpc.aio as aioclient
 
     from runtime.client import Request, _grpc_inputs, find_model
     from runtime.generate import SamplingParams
 
-    url = check_loopback(url)
-    model = model or find_model(url, "grpc")
+    urls = [check_loopback(u) for u in ([url] if isinstance(url, str) else url)]
+    if not urls:
+        raise LoadError("no server URL given")
+    models = {u: model or find_model(u, "grpc") for u in urls}
+    if len(set(models.values())) != 1:
+        raise LoadError(f"the replicas serve different models: {models}")
+    model = models[urls[0]]
     params = SamplingParams(max_new_tokens=max_tokens).validate()
     handed_out = 0
     deadline = time.perf_counter() + max_seconds
@@ -198,28 +218,33 @@ async def run_level(url: str, concurrency: int, max_requests: int, max_seconds: 
         return True
 
     records: list[RequestRecord] = []
-    client = aioclient.InferenceServerClient(url)
+    clients = [aioclient.InferenceServerClient(u) for u in urls]
     try:
-        await run_bounded([_user(client, model, lambda: _grpc_inputs(Request([image], question), params, True), claim, records)
-                           for _ in range(concurrency)], max_seconds + grace_seconds, "a virtual user")
+        await run_bounded([_user(clients[i % len(urls)], model,
+                                 lambda: _grpc_inputs(Request([image], question), params, True),
+                                 claim, records, urls[i % len(urls)])
+                           for i in range(concurrency)], max_seconds + grace_seconds, "a virtual user")
     finally:
-        await client.close()
+        for client in clients:
+            await client.close()
     row = summarize(records, concurrency)
     row.update({"model": model, "max_tokens": max_tokens, "max_requests": max_requests, "max_seconds": max_seconds})
     return row
 
 
-def sweep(url: str, concurrencies: list[int], image: bytes, question: str, max_tokens: int = 16,
+def sweep(url: str | list[str], concurrencies: list[int], image: bytes, question: str, max_tokens: int = 16,
           requests_per_level: int | None = None, max_seconds: float = 60.0, warmup: int = 1,
           stop_at: float | None = None, log=lambda m: None) -> list[dict]:
-    """Every concurrency level in turn (each its own bounded run), after `warmup` unmeasured requests.
+    """Every concurrency level in turn (each its own bounded run), after `warmup` unmeasured requests
+    (to each replica, where `url` lists several).
 
     requests_per_level: None means 2 x concurrency + 2 (every user gets at least two requests).
     stop_at: a time.perf_counter() deadline: no level starts after it, none hands out requests past it.
     """
     rows = []
     if warmup:
-        asyncio.run(run_level(url, 1, warmup, max_seconds, image, question, max_tokens))
+        replicas = 1 if isinstance(url, str) else len(url)
+        asyncio.run(run_level(url, replicas, warmup * replicas, max_seconds, image, question, max_tokens))
     for c in concurrencies:
         seconds = max_seconds if stop_at is None else min(max_seconds, stop_at - time.perf_counter())
         if seconds <= 0:
@@ -228,7 +253,8 @@ def sweep(url: str, concurrencies: list[int], image: bytes, question: str, max_t
         n = requests_per_level if requests_per_level is not None else 2 * c + 2
         row = asyncio.run(run_level(url, c, n, seconds, image, question, max_tokens))
         log(f"concurrency {c}: {row['requests']} requests ({row['errors']} errors, {row['timed_out']} timed out), "
-            f"TTFT p50 {row['ttft_ms_p50']} ms, {row['requests_per_s']} req/s, {row['output_tokens_per_s']} tok/s")
+            f"TTFT p50 {row['ttft_ms_p50']} ms, {row['requests_per_s']} req/s, {row['output_tokens_per_s']} tok/s"
+            + (f", per replica {row['requests_per_url']}" if "requests_per_url" in row else ""))
         rows.append(row)
     return rows
 
@@ -241,19 +267,22 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 2)[2])
-    ap.add_argument("--url", default="127.0.0.1:8001", help="gRPC HOST:PORT of the server (loopback only)")
+    ap.add_argument("--url", default="127.0.0.1:8001",
+                    help="gRPC HOST:PORT of the server, or several comma-separated (replicas; loopback only)")
     ap.add_argument("--concurrency", default="1,2,4,8", help="levels, comma-separated (default 1,2,4,8)")
     ap.add_argument("--requests", type=int, help="requests per level (default 2 x concurrency + 2)")
     ap.add_argument("--max-seconds", type=float, default=60.0, help="stop handing out requests after this (default 60)")
     ap.add_argument("--max-tokens", type=int, default=16, help="MAX_TOKENS of every request (default 16)")
     ap.add_argument("--image", default=str(DEMO_IMAGE), help="image file (default: the astronaut photo)")
     ap.add_argument("--question", default=DEMO_QUESTION)
+    ap.add_argument("--warmup", type=int, default=1, help="unmeasured requests first, to each replica (default 1)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args(argv)
+    urls = [u.strip() for u in args.url.split(",") if u.strip()]
     try:
-        rows = sweep(args.url, parse_list(args.concurrency, "--concurrency"), Path(args.image).read_bytes(),
-                     args.question, args.max_tokens, args.requests, args.max_seconds,
-                     log=lambda m: print(f"[loadgen] {m}", file=sys.stderr, flush=True))
+        rows = sweep(urls[0] if len(urls) == 1 else urls, parse_list(args.concurrency, "--concurrency"),
+                     Path(args.image).read_bytes(), args.question, args.max_tokens, args.requests, args.max_seconds,
+                     warmup=args.warmup, log=lambda m: print(f"[loadgen] {m}", file=sys.stderr, flush=True))
     except (LoadError, RemoteError) as e:
         print(f"loadgen: error: {e}", file=sys.stderr)
         return 2

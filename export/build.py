@@ -71,10 +71,12 @@ class Progress:
 
 
 def build_command(checkpoint, backend, out, precision, max_batch, max_new_tokens, max_images=DEFAULT_MAX_IMAGES,
-                  max_tiles=DEFAULT_MAX_TILES) -> str:
+                  max_tiles=DEFAULT_MAX_TILES, tp_size=1, pp_size=1) -> str:
+    parallel = [*(["--tp", str(tp_size)] if tp_size != 1 else []), *(["--pp", str(pp_size)] if pp_size != 1 else [])]
     return shlex.join(["facert", "build", "--checkpoint", str(checkpoint), "--backend", backend,
                        "--precision", precision, "--max-batch", str(max_batch), "--max-images", str(max_images),
-                       "--max-tiles", str(max_tiles), "--max-new-tokens", str(max_new_tokens), "--out", str(out)])
+                       "--max-tiles", str(max_tiles), "--max-new-tokens", str(max_new_tokens), *parallel,
+                       "--out", str(out)])
 
 
 def half_precision(capability: tuple[int, int] | None = None) -> str:
@@ -92,7 +94,8 @@ def default_precision(backend: str, capability: tuple[int, int] | None = None) -
 
 
 def _check_args(backend: str, precision: str, max_batch: int, out: Path, force: bool,
-                max_images: int = DEFAULT_MAX_IMAGES, max_tiles: int = DEFAULT_MAX_TILES) -> None:
+                max_images: int = DEFAULT_MAX_IMAGES, max_tiles: int = DEFAULT_MAX_TILES, tp_size: int = 1,
+                pp_size: int = 1) -> None:
     if backend not in BACKENDS:
         raise EngineError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if precision not in PRECISIONS:
@@ -111,6 +114,12 @@ def _check_args(backend: str, precision: str, max_batch: int, out: Path, force: 
         raise EngineError(f"--max-images must be >= 1, got {max_images}")
     if max_tiles < 1:
         raise EngineError(f"--max-tiles must be >= 1, got {max_tiles}")
+    if tp_size < 1 or pp_size < 1:
+        raise EngineError(f"--tp and --pp must be >= 1, got --tp {tp_size} --pp {pp_size}")
+    if (tp_size, pp_size) != (1, 1) and backend != "tensorrt-llm":
+        # the ONNX / TensorRT graphs run whole on one device; only TensorRT-LLM splits the LLM
+        raise EngineError(f"--tp / --pp split the LLM over GPUs with TensorRT-LLM: use --backend tensorrt-llm, "
+                          f"not {backend}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise EngineError(f"{out} exists and is not empty; pass --force to replace it")
 
@@ -134,18 +143,20 @@ def build_engines(checkpoint: str | Path, backend: str, out: str | Path, precisi
                   max_batch: int = DEFAULT_MAX_BATCH, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                   simplify: bool = True, force: bool = False, command: str | None = None,
                   progress: Progress | None = None, max_images: int = DEFAULT_MAX_IMAGES,
-                  max_tiles: int = DEFAULT_MAX_TILES, expect_spec: str | None = None) -> Path:
+                  max_tiles: int = DEFAULT_MAX_TILES, expect_spec: str | None = None, tp_size: int = 1,
+                  pp_size: int = 1) -> Path:
     """Build an engines folder at `out`; returns its path. `precision` defaults to default_precision(backend).
 
     max_images / max_tiles: the most images a request holds and (InternVL) tiles per image, which size
     the TensorRT-LLM prompt table and input length and the vision plans' batch profiles.
-    expect_spec: refuse a checkpoint of another model (a recipe's model.spec)."""
+    expect_spec: refuse a checkpoint of another model (a recipe's model.spec).
+    tp_size / pp_size (tensorrt-llm): split the LLM's engine over tp_size x pp_size GPUs."""
     from runtime.checkpoint import checkpoint_hash, load_checkpoint
 
     checkpoint, out = Path(checkpoint), Path(out)
     if precision is None:
         precision = default_precision(backend)
-    _check_args(backend, precision, max_batch, out, force, max_images, max_tiles)
+    _check_args(backend, precision, max_batch, out, force, max_images, max_tiles, tp_size, pp_size)
     if backend != "onnxruntime":
         _require_gpu_toolchain(backend, precision)  # before minutes of export that could not be built
     steps = {"onnxruntime": 4, "tensorrt": 5, "tensorrt-llm": 6}[backend]
@@ -162,10 +173,11 @@ def build_engines(checkpoint: str | Path, backend: str, out: str | Path, precisi
             shutil.rmtree(out)
         out.mkdir(parents=True)
         if backend == "tensorrt-llm":
-            _check_trtllm_model(model, precision)  # before the export: refuse what TensorRT-LLM cannot build
+            _check_trtllm_model(model, precision, tp_size, pp_size)  # before the export: what TensorRT-LLM cannot build
         _build_into(out, model, tokenizer, config, checkpoint=checkpoint, source=source, backend=backend,
                     precision=precision, max_batch=max_batch, max_new_tokens=max_new_tokens, simplify=simplify,
-                    command=command, progress=progress, t0=t0, max_images=max_images, max_tiles=max_tiles)
+                    command=command, progress=progress, t0=t0, max_images=max_images, max_tiles=max_tiles,
+                    tp_size=tp_size, pp_size=pp_size)
     except BaseException:
         if out.is_dir() and not (out / "manifest.json").exists():
             shutil.rmtree(out, ignore_errors=True)  # no half-built folder left behind
@@ -178,7 +190,7 @@ def build_engines(checkpoint: str | Path, backend: str, out: str | Path, precisi
 def _build_into(out: Path, model, tokenizer, config: dict, *, checkpoint: Path, source: dict, backend: str,
                 precision: str, max_batch: int, max_new_tokens: int, simplify: bool, command: str | None,
                 progress: Progress, t0: float, max_images: int = DEFAULT_MAX_IMAGES,
-                max_tiles: int = DEFAULT_MAX_TILES) -> None:
+                max_tiles: int = DEFAULT_MAX_TILES, tp_size: int = 1, pp_size: int = 1) -> None:
     """The build proper, into the fresh folder `out`."""
     from export.onnx_export import export_onnx, llm_layout
 
@@ -200,7 +212,7 @@ def _build_into(out: Path, model, tokenizer, config: dict, *, checkpoint: Path, 
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "backend": backend, "target": "cpu",
                 "precision": precision, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "build_command": command or build_command(checkpoint, backend, out, precision, max_batch,
-                                                          max_new_tokens, max_images, max_tiles),
+                                                          max_new_tokens, max_images, max_tiles, tp_size, pp_size),
                 "source": source, "tools": tool_versions(), "exporter": "torch.onnx.export(dynamo=False)",
                 "spec": config, "model": spec_model}
     onnx_manifest = {**manifest, "backend": "onnxruntime", "components": components}
@@ -218,7 +230,8 @@ def _build_into(out: Path, model, tokenizer, config: dict, *, checkpoint: Path, 
                                                  plan_precision, max_batch, progress, batches)
         progress.step(f"converting the LLM to a TensorRT-LLM checkpoint ({precision}) and building its engine")
         manifest["components"]["llm"] = _trtllm_engine(model, tokenizer, config, out, precision, max_batch,
-                                                       max_new_tokens, progress, max_images, max_tiles)
+                                                       max_new_tokens, progress, max_images, max_tiles, tp_size,
+                                                       pp_size)
     else:
         manifest["components"] = components
     if work != out:
@@ -245,16 +258,17 @@ def vision_batch_limits(model, max_batch: int, max_images: int, max_tiles: int) 
             "attributes": images}
 
 
-def _check_trtllm_model(model, precision: str) -> None:
-    """Refuse, before the export, an LLM TensorRT-LLM cannot build at `precision`."""
+def _check_trtllm_model(model, precision: str, tp_size: int = 1, pp_size: int = 1) -> None:
+    """Refuse, before the export, an LLM TensorRT-LLM cannot build at `precision`, or split tp_size x pp_size."""
     from export import trtllm_convert
 
     llm_cfg = model.llm.config
     heads = llm_cfg.num_attention_heads
     trtllm_convert.check_engine_config({"head_size": getattr(llm_cfg, "head_dim", None) or llm_cfg.hidden_size // heads,
                                         "hidden_size": llm_cfg.hidden_size, "num_attention_heads": heads})
+    trtllm_convert.trtllm_config(model.llm, "float16", None, tp_size, pp_size)  # the split (check_parallel)
     if precision in trtllm_convert.WEIGHT_ONLY:
-        trtllm_convert.check_weight_only_shapes(model.llm)
+        trtllm_convert.check_weight_only_shapes(model.llm, tp_size)
 
 
 def calibration_embeds(model, tokenizer, count: int = 16) -> list:
@@ -325,7 +339,8 @@ def _tensorrt_plans(onnx_manifest: dict, onnx_dir: Path, out: Path, precision: s
 
 
 def _trtllm_engine(model, tokenizer, config: dict, out: Path, precision: str, max_batch: int, max_new_tokens: int,
-                   progress, max_images: int = DEFAULT_MAX_IMAGES, max_tiles: int = DEFAULT_MAX_TILES) -> dict:
+                   progress, max_images: int = DEFAULT_MAX_IMAGES, max_tiles: int = DEFAULT_MAX_TILES,
+                   tp_size: int = 1, pp_size: int = 1) -> dict:
     try:
         from export import trtllm_convert
     except ModuleNotFoundError as e:
@@ -338,9 +353,11 @@ def _trtllm_engine(model, tokenizer, config: dict, out: Path, precision: str, ma
     ckpt_dir = out / "trtllm_checkpoint"
     if quantization == "fp8":
         progress("calibrating FP8 scales with NVIDIA ModelOpt on the calibration prompts")
-        ckpt = trtllm_convert.quantize_fp8(model, config, ckpt_dir, calibration_embeds(model, tokenizer), dtype=dtype)
+        ckpt = trtllm_convert.quantize_fp8(model, config, ckpt_dir, calibration_embeds(model, tokenizer), dtype=dtype,
+                                           tp_size=tp_size, pp_size=pp_size)
     else:
-        ckpt = trtllm_convert.convert_checkpoint(model, config, ckpt_dir, dtype=dtype, quantization=quantization)
+        ckpt = trtllm_convert.convert_checkpoint(model, config, ckpt_dir, dtype=dtype, quantization=quantization,
+                                                 tp_size=tp_size, pp_size=pp_size)
     quant_algo = (trtllm_convert.checkpoint_config(ckpt).get("quantization") or {}).get("quant_algo")
     rows = trtllm_convert.prompt_rows_per_request(model, max_images, max_tiles)
     table_rows = trtllm_convert.prompt_table_size(model, max_batch, max_images, max_tiles)
@@ -353,7 +370,10 @@ def _trtllm_engine(model, tokenizer, config: dict, out: Path, precision: str, ma
     return {"file": main, "kind": "tensorrt-llm-engine", "data_files": [f for f in files if f != main],
             "precision": precision, "dtype": dtype, "quant_algo": quant_algo, "max_batch": max_batch,
             "max_input_len": rows + MAX_TEXT_TOKENS, "max_output_len": max_new_tokens,
-            "prompt_table_rows": table_rows, "target": _gpu_target()}
+            "prompt_table_rows": table_rows,
+            # the ranks the engine runs as, one GPU each (the native repository launches them)
+            "mapping": {"world_size": tp_size * pp_size, "tp_size": tp_size, "pp_size": pp_size},
+            "target": _gpu_target()}
 
 
 def _gpu_target() -> str:

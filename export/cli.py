@@ -36,6 +36,9 @@ def build_arguments(args) -> dict:
         value = getattr(args, key)
         if value is not None:
             kw[key] = value
+    for key, name in (("tp", "tp_size"), ("pp", "pp_size")):  # a deployment's choice, not the recipe's
+        if getattr(args, key) is not None:
+            kw[name] = getattr(args, key)
     for key in ("checkpoint", "backend", "out"):
         if key not in kw:
             raise EngineError(f"--{key} is required (or give a --recipe that names it)")
@@ -163,6 +166,11 @@ def register(sub) -> None:
     p.add_argument("--max-tiles", type=int, help="most InternVL tiles per image (default 1)")
     p.add_argument("--max-new-tokens", type=int,
                    help=f"longest answer a TensorRT-LLM engine is built for (default {DEFAULT_MAX_NEW_TOKENS})")
+    p.add_argument("--tp", type=int,
+                   help="tensor parallelism (tensorrt-llm): split the LLM's engine over this many GPUs (default 1)")
+    p.add_argument("--pp", type=int,
+                   help="pipeline parallelism (tensorrt-llm): split the LLM's layers into this many stages; "
+                        "the engine runs on tp x pp GPUs (default 1)")
     p.add_argument("--no-simplify", action="store_true", help="keep the exported graphs as they are (no onnxslim)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_build)

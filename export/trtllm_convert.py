@@ -2,7 +2,8 @@
 
 A TensorRT-LLM checkpoint is a directory (docs: TensorRT-LLM "architecture/checkpoint"):
   config.json         architecture, dtype, shapes, mapping (world/tp/pp size), quantization
-  rank0.safetensors   the weights under TensorRT-LLM's names (one file per rank; facert writes tp=pp=1)
+  rank{r}.safetensors the weights under TensorRT-LLM's names, one file per rank r of
+                      world_size = tp_size x pp_size (rank = pp_rank x tp_size + tp_rank)
 
 The converter needs only torch and safetensors, so it runs (and is tested) anywhere; building the
 engine needs TensorRT-LLM on a machine with an NVIDIA GPU.
@@ -21,6 +22,24 @@ Name mapping (as in TensorRT-LLM's own `models/llama/convert.py` and `models/qwe
 Linear weights keep torch's (out_features, in_features) layout, which is what the checkpoint format
 specifies for unquantised weights.
 
+Tensor and pipeline parallelism (`tp_size`, `pp_size`), split as TensorRT-LLM's convert code splits
+LLaMA and Qwen2 (`models/llama/convert.py`, `models/qwen/convert.py`, `models/convert_utils.py`):
+  attention.qkv     column-parallel: q, k and v are each cut into tp_size equal row blocks (whole
+                    heads) and rank r holds [q_r; k_r; v_r] (bias alike); with fewer KV heads than
+                    tp_size each KV head is first repeated tp_size / num_kv_heads times
+                    (`dup_kv_weight`), so every rank holds one
+  attention.dense   row-parallel: columns cut in tp_size blocks (the ranks' outputs are summed);
+                    its bias (LLaMA with attention_bias) is added once, after the sum: whole on every rank
+  mlp.fc, mlp.gate  column-parallel: rows cut in tp_size blocks
+  mlp.proj          row-parallel: columns cut in tp_size blocks
+  lm_head           rows (vocabulary) cut in tp_size blocks, after zero rows pad the vocabulary to a
+                    multiple of tp_size (`pad_vocab_size`); config.json keeps the true vocab_size
+  vocab_embedding   whole on every rank (use_parallel_embedding false)
+  norms             whole on every rank
+Pipeline stage p holds layers [p x L/pp, (p+1) x L/pp), renumbered from 0; the first stage holds the
+embedding, the last ln_f and lm_head. L must be a multiple of pp_size: TensorRT-LLM up to 0.1x gives
+every stage L // pp_size layers (`Mapping.pp_layers`), so any remainder would be dropped.
+
 Visual and segmentation tokens reach the engine as TensorRT-LLM's prompt table (p-tuning): ids at
 and above vocab_size index a per-request table, so the engine is built with
 max_prompt_embedding_table_size = max_batch x (image + segmentation tokens) (`prompt_table_size`).
@@ -30,6 +49,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +61,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 CONFIG = "config.json"
-WEIGHTS = "rank0.safetensors"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank}.safetensors"
 
 # transformers model_type -> TensorRT-LLM `architecture` (its MODEL_MAP key).
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -92,17 +115,23 @@ def quant_config(quantization: str | None) -> dict:
     return {"quant_algo": QUANT_ALGOS[quantization], "kv_cache_quant_algo": None}
 
 
-def check_weight_only_shapes(llm) -> None:
+def check_weight_only_shapes(llm, tp_size: int = 1) -> None:
     """Every linear TensorRT-LLM quantizes (qkv, dense, fc, gate, proj) has in/out features that are
-    multiples of 64, else its weight-only layer would be padded and refuse the checkpoint's weights."""
+    multiples of 64 on each of tp_size ranks, else its weight-only layer would be padded and refuse
+    the checkpoint's weights."""
     layer = llm.model.layers[0]
     att, mlp = layer.self_attn, layer.mlp
+    kv_rank = max(att.k_proj.out_features // tp_size, att.k_proj.out_features // llm.config.num_key_value_heads)
     odd = []
-    for name, lin in (("qkv", att.q_proj), ("qkv", att.k_proj), ("dense", att.o_proj), ("fc", mlp.gate_proj),
-                      ("proj", mlp.down_proj)):
+    # per rank: column-parallel layers split their out_features, row-parallel ones their in_features
+    for name, lin, split in (("qkv", att.q_proj, "out"), ("dense", att.o_proj, "in"), ("fc", mlp.gate_proj, "out"),
+                             ("proj", mlp.down_proj, "in")):
         for side, n in (("in", lin.in_features), ("out", lin.out_features)):
+            n = n // tp_size if side == split else n
             if n % WEIGHT_ONLY_MULTIPLE:
-                odd.append(f"{name} {side}_features {n}")
+                odd.append(f"{name} {side}_features {n}" + (" per rank" if tp_size > 1 and side == split else ""))
+    if kv_rank % WEIGHT_ONLY_MULTIPLE:
+        odd.append(f"qkv k/v out_features {kv_rank}" + (" per rank" if tp_size > 1 else ""))
     if odd:
         raise TrtLlmError("int8/int4 weight-only engines need linear sizes that are multiples of "
                           f"{WEIGHT_ONLY_MULTIPLE} (TensorRT-LLM pads the others); this LLM has " + ", ".join(odd))
@@ -125,8 +154,10 @@ def _rope(cfg) -> tuple[float, dict | None]:
     return base, {"type": scaling["rope_type"], **scaling}
 
 
-def trtllm_config(llm, dtype: str = "float16", quantization: str | None = None) -> dict:
-    """config.json of the TensorRT-LLM checkpoint for a transformers LlamaForCausalLM / Qwen2ForCausalLM."""
+def trtllm_config(llm, dtype: str = "float16", quantization: str | None = None, tp_size: int = 1,
+                  pp_size: int = 1) -> dict:
+    """config.json of the TensorRT-LLM checkpoint for a transformers LlamaForCausalLM / Qwen2ForCausalLM,
+    split over tp_size x pp_size ranks (check_parallel says which splits the LLM allows)."""
     cfg = llm.config
     if cfg.model_type not in ARCHITECTURES:
         raise TrtLlmError(f"TensorRT-LLM conversion supports {', '.join(ARCHITECTURES)} LLMs, "
@@ -159,9 +190,10 @@ def trtllm_config(llm, dtype: str = "float16", quantization: str | None = None) 
         "tie_word_embeddings": bool(cfg.tie_word_embeddings),
         "use_parallel_embedding": False,
         "embedding_sharding_dim": 0,
-        "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1},
+        "mapping": {"world_size": tp_size * pp_size, "tp_size": tp_size, "pp_size": pp_size},
         "quantization": quant_config(quantization),
     }
+    check_parallel(out)
     if cfg.model_type == "qwen2":
         # QWenConfig fields (TensorRT-LLM models/qwen/config.py); qwen_type selects the Qwen2 layout.
         out.update({"qwen_type": "qwen2", "seq_length": cfg.max_position_embeddings, "use_logn_attn": False,
@@ -169,8 +201,168 @@ def trtllm_config(llm, dtype: str = "float16", quantization: str | None = None) 
     return out
 
 
+def check_parallel(config: dict) -> None:
+    """A TrtLlmError unless the config's tp_size / pp_size split the LLM as TensorRT-LLM can."""
+    m = config["mapping"]
+    tp, pp = m["tp_size"], m["pp_size"]
+    if not (isinstance(tp, int) and isinstance(pp, int) and tp >= 1 and pp >= 1):
+        raise TrtLlmError(f"tp_size and pp_size must be integers >= 1, got tp={tp!r}, pp={pp!r}")
+    if m["world_size"] != tp * pp:
+        raise TrtLlmError(f"mapping.world_size {m['world_size']} is not tp_size x pp_size = {tp * pp}")
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    layers, inter = config["num_hidden_layers"], config["intermediate_size"]
+    problems = []
+    if heads % tp:
+        problems.append(f"its {heads} attention heads do not split over tp={tp}")
+    if kv >= tp and kv % tp:
+        problems.append(f"its {kv} KV heads do not split over tp={tp}")
+    if kv < tp and tp % kv:
+        problems.append(f"its {kv} KV heads cannot be repeated up to tp={tp} (tp must be a multiple of them)")
+    if inter % tp:
+        problems.append(f"its MLP width {inter} does not split over tp={tp}")
+    if layers % pp:
+        problems.append(f"its {layers} layers do not split evenly over pp={pp}")
+    if problems:
+        raise TrtLlmError("cannot split this LLM for TensorRT-LLM: " + "; ".join(problems))
+
+
+def _tp_pp(config: dict, rank: int) -> tuple[int, int, int, int]:
+    """(tp_size, pp_size, tp_rank, pp_rank) of `rank` (TensorRT-LLM's Mapping: rank = pp_rank x tp + tp_rank)."""
+    m = config["mapping"]
+    tp, pp = m["tp_size"], m["pp_size"]
+    if not 0 <= rank < tp * pp:
+        raise TrtLlmError(f"rank {rank} is outside world_size {tp * pp}")
+    return tp, pp, rank % tp, rank // tp
+
+
+def stage_layers(config: dict, pp_rank: int) -> range:
+    """The (global) layer indices pipeline stage `pp_rank` holds."""
+    per_stage = config["num_hidden_layers"] // config["mapping"]["pp_size"]
+    return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
+
+
+def _padded_vocab(config: dict) -> int:
+    tp = config["mapping"]["tp_size"]
+    return -(-config["vocab_size"] // tp) * tp
+
+
+def _qkv_sizes(config: dict) -> tuple[int, int]:
+    """Rows of q and of k (= of v) in the unsplit qkv."""
+    d = config["head_size"]
+    return config["num_attention_heads"] * d, config["num_key_value_heads"] * d
+
+
+def _repeat_kv(t: torch.Tensor, kv_heads: int, tp: int) -> torch.Tensor:
+    """TensorRT-LLM's dup_kv_weight (and Qwen's dup_kv_bias): each KV head repeated tp / kv_heads times."""
+    reps = tp // kv_heads
+    heads = t.reshape(kv_heads, 1, t.shape[0] // kv_heads, *t.shape[1:])
+    return heads.expand(kv_heads, reps, *heads.shape[2:]).reshape(kv_heads * reps * heads.shape[2], *t.shape[1:])
+
+
+def shard_weights(full: dict[str, torch.Tensor], config: dict, rank: int) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s tensors, cut from the unsplit (tp = pp = 1) weights as TensorRT-LLM cuts them
+    (see the module docstring)."""
+    tp, _pp, r, p = _tp_pp(config, rank)
+    layers = stage_layers(config, p)
+    last_stage = p == config["mapping"]["pp_size"] - 1
+
+    def cols(t: torch.Tensor, dim: int) -> torch.Tensor:
+        return torch.chunk(t, tp, dim=dim)[r]
+
+    out = {}
+    if p == 0:
+        out["transformer.vocab_embedding.weight"] = full["transformer.vocab_embedding.weight"]
+    q_rows, kv_rows = _qkv_sizes(config)
+    kv_heads = config["num_key_value_heads"]
+    for local, i in enumerate(layers):
+        src, dst = f"transformer.layers.{i}.", f"transformer.layers.{local}."
+        for kind in ("weight", "bias"):
+            qkv = full.get(src + f"attention.qkv.{kind}")
+            if qkv is None:
+                continue
+            q, k, v = torch.split(qkv, [q_rows, kv_rows, kv_rows], dim=0)
+            if kv_heads < tp:
+                k, v = _repeat_kv(k, kv_heads, tp), _repeat_kv(v, kv_heads, tp)
+            out[dst + f"attention.qkv.{kind}"] = torch.cat([cols(q, 0), cols(k, 0), cols(v, 0)])
+        out[dst + "attention.dense.weight"] = cols(full[src + "attention.dense.weight"], 1)
+        if src + "attention.dense.bias" in full:  # added after the ranks' sum: whole on each
+            out[dst + "attention.dense.bias"] = full[src + "attention.dense.bias"]
+        out[dst + "mlp.fc.weight"] = cols(full[src + "mlp.fc.weight"], 0)
+        out[dst + "mlp.gate.weight"] = cols(full[src + "mlp.gate.weight"], 0)
+        out[dst + "mlp.proj.weight"] = cols(full[src + "mlp.proj.weight"], 1)
+        for norm in ("input_layernorm.weight", "post_layernorm.weight"):
+            out[dst + norm] = full[src + norm]
+    if last_stage:
+        out["transformer.ln_f.weight"] = full["transformer.ln_f.weight"]
+        head = full["lm_head.weight"]
+        pad = _padded_vocab(config) - head.shape[0]
+        if pad:
+            head = torch.cat([head, head.new_zeros(pad, head.shape[1])])
+        out["lm_head.weight"] = cols(head, 0)
+    return {k: v.contiguous().clone() for k, v in out.items()}  # clone: one storage per tensor for safetensors
+
+
+def merge_shards(config: dict, ranks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The unsplit (tp = pp = 1) weights from every rank's tensors: the inverse of shard_weights.
+
+    Tensors that every rank of a stage holds whole (norms, embedding), and repeated KV heads, must be
+    equal across the ranks that hold them; a mismatch is a TrtLlmError (a corrupt or mixed checkpoint).
+    """
+    m = config["mapping"]
+    tp, pp = m["tp_size"], m["pp_size"]
+    if len(ranks) != tp * pp:
+        raise TrtLlmError(f"{len(ranks)} rank files for world_size {tp * pp}")
+    q_rows, kv_rows = _qkv_sizes(config)
+    kv_heads = config["num_key_value_heads"]
+    q_local = q_rows // tp
+    kv_local = kv_rows // tp if kv_heads >= tp else config["head_size"]
+
+    def same(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if any(not torch.equal(t, tensors[0]) for t in tensors[1:]):
+            raise TrtLlmError(f"{name}: the ranks that each hold it whole disagree")
+        return tensors[0]
+
+    def kv_merge(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+        if kv_heads >= tp:
+            return torch.cat(parts)
+        reps = tp // kv_heads  # ranks r, r+1, ..., r+reps-1 hold copies of one KV head
+        return torch.cat([same(f"{name} (KV head {h})", parts[h * reps:(h + 1) * reps]) for h in range(kv_heads)])
+
+    out = {}
+    for p in range(pp):
+        stage = ranks[p * tp:(p + 1) * tp]
+        for local, i in enumerate(stage_layers(config, p)):
+            src, dst = f"transformer.layers.{local}.", f"transformer.layers.{i}."
+            for kind in ("weight", "bias"):
+                if src + f"attention.qkv.{kind}" not in stage[0]:
+                    continue
+                pieces = [torch.split(w[src + f"attention.qkv.{kind}"], [q_local, kv_local, kv_local]) for w in stage]
+                out[dst + f"attention.qkv.{kind}"] = torch.cat([
+                    torch.cat([x[0] for x in pieces]),
+                    kv_merge(dst + f"attention.qkv.{kind} k", [x[1] for x in pieces]),
+                    kv_merge(dst + f"attention.qkv.{kind} v", [x[2] for x in pieces])])
+            out[dst + "attention.dense.weight"] = torch.cat([w[src + "attention.dense.weight"] for w in stage], dim=1)
+            if src + "attention.dense.bias" in stage[0]:
+                out[dst + "attention.dense.bias"] = same(dst + "attention.dense.bias",
+                                                         [w[src + "attention.dense.bias"] for w in stage])
+            out[dst + "mlp.fc.weight"] = torch.cat([w[src + "mlp.fc.weight"] for w in stage])
+            out[dst + "mlp.gate.weight"] = torch.cat([w[src + "mlp.gate.weight"] for w in stage])
+            out[dst + "mlp.proj.weight"] = torch.cat([w[src + "mlp.proj.weight"] for w in stage], dim=1)
+            for norm in ("input_layernorm.weight", "post_layernorm.weight"):
+                out[dst + norm] = same(dst + norm, [w[src + norm] for w in stage])
+    first, last = ranks[:tp], ranks[(pp - 1) * tp:]
+    out["transformer.vocab_embedding.weight"] = same("transformer.vocab_embedding.weight",
+                                                     [w["transformer.vocab_embedding.weight"] for w in first])
+    out["transformer.ln_f.weight"] = same("transformer.ln_f.weight", [w["transformer.ln_f.weight"] for w in last])
+    head = torch.cat([w["lm_head.weight"] for w in last])
+    if head[config["vocab_size"]:].any():
+        raise TrtLlmError("lm_head.weight: the rows that pad the vocabulary to a multiple of tp_size are not zero")
+    out["lm_head.weight"] = head[:config["vocab_size"]]
+    return out
+
+
 def trtllm_weights(llm, dtype: str = "float16") -> dict[str, torch.Tensor]:
-    """The rank-0 weights under TensorRT-LLM's names, cast to `dtype`, contiguous and unshared."""
+    """The unsplit (tp = pp = 1) weights under TensorRT-LLM's names, cast to `dtype`, contiguous and unshared."""
     torch_dtype = DTYPES[_dtype_name(dtype)]
 
     def t(x: torch.Tensor) -> torch.Tensor:
@@ -198,32 +390,39 @@ def trtllm_weights(llm, dtype: str = "float16") -> dict[str, torch.Tensor]:
     return out
 
 
-def expected_tensors(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Every tensor a checkpoint with this config.json must hold: name -> (shape, dtype name)."""
+def expected_tensors(config: dict, rank: int = 0) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor rank `rank` of a checkpoint with this config.json must hold: name -> (shape, dtype name)."""
+    tp, pp, _r, p = _tp_pp(config, rank)
     h, v, f = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
-    d = config["head_size"]
-    qkv = (config["num_attention_heads"] + 2 * config["num_key_value_heads"]) * d
+    d, heads, kv = config["head_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    qkv = (heads // tp + 2 * max(kv // tp, 1)) * d
     dt = config["dtype"]
-    out = {"transformer.vocab_embedding.weight": ((v, h), dt), "transformer.ln_f.weight": ((h,), dt),
-           "lm_head.weight": ((v, h), dt)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"transformer.layers.{i}."
-        out[p + "input_layernorm.weight"] = ((h,), dt)
-        out[p + "attention.qkv.weight"] = ((qkv, h), dt)
+    out = {}
+    if p == 0:
+        out["transformer.vocab_embedding.weight"] = ((v, h), dt)
+    if p == pp - 1:
+        out["transformer.ln_f.weight"] = ((h,), dt)
+        out["lm_head.weight"] = ((_padded_vocab(config) // tp, h), dt)
+    for i in range(len(stage_layers(config, p))):
+        prefix = f"transformer.layers.{i}."
+        out[prefix + "input_layernorm.weight"] = ((h,), dt)
+        out[prefix + "attention.qkv.weight"] = ((qkv, h), dt)
         if config.get("attn_bias"):
-            out[p + "attention.qkv.bias"] = ((qkv,), dt)
-        out[p + "attention.dense.weight"] = ((h, config["num_attention_heads"] * d), dt)
+            out[prefix + "attention.qkv.bias"] = ((qkv,), dt)
+        out[prefix + "attention.dense.weight"] = ((h, heads * d // tp), dt)
         if config.get("attn_bias") and config["architecture"] == "LlamaForCausalLM":
-            out[p + "attention.dense.bias"] = ((h,), dt)  # Qwen2's Attention has dense_bias=False
-        out[p + "post_layernorm.weight"] = ((h,), dt)
-        out[p + "mlp.fc.weight"] = ((f, h), dt)
-        out[p + "mlp.gate.weight"] = ((f, h), dt)
-        out[p + "mlp.proj.weight"] = ((h, f), dt)
+            out[prefix + "attention.dense.bias"] = ((h,), dt)  # Qwen2's Attention has dense_bias=False
+        out[prefix + "post_layernorm.weight"] = ((h,), dt)
+        out[prefix + "mlp.fc.weight"] = ((f // tp, h), dt)
+        out[prefix + "mlp.gate.weight"] = ((f // tp, h), dt)
+        out[prefix + "mlp.proj.weight"] = ((h, f // tp), dt)
     return out
 
 
-def convert_checkpoint(model, spec: dict, out_dir, dtype: str = "float16", quantization: str | None = None) -> Path:
-    """Write the LLM of a facert model (`model.llm`, transformers) as a TensorRT-LLM checkpoint.
+def convert_checkpoint(model, spec: dict, out_dir, dtype: str = "float16", quantization: str | None = None,
+                       tp_size: int = 1, pp_size: int = 1) -> Path:
+    """Write the LLM of a facert model (`model.llm`, transformers) as a TensorRT-LLM checkpoint split
+    over tp_size x pp_size ranks (rank{r}.safetensors each).
 
     `spec` is the facert spec; it is not needed for the weights, but a spec naming another LLM than
     the model holds is refused. `quantization` "int8" / "int4" writes a weight-only (W8A16 / W4A16)
@@ -240,27 +439,30 @@ def convert_checkpoint(model, spec: dict, out_dir, dtype: str = "float16", quant
     if quantization is not None:
         if _dtype_name(dtype) == "float32":
             raise TrtLlmError(f"{quantization} weight-only engines run float16 or bfloat16 activations, not float32")
-        check_weight_only_shapes(llm)
-    config = trtllm_config(llm, dtype, quantization)
+        check_weight_only_shapes(llm, tp_size)
+    config = trtllm_config(llm, dtype, quantization, tp_size, pp_size)
     weights = trtllm_weights(llm, dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out / WEIGHTS), metadata={"format": "pt"})
+    for rank in range(config["mapping"]["world_size"]):
+        save_file(shard_weights(weights, config, rank), str(out / rank_file(rank)), metadata={"format": "pt"})
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
-def quantize_fp8(model, spec: dict, out_dir, calibration, dtype: str = "float16", device: str = "cuda") -> Path:
+def quantize_fp8(model, spec: dict, out_dir, calibration, dtype: str = "float16", device: str = "cuda",
+                 tp_size: int = 1, pp_size: int = 1) -> Path:
     """An FP8 TensorRT-LLM checkpoint of `model.llm`, calibrated by NVIDIA ModelOpt.
 
     `calibration` is an iterable of prompt embeddings [1, T, D] (what the LLM sees in facert: text
     tokens with the image/seg rows spliced in, export.build.calibration_embeds): ModelOpt's
     forward_loop runs the LLM on each, its quantizers record the activation ranges, and
-    export_tensorrt_llm_checkpoint writes config.json (quant_algo FP8) and rank0.safetensors with
-    FP8 weights and their scales. Needs ModelOpt and a CUDA GPU (its FP8 kernels); the source
+    export_tensorrt_llm_checkpoint writes config.json (quant_algo FP8) and rank{r}.safetensors (one
+    per rank of tp_size x pp_size, split by ModelOpt) with FP8 weights and their scales. Needs ModelOpt and a CUDA GPU (its FP8 kernels); the source
     model's LLM is quantized in place on `device`.
     """
     llm = model.llm
+    trtllm_config(llm, dtype, None, tp_size, pp_size)  # a split TensorRT-LLM cannot do fails before calibration
     if llm.config.model_type not in MODELOPT_DECODER:
         raise TrtLlmError(f"fp8 quantization supports {', '.join(MODELOPT_DECODER)} LLMs, not {llm.config.model_type!r}")
     torch_dtype = DTYPES[_dtype_name(dtype)]
@@ -289,7 +491,8 @@ def quantize_fp8(model, spec: dict, out_dir, calibration, dtype: str = "float16"
     with torch.inference_mode():
         export.export_tensorrt_llm_checkpoint(llm, decoder_type=MODELOPT_DECODER[llm.config.model_type],
                                               dtype=torch_dtype, export_dir=str(out),
-                                              inference_tensor_parallel=1, inference_pipeline_parallel=1)
+                                              inference_tensor_parallel=tp_size,
+                                              inference_pipeline_parallel=pp_size)
     config = checkpoint_config(out)
     if (config.get("quantization") or {}).get("quant_algo") != "FP8":
         raise TrtLlmError(f"ModelOpt wrote {out / CONFIG} without quant_algo FP8: {config.get('quantization')}")
@@ -297,26 +500,36 @@ def quantize_fp8(model, spec: dict, out_dir, calibration, dtype: str = "float16"
 
 
 def checkpoint_config(ckpt_dir) -> dict:
-    """config.json of a TensorRT-LLM checkpoint directory, after checking both files are there."""
+    """config.json of a TensorRT-LLM checkpoint directory, after checking it and every rank's file are there."""
     d = Path(ckpt_dir)
-    for name in (CONFIG, WEIGHTS):
-        if not (d / name).is_file():
-            raise TrtLlmError(f"{d} is not a TensorRT-LLM checkpoint: {name} is missing")
+    if not (d / CONFIG).is_file():
+        raise TrtLlmError(f"{d} is not a TensorRT-LLM checkpoint: {CONFIG} is missing")
     try:
-        return json.loads((d / CONFIG).read_text())
+        config = json.loads((d / CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise TrtLlmError(f"{d / CONFIG} is not valid JSON: {e}") from e
+    world = config.get("mapping", {}).get("world_size", 1)
+    for rank in range(world):
+        if not (d / rank_file(rank)).is_file():
+            raise TrtLlmError(f"{d} is not a TensorRT-LLM checkpoint: {rank_file(rank)} is missing "
+                              f"(world_size {world})")
+    return config
+
+
+def read_rank(ckpt_dir, rank: int) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s tensors as written."""
+    with safe_open(str(Path(ckpt_dir) / rank_file(rank)), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def read_checkpoint(ckpt_dir) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json, rank-0 tensors) of a TensorRT-LLM checkpoint; a missing file is a TrtLlmError."""
-    d = Path(ckpt_dir)
-    config = checkpoint_config(d)
-    if config.get("mapping", {}).get("world_size", 1) != 1:
-        raise TrtLlmError(f"{d} is split over {config['mapping']['world_size']} ranks; only rank 0 of tp=pp=1 is read")
-    with safe_open(str(d / WEIGHTS), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return config, tensors
+    """(config.json, unsplit tensors) of a TensorRT-LLM checkpoint: a checkpoint split over several
+    ranks is merged back (merge_shards); a missing file is a TrtLlmError."""
+    config = checkpoint_config(ckpt_dir)
+    if config.get("mapping", {}).get("world_size", 1) == 1:
+        return config, read_rank(ckpt_dir, 0)
+    check_parallel(config)
+    return config, merge_shards(config, [read_rank(ckpt_dir, r) for r in range(config["mapping"]["world_size"])])
 
 
 def invert_checkpoint(ckpt_dir) -> dict[str, torch.Tensor]:
@@ -406,8 +619,14 @@ def prompt_table_size(model, max_batch: int, max_images: int = 1, max_tiles: int
 
 
 def trtllm_build_command(ckpt_dir, out_dir, max_batch: int, max_input_len: int, max_output_len: int,
-                         max_prompt_embedding_table_size: int, quant_algo: str | None = None) -> list[str]:
+                         max_prompt_embedding_table_size: int, quant_algo: str | None = None,
+                         workers: int = 1) -> list[str]:
     """The `trtllm-build` command line (run as `python -m tensorrt_llm.commands.build`).
+
+    The engine's world size is the checkpoint's (trtllm-build reads its mapping and writes one
+    rank{r}.engine per rank); `workers` ranks are built at once, each on its own GPU (rank % workers).
+    The Python that runs it is FACERT_TRTLLM_PYTHON if set (NVIDIA's container: its system python3,
+    whose transformers is the one TensorRT-LLM pins, where facert runs from a venv), else this one.
 
     --gather_generation_logits: the runtime returns the first answer token's logits (facert's
     `first_logits`, what `facert eval verify` scores): TensorRT-LLM up to 0.1x needs the engine built
@@ -421,7 +640,10 @@ def trtllm_build_command(ckpt_dir, out_dir, max_batch: int, max_input_len: int, 
             raise ValueError(f"{name} must be >= 1, got {value}")
     if max_prompt_embedding_table_size < 0:
         raise ValueError(f"max_prompt_embedding_table_size must be >= 0, got {max_prompt_embedding_table_size}")
-    cmd = [sys.executable, "-m", "tensorrt_llm.commands.build",
+    if int(workers) < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    python = os.environ.get("FACERT_TRTLLM_PYTHON") or sys.executable
+    cmd = [python, "-m", "tensorrt_llm.commands.build",
            "--checkpoint_dir", str(ckpt_dir), "--output_dir", str(out_dir),
            "--max_batch_size", str(max_batch), "--max_input_len", str(max_input_len),
            "--max_seq_len", str(max_input_len + max_output_len),
@@ -429,6 +651,8 @@ def trtllm_build_command(ckpt_dir, out_dir, max_batch: int, max_input_len: int, 
            "--gemm_plugin", "auto", "--gather_generation_logits"]
     if quant_algo in ("W8A16", "W4A16"):
         cmd += ["--weight_only_quant_matmul_plugin", "auto"]
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
     return cmd
 
 
@@ -442,7 +666,7 @@ def check_engine_config(config: dict) -> None:
 
 def build_engine(ckpt_dir, out_dir, max_batch: int, max_input_len: int, max_output_len: int,
                  max_prompt_embedding_table_size: int, progress=print) -> Path:
-    """Build the checkpoint into a TensorRT-LLM engine directory (config.json + rank0.engine).
+    """Build the checkpoint into a TensorRT-LLM engine directory (config.json + rank{r}.engine per rank).
 
     Runs TensorRT-LLM's own `trtllm-build` in a child process: it is the documented, versioned
     interface (the Python builder API has changed between releases), and the build's GPU memory is
@@ -450,18 +674,24 @@ def build_engine(ckpt_dir, out_dir, max_batch: int, max_input_len: int, max_outp
     """
     config = checkpoint_config(ckpt_dir)  # a missing or malformed checkpoint fails here, before the slow part
     check_engine_config(config)
+    world = config.get("mapping", {}).get("world_size", 1)
     require_tensorrt_llm()
+    gpus = torch.cuda.device_count()
+    if gpus < world:
+        # trtllm-build builds any world size on one GPU, but the engine runs one rank per GPU
+        progress(f"note: building {world} ranks on {gpus} GPU(s); serving them needs {world} GPUs")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cmd = trtllm_build_command(ckpt_dir, out, max_batch, max_input_len, max_output_len,
-                               max_prompt_embedding_table_size, (config.get("quantization") or {}).get("quant_algo"))
+                               max_prompt_embedding_table_size, (config.get("quantization") or {}).get("quant_algo"),
+                               workers=max(1, min(world, gpus)))
     progress("building TensorRT-LLM engine: " + " ".join(cmd[1:]))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-4000:]
         raise TrtLlmError(f"trtllm-build failed (exit {proc.returncode}):\n{tail}")
-    engine = out / "rank0.engine"
-    if not engine.is_file() or not (out / CONFIG).is_file():
-        raise TrtLlmError(f"trtllm-build finished but {out} holds no rank0.engine + config.json")
+    missing = [name for name in [CONFIG, *(f"rank{r}.engine" for r in range(world))] if not (out / name).is_file()]
+    if missing:
+        raise TrtLlmError(f"trtllm-build finished but {out} lacks {', '.join(missing)}")
     return out
 

@@ -14,6 +14,13 @@ From an engines folder (`facert build`):
 Preprocessing and postprocessing stay python models, so the ensemble's inputs and outputs are the
 same as portable's. None of this runs on the CPU-only tritonserver here (it has only the python
 backend); the configs are checked against the ModelConfig schema like every other.
+
+An engine split over several GPUs (`facert build --tp N --pp M`, world size N x M) runs in the
+tensorrtllm backend's orchestrator mode: one tritonserver process, whose tensorrt_llm model spawns
+one trtllmExecutorWorker per rank through MPI_Comm_spawn (TRTLLM_ORCHESTRATOR=1, set by `facert
+serve`; `gpu_device_ids` in its config names the GPUs). Unlike leader mode (one tritonserver per
+rank under mpirun, as the backend's launch_triton_server.py does by default), it keeps a single
+server process, which `facert serve` supervises and restarts like any other.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from pathlib import Path
 import numpy as np
 
 PROMPT_TABLE_TYPES = {"fp16": "TYPE_FP16", "bf16": "TYPE_BF16", "fp32": "TYPE_FP32"}
+# the tensorrtllm backend's orchestrator mode, spawning its worker processes itself (model_instance_state.cc)
+ORCHESTRATOR_ENV = {"TRTLLM_ORCHESTRATOR": "1", "TRTLLM_ORCHESTRATOR_SPAWN_PROCESSES": "1"}
+EXECUTOR_WORKER = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"  # NVIDIA's container
 # Share of free GPU memory the tensorrt_llm model's KV cache may take at most. The cache is also capped
 # at the tokens the engine can ever hold (max_batch x (max_input_len + max_output_len), the smaller of
 # the two wins in TensorRT-LLM's KvCacheConfig), so the vision plans on the same GPU keep their memory
@@ -95,10 +105,25 @@ def render_native(out: Path, env, ctx: dict, engines: Path, manifest: dict) -> N
         engine_dir = (engines / llm["file"]).parent
         table_type = prompt_table_type(llm)
         max_batch = min(ctx["max_batch_size"], int(llm.get("max_batch") or ctx["max_batch_size"]))
+        world = int(llm.get("mapping", {}).get("world_size", 1))
         (out / "tensorrt_llm" / "1").mkdir(parents=True)  # the engine stays in the engines folder
         (out / "tensorrt_llm" / "config.pbtxt").write_text(env.get_template("native/tensorrt_llm.pbtxt.j2").render(
             ctx, llm_engines_dir=str(engine_dir), prompt_table_type=table_type, max_batch_size=max_batch,
             kv_cache_tokens=kv_cache_tokens(dict(llm, max_batch=max_batch)) if "max_input_len" in llm else None,
-            kv_cache_fraction=KV_CACHE_FREE_GPU_MEM_FRACTION))
+            kv_cache_fraction=KV_CACHE_FREE_GPU_MEM_FRACTION,
+            gpu_device_ids=",".join(str(g) for g in range(world)) if world > 1 else "",
+            executor_worker_path=EXECUTOR_WORKER))
         ctx["llm_parameters"] = {"llm_backend": "tensorrtllm", "tensorrt_llm_model": "tensorrt_llm",
                                  "prompt_table_type": table_type}
+
+
+def tensorrt_llm_world_size(repository: Path) -> int:
+    """How many GPUs (ranks) the repository's tensorrt_llm model runs on: 1 without one, else the
+    count of its gpu_device_ids (written from the engine's mapping by render_native)."""
+    from runtime.serving.repo import parse_config
+
+    config = Path(repository) / "tensorrt_llm" / "config.pbtxt"
+    if not config.is_file():
+        return 1
+    ids = parse_config(config).parameters.get("gpu_device_ids")
+    return len([g for g in ids.string_value.split(",") if g.strip()]) if ids is not None and ids.string_value else 1

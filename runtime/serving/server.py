@@ -527,6 +527,12 @@ class TritonServer:
         else:
             inst = provision(self.tools_dir, log=self.provision_log)
             cmd, env = self.command(inst.binary, inst.backends), inst.env()
+        from runtime.serving.native import ORCHESTRATOR_ENV, tensorrt_llm_world_size
+
+        world = tensorrt_llm_world_size(self.repository)
+        if world > 1:  # a TensorRT-LLM engine split over GPUs: its model spawns one worker per rank
+            env.update(ORCHESTRATOR_ENV)
+            self.say(f"tensorrt_llm runs on {world} GPUs (orchestrator mode: TRTLLM_ORCHESTRATOR=1)")
         remove_shm_regions(self.shm_prefix)  # a previous server of ours on this port died without cleaning up
         self._launch_args = (cmd, env)
         try:
