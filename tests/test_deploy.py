@@ -253,9 +253,9 @@ def test_openai_component(tmp_path):
 def test_dockerfile_matches_the_pinned_server_and_the_manifests(rendered):
     """FROM NVIDIA's Triton images: for the CPU demo (python + torch flavour) the release whose
     tritonserver facert runs and is tested against (release YY.MM ships 2.(51 + months since 24.10));
-    for native the TensorRT-LLM container runtime/serve_cli.py names for the native target.
+    for native the TensorRT-LLM container runtime/cli/serve.py names for the native target.
     The image's default command is a facert serve a pod can reach."""
-    import runtime.serve_cli
+    import runtime.cli.serve
     from runtime.serving.native import EXECUTOR_WORKER
     from runtime.serving.server import SERVER_VERSION
 
@@ -263,7 +263,7 @@ def test_dockerfile_matches_the_pinned_server_and_the_manifests(rendered):
     args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))
     yy, mm = (int(x) for x in args["TRITON_RELEASE"].split("."))
     assert f"2.{51 + (yy - 24) * 12 + (mm - 10)}.0" == SERVER_VERSION
-    named = re.search(r"nvcr\.io/nvidia/tritonserver:(\S+)-trtllm-python-py3", runtime.serve_cli.__doc__).group(1)
+    named = re.search(r"nvcr\.io/nvidia/tritonserver:(\S+)-trtllm-python-py3", runtime.cli.serve.__doc__).group(1)
     assert args["TRITON_NATIVE_RELEASE"] == named
     stages = dict((target, image) for image, target in
                   re.findall(r"^FROM (\S+) AS (\S+)$", text, re.M))
