@@ -314,7 +314,8 @@ def test_native_repository_for_a_multi_gpu_engine(tiny_checkpoint, tmp_path):
     import shutil
 
     from export.build import Progress, build_engines
-    from runtime.serving.native import EXECUTOR_WORKER, tensorrt_llm_world_size
+    from runtime.serving.native import EXECUTOR_WORKER
+    from runtime.serving.repo import tensorrt_llm_world_size
     from runtime.serving.repo import fill_repository
 
     engines = build_engines(tiny_checkpoint, "onnxruntime", tmp_path / "engines", progress=Progress(4, quiet=True))

@@ -115,15 +115,3 @@ def render_native(out: Path, env, ctx: dict, engines: Path, manifest: dict) -> N
             executor_worker_path=EXECUTOR_WORKER))
         ctx["llm_parameters"] = {"llm_backend": "tensorrtllm", "tensorrt_llm_model": "tensorrt_llm",
                                  "prompt_table_type": table_type}
-
-
-def tensorrt_llm_world_size(repository: Path) -> int:
-    """How many GPUs (ranks) the repository's tensorrt_llm model runs on: 1 without one, else the
-    count of its gpu_device_ids (written from the engine's mapping by render_native)."""
-    from runtime.serving.repo import parse_config
-
-    config = Path(repository) / "tensorrt_llm" / "config.pbtxt"
-    if not config.is_file():
-        return 1
-    ids = parse_config(config).parameters.get("gpu_device_ids")
-    return len([g for g in ids.string_value.split(",") if g.strip()]) if ids is not None and ids.string_value else 1

@@ -253,3 +253,13 @@ def fill_repository(out: str | Path, checkpoint: str | Path | None = None, engin
     (ens / "1").mkdir()  # Triton wants a version folder for ensembles too
     (ens / "config.pbtxt").write_text(env.get_template("ensemble/config.pbtxt.j2").render(ctx))
     return validate_repository(out)
+
+
+def tensorrt_llm_world_size(repository: Path) -> int:
+    """How many GPUs (ranks) the repository's tensorrt_llm model runs on: 1 without one, else the
+    count of its gpu_device_ids (written from the engine's mapping by render_native)."""
+    config = Path(repository) / "tensorrt_llm" / "config.pbtxt"
+    if not config.is_file():
+        return 1
+    ids = parse_config(config).parameters.get("gpu_device_ids")
+    return len([g for g in ids.string_value.split(",") if g.strip()]) if ids is not None and ids.string_value else 1

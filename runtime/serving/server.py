@@ -527,7 +527,8 @@ class TritonServer:
         else:
             inst = provision(self.tools_dir, log=self.provision_log)
             cmd, env = self.command(inst.binary, inst.backends), inst.env()
-        from runtime.serving.native import ORCHESTRATOR_ENV, tensorrt_llm_world_size
+        from runtime.serving.native import ORCHESTRATOR_ENV
+        from runtime.serving.repo import tensorrt_llm_world_size
 
         world = tensorrt_llm_world_size(self.repository)
         if world > 1:  # a TensorRT-LLM engine split over GPUs: its model spawns one worker per rank
