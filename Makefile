@@ -10,6 +10,7 @@ STAMP := $(VENV)/.facert-installed
 # constraints, so the version-sensitive tests (tokenizer, prompt, preprocessing, checkpoints and
 # transformers parity, TensorRT-LLM converter, native repository) run on both transformers lines.
 # Its tritonserver stubs get their own tools folder: the stub environment points at one project env.
+# The served tests run once, in the main environment (`-k "not served"` here: CI's 30 minutes).
 VENV457 ?= .venv-tf457
 PY457 := $(VENV457)/bin/python
 STAMP457 := $(VENV457)/.facert-installed
@@ -51,7 +52,7 @@ test: setup test-tf457
 
 test-tf457: setup $(STAMP457)
 	mkdir -p $(TOOLS457)/.wheels && cp -n tools/.wheels/*.whl $(TOOLS457)/.wheels/ 2>/dev/null || true
-	FACERT_TOOLS=$(CURDIR)/$(TOOLS457) $(PY457) -m pytest -q -p no:cacheprovider $(TESTS457)
+	FACERT_TOOLS=$(CURDIR)/$(TOOLS457) $(PY457) -m pytest -q -p no:cacheprovider $(TESTS457) -k "not served"
 
 clean:
 	rm -rf $(VENV) $(VENV457) demo_out .pytest_cache tools $(TOOLS457)
