@@ -1,0 +1,594 @@
+"""An OpenAI-compatible chat endpoint, with images, in front of the served Triton ensemble.
+
+    python -m runtime.serving.openai_frontend --grpc-url 127.0.0.1:8001 --port 9000 [--host 127.0.0.1]
+    facert serve --model-repository repo --openai-port 9000          (starts it beside tritonserver)
+
+An ASGI app (FastAPI on uvicorn) in its own process, which speaks to the ensemble over gRPC
+streaming (ModelStreamInfer), one stream per chat request, so that closing the stream cancels that
+request on the server:
+
+- `POST /v1/chat/completions`: `messages` with text and `image_url` parts, images only as
+  `data:image/...;base64,` URLs (an http(s) URL is refused: this server never fetches a URL a
+  client sends). The conversation goes to the ensemble as MESSAGES, transformers' typed-content
+  form (`image_url` parts become `{"type": "image"}` parts, their decoded bytes go in IMAGE in
+  order), and the model's own chat template renders it. `stream: true` answers with server-sent
+  events in OpenAI's chunk format, ending with `data: [DONE]`; `stream_options.include_usage` adds
+  the usage chunk. `max_tokens` / `max_completion_tokens`, `temperature`, `top_p`, `seed`, `stop`.
+  Parameters a client leaves out take the server's defaults (greedy, 64 tokens), not OpenAI's.
+  facert's extras (attributes after the constraint step, per-stage timings) come in the `facert`
+  field of the response (of the last chunk when streaming).
+- `GET /v1/models`, `GET /v1/models/{id}`, `GET /health` (200 once the ensemble is ready, else 503).
+
+The ensemble always streams to the frontend (STREAM=true), whether or not the client streams: the
+frontend counts the completion tokens, cuts the text at a `stop` string (and then cancels the
+generation), and notices a client that goes away; Triton 2.51 stops a generation whose client
+left only between two streamed tokens (see model_repository/README.md, "Cancellation").
+
+Errors are OpenAI's error JSON, `{"error": {"message", "type", "param", "code"}}`: 400 for bad
+input (the request's own shape here, the image, the prompt and the parameters' ranges as the
+ensemble's preprocessing step says), 413 for a body over --max-body-mb, 429 when a queue of the
+server is full (retry later), 503 when the server or the model is not available, 504 for a
+request timeout; a client that goes away has its generation cancelled (499 in the access log).
+An error after the first streamed token can only travel in the stream: a `data: {"error": ...}`
+event, then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import json
+import re
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Annotated, Literal, Union
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_MAX_BODY_MB = 64
+MAX_STOP_STRINGS = 4  # as OpenAI's API
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
+# data:image/<subtype>[;param=value...];base64,<payload>
+DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+(?:;[A-Za-z0-9_.+-]+=[^;,]*)*;base64,", re.ASCII)
+OWNED_BY = "facert"
+
+
+# ------------------------------------------------------------------------------ request schema
+
+class _Strict(BaseModel):
+    # a parameter this server does not know or support is refused, not silently ignored
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatRequest(_Strict):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=-INT32_MAX, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=-INT32_MAX, le=INT32_MAX)
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = Field(default=None, ge=-INT64_MAX - 1, le=INT64_MAX)
+    stop: str | list[str] | None = None
+    n: int | None = None
+    user: str | None = None  # the caller's end-user id in OpenAI's API; not used here
+    max_tiles: int | None = Field(default=None, ge=1, le=INT32_MAX)  # facert: InternVL tiles per image
+
+
+# ------------------------------------------------------------------------------------- errors
+
+class APIError(Exception):
+    """A request the endpoint answers with OpenAI's error JSON and this HTTP status."""
+
+    TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+             429: "overloaded_error", 499: "client_closed_request", 500: "server_error",
+             503: "service_unavailable_error", 504: "timeout_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+# What the ensemble's error message means for the client, by runtime.client's error kinds.
+STATUS_BY_KIND = {"overloaded": 429, "unavailable": 503, "timeout": 504, "cancelled": 499, "error": 400}
+
+
+def upstream_error(message: str) -> APIError:
+    """The server's message for a request it refused, with the status its kind calls for.
+
+    Every other refusal comes from the ensemble's checks (preprocessing: the image, the prompt,
+    the parameters' ranges; Triton: the tensors' shapes), i.e. from the request: 400."""
+    from runtime.client import error_kind
+
+    kind = error_kind(message)
+    return APIError(STATUS_BY_KIND[kind], message, code=None if kind == "error" else kind)
+
+
+def validation_error(e: ValidationError) -> APIError:
+    """pydantic's first complaint, in words that name the parameter."""
+    err = e.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in ("text", "image_url")
+                                                         and err["type"] == "union_tag_invalid"))
+    if err["type"] == "extra_forbidden":
+        return APIError(400, f"unsupported parameter {where!r}: this server does not accept it", param=where,
+                        code="unsupported_parameter")
+    if err["type"] == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {err['msg']}")
+    if err["type"] == "model_type" and not err["loc"]:
+        return APIError(400, "the request body must be a JSON object")
+    return APIError(400, f"{where or 'request'}: {err['msg']}", param=where or None)
+
+
+# ---------------------------------------------------------------------------- the conversation
+
+@dataclass
+class EnsembleRequest:
+    """What goes to the ensemble for one chat request."""
+
+    messages: list[dict]  # transformers' typed-content conversation
+    images: list[bytes]  # the decoded images, in the order of the {"type": "image"} parts
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    seed: int | None
+    max_tiles: int | None
+    stops: list[str] = field(default_factory=list)
+
+
+def decode_data_url(url: str, where: str) -> bytes:
+    """The image bytes of a `data:image/...;base64,` URL; APIError for anything else."""
+    head = url[:64].lower()
+    if head.startswith(("http://", "https://")):
+        raise APIError(400, f"{where}: image URLs are not fetched by this server; send the image inline as a "
+                            f"data:image/...;base64,... URL", param=where, code="image_url_not_supported")
+    m = DATA_URL.match(url)
+    if m is None:
+        raise APIError(400, f"{where}: expected a data:image/<type>;base64,<data> URL, got {url[:40]!r}"
+                            f"{'...' if len(url) > 40 else ''}", param=where, code="invalid_image_url")
+    try:
+        data = base64.b64decode(url[m.end():], validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise APIError(400, f"{where}: the image's base64 data is invalid: {e}", param=where,
+                       code="invalid_image_url") from None
+    if not data:
+        raise APIError(400, f"{where}: the image is empty (0 bytes)", param=where, code="invalid_image_url")
+    return data
+
+
+def to_ensemble(req: ChatRequest) -> EnsembleRequest:
+    """The chat request as the ensemble's MESSAGES + IMAGE, with its sampling parameters."""
+    if req.n not in (None, 1):
+        raise APIError(400, f"n must be 1 (one answer per request), got {req.n}", param="n")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+    if req.max_tokens is not None and req.max_completion_tokens is not None \
+            and req.max_tokens != req.max_completion_tokens:
+        raise APIError(400, f"max_tokens ({req.max_tokens}) and max_completion_tokens ({req.max_completion_tokens}) "
+                            "differ; send one of them", param="max_completion_tokens")
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > MAX_STOP_STRINGS:
+        raise APIError(400, f"stop holds {len(stops)} strings, at most {MAX_STOP_STRINGS} are allowed", param="stop")
+    if any(not s for s in stops):
+        raise APIError(400, "stop strings must not be empty", param="stop")
+    messages, images = [], []
+    for i, m in enumerate(req.messages):
+        role = "system" if m.role == "developer" else m.role  # OpenAI's newer name for the system role
+        if isinstance(m.content, str):
+            messages.append({"role": role, "content": m.content})
+            continue
+        parts = []
+        for j, part in enumerate(m.content):
+            where = f"messages[{i}].content[{j}]"
+            if isinstance(part, TextPart):
+                parts.append({"type": "text", "text": part.text})
+                continue
+            if role != "user":
+                raise APIError(400, f"{where}: only user messages may hold images, not {m.role} messages",
+                               param=where)
+            images.append(decode_data_url(part.image_url.url, f"{where}.image_url.url"))
+            parts.append({"type": "image"})
+        messages.append({"role": role, "content": parts})
+    if messages[-1]["role"] != "user":
+        raise APIError(400, f"the last message must be the user's, got {req.messages[-1].role!r}", param="messages")
+    return EnsembleRequest(messages, images, req.max_completion_tokens if req.max_completion_tokens is not None
+                           else req.max_tokens, req.temperature, req.top_p, req.seed, req.max_tiles, stops)
+
+
+def grpc_inputs(e: EnsembleRequest) -> list:
+    """The ensemble's input tensors (CONTRACT: IMAGE [1, N], MESSAGES [1, 1]); parameters the client
+    left out are not sent, so the server's defaults apply."""
+    from tritonclient.grpc import InferInput
+
+    def tensor(name, array, dtype):
+        t = InferInput(name, list(array.shape), dtype)
+        t.set_data_from_numpy(array)
+        return t
+
+    image = np.empty((1, len(e.images)), dtype=np.object_)
+    image[0, :] = e.images
+    # TEMPORARY until MESSAGES lands on main: one user turn [image, text] goes as QUESTION
+    conv = e.messages
+    if (len(conv) == 1 and isinstance(conv[0]["content"], list) and len(conv[0]["content"]) == 2
+            and conv[0]["content"][0] == {"type": "image"} and conv[0]["content"][1]["type"] == "text"):
+        text = tensor("QUESTION", np.array([[conv[0]["content"][1]["text"].encode()]], dtype=np.object_), "BYTES")
+    else:
+        text = tensor("MESSAGES", np.array([[json.dumps(e.messages).encode()]], dtype=np.object_), "BYTES")
+    inputs = [tensor("IMAGE", image, "BYTES"), text, tensor("STREAM", np.array([[True]], np.bool_), "BOOL")]
+    for name, value, dtype, np_dtype in (("MAX_TOKENS", e.max_tokens, "INT32", np.int32),
+                                         ("TEMPERATURE", e.temperature, "FP32", np.float32),
+                                         ("TOP_P", e.top_p, "FP32", np.float32),
+                                         ("SEED", e.seed, "INT64", np.int64),
+                                         ("MAX_TILES", e.max_tiles, "INT32", np.int32)):
+        if value is not None:
+            inputs.append(tensor(name, np.array([[value]], np_dtype), dtype))
+    return inputs
+
+
+# ------------------------------------------------------------------------------ stop strings
+
+class StopCutter:
+    """Cuts the answer at the first `stop` string: text that could still begin one is held back."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.text = ""
+        self.sent = 0  # characters of `text` released
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        """The text that can be released after `piece`; sets `stopped` once a stop string appeared."""
+        self.text += piece
+        if not self.stops:
+            out, self.sent = self.text[self.sent:], len(self.text)
+            return out
+        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+        if hits:
+            cut = min(hits)
+            out, self.sent, self.stopped = self.text[self.sent:cut], cut, True
+            return out
+        keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(self.text) - self.sent), 0, -1)
+                    if self.text.endswith(s[:k])), default=0)
+        out = self.text[self.sent:len(self.text) - keep]
+        self.sent += len(out)
+        return out
+
+    def flush(self) -> str:
+        """The held-back rest, once the answer has ended by itself."""
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
+
+
+# ----------------------------------------------------------------------- one ensemble request
+
+@dataclass
+class Piece:
+    text: str  # what the client may see now (stop strings applied)
+    tokens: int  # tokens generated with it
+    finish: str = ""  # stop / length on the last piece
+    extras: dict | None = None  # the last piece's attributes and timings
+
+
+def _str(array) -> str:
+    return bytes(array.reshape(-1)[0]).decode("utf-8") if array is not None and array.size else ""
+
+
+class EnsembleCall:
+    """One chat request on its own gRPC stream to the ensemble.
+
+    The stream sends the one request and closes its sending side; the server closes the stream
+    once the request is done. `cancel()` closes it early: the server then cancels the request
+    (its generation stops at the next token)."""
+
+    def __init__(self, client, model: str, inputs: list, stops: list[str]):
+        self.client, self.model, self.inputs = client, model, inputs
+        self.cutter = StopCutter(stops)
+        self.responses = None
+        self.done = False  # the server finished the request (answer or error)
+        self.prompt_tokens: int | None = None
+        self.completion_tokens = 0
+
+    async def _requests(self):
+        yield {"model_name": self.model, "inputs": self.inputs, "request_id": uuid.uuid4().hex}
+
+    async def next(self) -> Piece | None:
+        """The next piece of the answer; None after the last. APIError if the server refused it."""
+        import grpc
+
+        if self.done:
+            return None
+        if self.responses is None:
+            self.responses = self.client.stream_infer(self._requests())
+        try:
+            result, error = await self.responses.__anext__()
+        except StopAsyncIteration:
+            self.done = True
+            raise APIError(503, "the server closed the request without an answer (see its log)",
+                           code="unavailable") from None
+        except grpc.aio.AioRpcError as e:
+            self.done = True
+            raise APIError(503, f"the inference server is not available: {e.code().name}: {e.details()}",
+                           code="unavailable") from None
+        if error is not None:
+            self.done = True
+            raise upstream_error(error.message())
+        ids = result.as_numpy("TOKEN_IDS")
+        tokens = 0 if ids is None else int(ids.size)
+        self.completion_tokens += tokens
+        text = self.cutter.push(_str(result.as_numpy("TEXT")))
+        if self.cutter.stopped:  # the answer ends here: stop generating
+            self.cancel()
+            return Piece(text, tokens, "stop")
+        finish = _str(result.as_numpy("FINISH_REASON"))
+        if not finish:
+            return Piece(text, tokens)
+        self.done = True
+        text += self.cutter.flush()
+        attributes = _str(result.as_numpy("ATTRIBUTES"))
+        timings = json.loads(_str(result.as_numpy("TIMINGS")) or "{}")
+        self.prompt_tokens = timings.pop("prompt_tokens", None)
+        extras = {"attributes": None, "attributes_raw": None, "constraints_fired": [], "timings": timings}
+        if attributes and attributes != "null":
+            extras.update(json.loads(attributes))
+        return Piece(text, tokens, finish, extras)
+
+    def cancel(self) -> None:
+        """Close the stream (the server cancels the request if it is still running)."""
+        if self.responses is not None and not self.done:
+            self.done = True
+            self.responses.cancel()
+
+    def usage(self) -> dict:
+        prompt = self.prompt_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
+                "total_tokens": None if prompt is None else prompt + self.completion_tokens}
+
+
+# ------------------------------------------------------------------------------------ the app
+
+def _chunk(cid: str, created: int, model: str, delta: dict | None, finish: str | None = None, **extra) -> bytes:
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices,
+            **extra}
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _read_body(request, max_bytes: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise APIError(413, f"the request body is {int(declared)} bytes, over this server's {max_bytes}-byte bound")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise APIError(413, f"the request body is over this server's {max_bytes}-byte bound")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _until_disconnected(receive) -> None:
+    """Returns once the client has gone away (after the body was read, ASGI's receive() waits for that)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request, work):
+    """Await `work` (a coroutine); if the client goes away first, cancel it and raise APIError(499)."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_until_disconnected(request.receive))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    raise APIError(499, "the client closed the connection")
+
+
+def create_app(grpc_url: str, model: str | None = None, max_body_mb: float = DEFAULT_MAX_BODY_MB,
+               ready_timeout_s: float = 60.0):
+    """The ASGI app. `model`: the ensemble to serve (default: the one the server has ready)."""
+    import contextlib
+
+    import tritonclient.grpc.aio as aioclient
+
+    from runtime.client import ENSEMBLES, _split_url
+
+    grpc_url = _split_url(grpc_url)
+    max_body = int(max_body_mb * 1024 * 1024)
+    state = {"client": None, "model": model, "created": int(time.time())}
+
+    async def find_model(client) -> str:
+        """The served ensemble, once the server has one ready (it may be (re)starting)."""
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            try:
+                index = await client.get_model_repository_index()
+                ready = [m.name for m in index.models if m.name in ENSEMBLES and m.state == "READY"]
+                if ready:
+                    return ready[0]
+                problem = f"it serves no ready facert ensemble ({' or '.join(ENSEMBLES)})"
+            except Exception as e:  # noqa: BLE001 (not up yet)
+                problem = str(e)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no facert ensemble at {grpc_url} after {ready_timeout_s:.0f} s: {problem}")
+            await asyncio.sleep(0.5)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        state["client"] = aioclient.InferenceServerClient(grpc_url)
+        try:
+            if state["model"] is None:
+                state["model"] = await find_model(state["client"])
+            yield
+        finally:
+            await state["client"].close()
+
+    app = FastAPI(title="facert OpenAI-compatible endpoint", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request, e: APIError):
+        headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    def model_card() -> dict:
+        return {"id": state["model"], "object": "model", "created": state["created"], "owned_by": OWNED_BY}
+
+    @app.get("/health")
+    async def health():
+        try:
+            ready = await state["client"].is_model_ready(state["model"])
+        except Exception as e:  # noqa: BLE001 (server down or restarting)
+            raise APIError(503, f"the inference server at {grpc_url} is not available: {e}") from None
+        if not ready:
+            raise APIError(503, f"model {state['model']!r} is not ready")
+        return {"status": "ok", "model": state["model"]}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name}")
+    async def one_model(name: str):
+        if name != state["model"]:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {state['model']!r}",
+                           param="model", code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _read_body(request, max_body)
+        try:
+            req = ChatRequest.model_validate_json(body)
+        except ValidationError as e:
+            raise validation_error(e) from None
+        if req.model != state["model"]:
+            raise APIError(400, f"model {req.model!r} does not exist; this server serves {state['model']!r}",
+                           param="model", code="model_not_found")
+        ens = to_ensemble(req)
+        call = EnsembleCall(state["client"], state["model"], grpc_inputs(ens), ens.stops)
+        cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state["model"]
+        try:
+            # the first piece decides the status: a refused request is an error response, not a stream
+            first = await _unless_disconnected(request, call.next())
+        except BaseException:
+            call.cancel()
+            raise
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            usage_field = {"usage": None} if include_usage else {}
+
+            async def events():
+                try:
+                    yield _chunk(cid, created, model, {"role": "assistant", "content": ""}, **usage_field)
+                    piece = first
+                    while piece is not None:
+                        if piece.text:
+                            yield _chunk(cid, created, model, {"content": piece.text}, **usage_field)
+                        if piece.finish:
+                            extra = {"facert": piece.extras} if piece.extras is not None else {}
+                            yield _chunk(cid, created, model, {}, piece.finish, **usage_field, **extra)
+                            break
+                        try:
+                            piece = await call.next()
+                        except APIError as e:
+                            yield b"data: " + json.dumps(e.body()).encode() + b"\n\n"
+                            break
+                    if include_usage:
+                        yield _chunk(cid, created, model, None, usage=call.usage())
+                    yield b"data: [DONE]\n\n"
+                finally:  # the client went away (or the stream ended): stop the generation if it still runs
+                    call.cancel()
+
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        async def whole() -> Piece:
+            text, piece = [first.text], first
+            while not piece.finish:
+                piece = await call.next()
+                text.append(piece.text)
+            return Piece("".join(text), 0, piece.finish, piece.extras)
+
+        try:
+            answer = await _unless_disconnected(request, whole())
+        finally:
+            call.cancel()
+        body = {"id": cid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text, "refusal": None},
+                             "logprobs": None, "finish_reason": answer.finish}],
+                "usage": call.usage()}
+        if answer.extras is not None:
+            body["facert"] = answer.extras
+        return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+
+    return app
+
+
+# ------------------------------------------------------------------------------------ process
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    ap = argparse.ArgumentParser(description="OpenAI-compatible chat endpoint (with images) in front of a "
+                                             "facert Triton server")
+    ap.add_argument("--grpc-url", default="127.0.0.1:8001", help="the Triton server's gRPC HOST:PORT")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    ap.add_argument("--port", type=int, default=9000, help="port to listen on (default 9000)")
+    ap.add_argument("--model", help="ensemble to serve (default: the server's ready facert ensemble)")
+    ap.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
+                    help=f"largest request body accepted, in MiB (default {DEFAULT_MAX_BODY_MB})")
+    ap.add_argument("--ready-timeout", type=float, default=60.0,
+                    help="seconds to wait at start for the server's ensemble (default 60)")
+    ap.add_argument("--access-log", action="store_true", help="log every request")
+    args = ap.parse_args(argv)
+    app = create_app(args.grpc_url, args.model, args.max_body_mb, args.ready_timeout)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=args.access_log,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
