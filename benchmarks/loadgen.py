@@ -1,14 +1,18 @@
-"""A bounded asynchronous gRPC streaming load generator for a running `facert serve`.
+"""A bounded asynchronous streaming load generator for a running `facert serve`, over gRPC or its
+OpenAI-compatible endpoint.
 
     .venv/bin/python benchmarks/loadgen.py --url 127.0.0.1:8001 [--concurrency 1,2,4,8] [--requests 16]
         [--max-seconds 60] [--max-tokens 16] [--warmup 1]
     .venv/bin/python benchmarks/loadgen.py --url 127.0.0.1:8001,127.0.0.1:9001 ...   (several replicas)
+    .venv/bin/python benchmarks/loadgen.py --protocol openai --url 127.0.0.1:9000 ...   (facert serve --openai-port)
     facert bench serve ...                      (starts a server on the demo model and runs this)
 
-Closed loop: `concurrency` virtual users, each with its own gRPC bidirectional stream
-(tritonclient.grpc.aio, ModelStreamInfer), each sending its next request as soon as its previous
-one finished. Every request asks for a streamed answer (STREAM=true), so the server sends one
-response per token; the client notes when each arrives:
+Closed loop: `concurrency` virtual users, each sending its next request as soon as its previous
+one finished: over gRPC each user has its own bidirectional stream (tritonclient.grpc.aio,
+ModelStreamInfer); over OpenAI its own keep-alive HTTP connection (aiohttp), each request a
+`POST /v1/chat/completions` with the image as a data URL, `stream: true` and the usage chunk. Every
+request asks for a streamed answer (STREAM=true), so the server sends one response (one
+server-sent event) per token; the client notes when each arrives:
 
   time to first token (TTFT)   request sent -> first response carrying a token
   inter-token latency (ITL)    gaps between consecutive token responses of one request
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import ipaddress
 import json
 import socket
@@ -46,6 +51,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PERCENTILES = (50, 90, 99)
+PROTOCOLS = ("grpc", "openai")
 
 
 class LoadError(RuntimeError):
@@ -62,6 +68,7 @@ class RequestRecord:
     server_timings: dict = field(default_factory=dict)
     url: str = ""
     token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # over OpenAI (whose chunks carry text, not token ids)
 
     @property
     def ok(self) -> bool:
@@ -122,7 +129,7 @@ def summarize(records: list[RequestRecord], concurrency: int) -> dict:
     urls = sorted({r.url for r in records if r.url})
     if len(urls) > 1:
         row["requests_per_url"] = {u: sum(r.url == u for r in ok) for u in urls}
-    row["distinct_answers"] = len({tuple(r.token_ids) for r in ok})
+    row["distinct_answers"] = len({(tuple(r.token_ids), r.text) for r in ok})
     return row
 
 
@@ -177,6 +184,65 @@ async def _user(client, model: str, make_inputs, claim, records: list[RequestRec
         responses.cancel()
 
 
+async def _openai_user(session, url: str, body: bytes, claim, records: list[RequestRecord]) -> None:
+    """One virtual user of the OpenAI endpoint at `url`: one keep-alive connection, one streamed request
+    at a time, until `claim()` says stop."""
+    import aiohttp
+
+    while claim():
+        current = RequestRecord(url=url)
+        records.append(current)
+        current.sent = time.perf_counter()
+        try:
+            async with session.post(f"http://{url}/v1/chat/completions", data=body,
+                                    headers={"Content-Type": "application/json"}) as r:
+                if r.status != 200:
+                    current.error = f"HTTP {r.status}: {(await r.text())[:300]}"
+                    current.done = time.perf_counter()
+                    continue
+                async for line in r.content:  # server-sent events: "data: {json}" lines, then "data: [DONE]"
+                    if not line.startswith(b"data: "):
+                        continue
+                    now, data = time.perf_counter(), line[6:].strip()
+                    if data == b"[DONE]":
+                        break
+                    event = json.loads(data)
+                    if "error" in event:
+                        current.error, current.done = event["error"]["message"], now
+                        break
+                    for choice in event["choices"]:
+                        if choice["delta"].get("content"):
+                            current.token_times.append(now)
+                            current.text += choice["delta"]["content"]
+                        if choice["finish_reason"]:
+                            current.done = now
+                            current.server_timings = (event.get("facert") or {}).get("timings") or {}
+                    if event.get("usage"):
+                        current.tokens = event["usage"]["completion_tokens"]
+        except aiohttp.ClientError as e:
+            current.error, current.done = f"{type(e).__name__}: {e}", time.perf_counter()
+
+
+def openai_body(model: str, image: bytes, question: str, max_tokens: int) -> bytes:
+    """The chat request that matches the gRPC load's: one user turn [image, question], greedy, streamed."""
+    url = "data:image/png;base64," + base64.b64encode(image).decode("ascii")
+    return json.dumps({"model": model, "max_tokens": max_tokens, "stream": True,
+                       "stream_options": {"include_usage": True},
+                       "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                                 {"type": "text", "text": question}]}]}).encode()
+
+
+async def openai_model(url: str) -> str:
+    """The model the OpenAI endpoint at HOST:PORT serves."""
+    import aiohttp
+
+    try:
+        async with aiohttp.ClientSession() as session, session.get(f"http://{url}/v1/models") as r:
+            return (await r.json())["data"][0]["id"]
+    except (aiohttp.ClientError, KeyError, IndexError, ValueError) as e:
+        raise LoadError(f"no OpenAI endpoint at {url}: {e}") from None
+
+
 async def run_bounded(workers: list, timeout_s: float, what: str) -> None:
     """Run the worker coroutines for at most timeout_s; those still running are cancelled (their
     unfinished requests are the caller's to count); a worker that failed is a LoadError."""
@@ -191,22 +257,26 @@ async def run_bounded(workers: list, timeout_s: float, what: str) -> None:
 
 
 async def run_level(url: str | list[str], concurrency: int, max_requests: int, max_seconds: float, image: bytes,
-                    question: str, max_tokens: int, model: str | None = None, grace_seconds: float = 60.0) -> dict:
+                    question: str, max_tokens: int, model: str | None = None, grace_seconds: float = 60.0,
+                    protocol: str = "grpc") -> dict:
     """One concurrency level, bounded in requests and time; returns its summary row. With several
-    URLs (replicas of one model), virtual user i sends to URL i mod len(urls)."""
-    import tritonclient.grpc.aio as aioclient
+    URLs (replicas of one model), virtual user i sends to URL i mod len(urls).
 
-    from runtime.client import Request, _grpc_inputs, find_model
-    from runtime.generate import SamplingParams
-
+    protocol: grpc (a URL is a server's gRPC HOST:PORT) or openai (the HOST:PORT of its OpenAI endpoint)."""
+    if protocol not in PROTOCOLS:
+        raise LoadError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     urls = [check_loopback(u) for u in ([url] if isinstance(url, str) else url)]
     if not urls:
         raise LoadError("no server URL given")
-    models = {u: model or find_model(u, "grpc") for u in urls}
+    if protocol == "openai":
+        models = {u: model or await openai_model(u) for u in urls}
+    else:
+        from runtime.client import find_model
+
+        models = {u: model or find_model(u, "grpc") for u in urls}
     if len(set(models.values())) != 1:
         raise LoadError(f"the replicas serve different models: {models}")
     model = models[urls[0]]
-    params = SamplingParams(max_new_tokens=max_tokens).validate()
     handed_out = 0
     deadline = time.perf_counter() + max_seconds
 
@@ -218,23 +288,39 @@ async def run_level(url: str | list[str], concurrency: int, max_requests: int, m
         return True
 
     records: list[RequestRecord] = []
-    clients = [aioclient.InferenceServerClient(u) for u in urls]
-    try:
-        await run_bounded([_user(clients[i % len(urls)], model,
-                                 lambda: _grpc_inputs(Request([image], question), params, True),
-                                 claim, records, urls[i % len(urls)])
-                           for i in range(concurrency)], max_seconds + grace_seconds, "a virtual user")
-    finally:
-        for client in clients:
-            await client.close()
+    if protocol == "openai":
+        import aiohttp
+
+        body = openai_body(model, image, question, max_tokens)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
+                                         timeout=aiohttp.ClientTimeout(total=None)) as session:
+            await run_bounded([_openai_user(session, urls[i % len(urls)], body, claim, records)
+                               for i in range(concurrency)], max_seconds + grace_seconds, "a virtual user")
+    else:
+        import tritonclient.grpc.aio as aioclient
+
+        from runtime.client import Request, _grpc_inputs
+        from runtime.generate import SamplingParams
+
+        params = SamplingParams(max_new_tokens=max_tokens).validate()
+        clients = [aioclient.InferenceServerClient(u) for u in urls]
+        try:
+            await run_bounded([_user(clients[i % len(urls)], model,
+                                     lambda: _grpc_inputs(Request([image], question), params, True),
+                                     claim, records, urls[i % len(urls)])
+                               for i in range(concurrency)], max_seconds + grace_seconds, "a virtual user")
+        finally:
+            for client in clients:
+                await client.close()
     row = summarize(records, concurrency)
-    row.update({"model": model, "max_tokens": max_tokens, "max_requests": max_requests, "max_seconds": max_seconds})
+    row.update({"model": model, "protocol": protocol, "max_tokens": max_tokens, "max_requests": max_requests,
+                "max_seconds": max_seconds})
     return row
 
 
 def sweep(url: str | list[str], concurrencies: list[int], image: bytes, question: str, max_tokens: int = 16,
           requests_per_level: int | None = None, max_seconds: float = 60.0, warmup: int = 1,
-          stop_at: float | None = None, log=lambda m: None) -> list[dict]:
+          stop_at: float | None = None, log=lambda m: None, protocol: str = "grpc") -> list[dict]:
     """Every concurrency level in turn (each its own bounded run), after `warmup` unmeasured requests
     (to each replica, where `url` lists several).
 
@@ -244,14 +330,15 @@ def sweep(url: str | list[str], concurrencies: list[int], image: bytes, question
     rows = []
     if warmup:
         replicas = 1 if isinstance(url, str) else len(url)
-        asyncio.run(run_level(url, replicas, warmup * replicas, max_seconds, image, question, max_tokens))
+        asyncio.run(run_level(url, replicas, warmup * replicas, max_seconds, image, question, max_tokens,
+                              protocol=protocol))
     for c in concurrencies:
         seconds = max_seconds if stop_at is None else min(max_seconds, stop_at - time.perf_counter())
         if seconds <= 0:
             log(f"concurrency {c}: skipped, out of time")
             continue
         n = requests_per_level if requests_per_level is not None else 2 * c + 2
-        row = asyncio.run(run_level(url, c, n, seconds, image, question, max_tokens))
+        row = asyncio.run(run_level(url, c, n, seconds, image, question, max_tokens, protocol=protocol))
         log(f"concurrency {c}: {row['requests']} requests ({row['errors']} errors, {row['timed_out']} timed out), "
             f"TTFT p50 {row['ttft_ms_p50']} ms, {row['requests_per_s']} req/s, {row['output_tokens_per_s']} tok/s"
             + (f", per replica {row['requests_per_url']}" if "requests_per_url" in row else ""))
@@ -268,7 +355,10 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 2)[2])
     ap.add_argument("--url", default="127.0.0.1:8001",
-                    help="gRPC HOST:PORT of the server, or several comma-separated (replicas; loopback only)")
+                    help="gRPC HOST:PORT of the server (of its OpenAI endpoint with --protocol openai), or several "
+                         "comma-separated (replicas; loopback only)")
+    ap.add_argument("--protocol", default="grpc", choices=PROTOCOLS,
+                    help="grpc (the ensemble's stream, default) or openai (POST /v1/chat/completions, streamed)")
     ap.add_argument("--concurrency", default="1,2,4,8", help="levels, comma-separated (default 1,2,4,8)")
     ap.add_argument("--requests", type=int, help="requests per level (default 2 x concurrency + 2)")
     ap.add_argument("--max-seconds", type=float, default=60.0, help="stop handing out requests after this (default 60)")
@@ -282,7 +372,8 @@ def main(argv=None) -> int:
     try:
         rows = sweep(urls[0] if len(urls) == 1 else urls, parse_list(args.concurrency, "--concurrency"),
                      Path(args.image).read_bytes(), args.question, args.max_tokens, args.requests, args.max_seconds,
-                     warmup=args.warmup, log=lambda m: print(f"[loadgen] {m}", file=sys.stderr, flush=True))
+                     warmup=args.warmup, log=lambda m: print(f"[loadgen] {m}", file=sys.stderr, flush=True),
+                     protocol=args.protocol)
     except (LoadError, RemoteError) as e:
         print(f"loadgen: error: {e}", file=sys.stderr)
         return 2

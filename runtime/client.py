@@ -31,8 +31,10 @@ ENSEMBLES = ("faceinsight", "facellm")
 # overloaded: a queue was full (back-pressure; retry later); timeout: the request's timeout passed
 # (in a queue or while generating) or no answer came in time; cancelled: cancelled by the client;
 # unavailable: the server, the model or one of its processes is not there (a model whose process died
-# answers so until the server has reloaded it); error: anything else, bad input included.
+# answers so until the server has reloaded it); internal: a step failed on its own (a bug or a fault:
+# runtime.serving.python_backend.error_response); error: anything else, bad input included.
 ERROR_KINDS = (
+    ("internal", ("internal error (",)),
     ("overloaded", ("Exceeds maximum queue size",)),
     ("timeout", ("Request timeout expired", "request timed out", "no response from")),
     ("cancelled", ("cancelled",)),
@@ -42,7 +44,7 @@ ERROR_KINDS = (
 
 
 def error_kind(message: str) -> str:
-    """overloaded, timeout, cancelled, unavailable or error (see ERROR_KINDS)."""
+    """overloaded, timeout, cancelled, unavailable, internal or error (see ERROR_KINDS)."""
     for kind, marks in ERROR_KINDS:
         if any(m in message for m in marks):
             return kind

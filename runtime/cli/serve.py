@@ -2,6 +2,7 @@
 
   facert repo  --checkpoint DIR | --engines DIR --out DIR [--target portable|native]
   facert serve --model-repository DIR [--host 127.0.0.1] [--grpc-port 8001] [--http-port 8000] [--metrics-port 8002]
+               [--openai-port 9000]    (an OpenAI-compatible chat endpoint beside it: runtime/serving/openai_frontend.py)
 
 Native target, on a GPU host, inside NVIDIA's Triton + TensorRT-LLM container (it has TensorRT,
 TensorRT-LLM and the tensorrtllm, onnxruntime and tensorrt backends; facert is installed into it
@@ -43,8 +44,13 @@ def cmd_repo(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from runtime.serving.server import ServerError, TritonServer
+    from runtime.serving.server import ServerError, TritonServer, port_is_free
 
+    if args.openai_port is not None and (args.openai_port in (args.http_port, args.grpc_port, args.metrics_port)
+                                         or not port_is_free(args.host, args.openai_port)):
+        print(f"facert: error: OpenAI port {args.openai_port} on {args.host} is taken (or is one of the server's "
+              f"ports); choose another with --openai-port", file=sys.stderr)
+        return 2
     server = TritonServer(args.model_repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, log_verbose=args.log_verbose,
                           provision_log=progress, log=None if not args.quiet else (lambda line: None),
@@ -56,10 +62,26 @@ def cmd_serve(args) -> int:
     except KeyboardInterrupt:
         server.stop()
         return 130
-    progress(f"ready: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url} "
-              f"(Ctrl-C stops it)")
+    companions = []
+    if args.openai_port is not None:
+        from runtime.serving.openai_frontend import FrontendError, FrontendProcess
+
+        limits = {} if args.openai_max_body_mb is None else {"max_body_mb": args.openai_max_body_mb}
+        frontend = FrontendProcess(server.grpc_url, host=args.host, port=args.openai_port, say=progress,
+                                   log=None if not args.quiet else (lambda line: None), **limits)
+        try:
+            frontend.start()
+        except (FrontendError, KeyboardInterrupt) as e:
+            server.stop()
+            if isinstance(e, KeyboardInterrupt):
+                return 130
+            print(f"facert: error: {e}", file=sys.stderr)
+            return 2
+        companions.append(frontend)
+    progress(f"ready: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url}"
+             + (f", OpenAI {companions[0].base_url}" if companions else "") + " (Ctrl-C stops it)")
     progress(f"ask it: facert ask IMAGE 'QUESTION' --url {server.grpc_url} --stream")
-    return server.serve_forever()
+    return server.serve_forever(companions=tuple(companions))
 
 
 def register(sub) -> None:
@@ -103,6 +125,12 @@ def register(sub) -> None:
     p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
+    p.add_argument("--openai-port", type=int, default=None,
+                   help="also serve an OpenAI-compatible chat endpoint (/v1/chat/completions, with images) on this "
+                        "port, in its own process beside tritonserver, on --host (default: off)")
+    p.add_argument("--openai-max-body-mb", type=float, default=None,
+                   help="largest request body the OpenAI endpoint accepts, in MiB (default 64); a larger one is "
+                        "refused with 413")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the models to load (default 300)")
     p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level (default 0)")
     p.add_argument("--quiet", action="store_true", help="do not forward the server's log")

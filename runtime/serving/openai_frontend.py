@@ -129,19 +129,20 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
 
-# What the ensemble's error message means for the client, by runtime.client's error kinds.
-STATUS_BY_KIND = {"overloaded": 429, "unavailable": 503, "timeout": 504, "cancelled": 499, "error": 400}
+# What the ensemble's error message means for the client, by runtime.client's error kinds. A plain
+# "error" is the ensemble's verdict on the request (preprocessing: the image, the prompt, the
+# parameters' ranges; Triton: the tensors' shapes): 400.
+STATUS_BY_KIND = {"overloaded": 429, "unavailable": 503, "timeout": 504, "cancelled": 499, "internal": 500,
+                  "error": 400}
+ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")  # Triton's, before a step's message
 
 
 def upstream_error(message: str) -> APIError:
-    """The server's message for a request it refused, with the status its kind calls for.
-
-    Every other refusal comes from the ensemble's checks (preprocessing: the image, the prompt,
-    the parameters' ranges; Triton: the tensors' shapes), i.e. from the request: 400."""
+    """The server's message for a request it refused, with the status its kind calls for."""
     from runtime.client import error_kind
 
     kind = error_kind(message)
-    return APIError(STATUS_BY_KIND[kind], message, code=None if kind == "error" else kind)
+    return APIError(STATUS_BY_KIND[kind], ENSEMBLE_PREFIX.sub("", message), code=None if kind == "error" else kind)
 
 
 def validation_error(e: ValidationError) -> APIError:
@@ -568,6 +569,115 @@ def create_app(grpc_url: str, model: str | None = None, max_body_mb: float = DEF
 
 
 # ------------------------------------------------------------------------------------ process
+
+class FrontendError(RuntimeError):
+    """The endpoint's process cannot start: its port is taken, or it found no ensemble to serve."""
+
+
+class FrontendProcess:
+    """The endpoint in its own process beside tritonserver (`facert serve --openai-port`).
+
+    `start()` returns once it answers /health (200, or 503 while its server is not ready); `check()` starts it again if it died; `stop()` ends it.
+    Its log lines go to `log` (default stderr)."""
+
+    def __init__(self, grpc_url: str, host: str = "127.0.0.1", port: int = 9000, model: str | None = None,
+                 max_body_mb: float = DEFAULT_MAX_BODY_MB, log=None, say=None, access_log: bool = False):
+        self.grpc_url, self.host, self.port, self.model = grpc_url, host, int(port), model
+        self.max_body_mb, self.access_log = max_body_mb, access_log
+        self.log = log if log is not None else (lambda line: print(line, file=sys.stderr, flush=True))
+        self.say = say if say is not None else (lambda msg: print(f"[facert] {msg}", file=sys.stderr, flush=True))
+        self.proc = None
+        self.recent: list[str] = []
+        self.restarts = 0
+        self._next_try = 0.0
+
+    @property
+    def _host_for_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("::1" if self.host == "::" else self.host)
+        return f"[{host}]" if ":" in host else host
+
+    @property
+    def base_url(self) -> str:
+        """What an OpenAI client takes as base_url."""
+        return f"http://{self._host_for_url}:{self.port}/v1"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "runtime.serving.openai_frontend", "--grpc-url", self.grpc_url,
+                "--host", self.host, "--port", str(self.port), "--max-body-mb", str(self.max_body_mb),
+                *(["--model", self.model] if self.model else []), *(["--access-log"] if self.access_log else [])]
+
+    def start(self, timeout_s: float = 60.0) -> "FrontendProcess":
+        import subprocess
+        import threading
+        import urllib.error
+        import urllib.request
+
+        from runtime.serving.server import port_is_free
+
+        if not port_is_free(self.host, self.port):
+            raise FrontendError(f"OpenAI port {self.port} on {self.host} is taken; choose another with --openai-port")
+        self.recent = []
+
+        def forward(proc):
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                self.recent = (self.recent + [line])[-50:]
+                self.log(line)
+
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     errors="replace", bufsize=1, start_new_session=True)
+        threading.Thread(target=forward, args=(self.proc,), daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise FrontendError(f"the OpenAI endpoint exited with code {self.proc.returncode}:\n"
+                                    + "\n".join(self.recent[-20:]))
+            try:
+                with urllib.request.urlopen(f"{self.base_url[:-3]}/health", timeout=2):
+                    return self
+            except urllib.error.HTTPError:  # it answers: up, though its server is not (/health says 503)
+                return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise FrontendError(f"the OpenAI endpoint did not answer /health within {timeout_s:.0f} s:\n"
+                            + "\n".join(self.recent[-20:]))
+
+    def check(self) -> None:
+        """Start the process again if it died (after a failed try, the next waits longer, up to 30 s)."""
+        if self.proc is None or self.proc.poll() is None or time.monotonic() < self._next_try:
+            return
+        self.restarts += 1
+        self.say(f"the OpenAI endpoint exited with code {self.proc.returncode}; starting it again")
+        try:
+            self.start()
+            self._next_try = 0.0
+        except FrontendError as e:
+            self._next_try = time.monotonic() + min(30.0, 2.0 ** min(self.restarts, 5))
+            self.say(str(e))
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        import signal
+        import subprocess
+
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> "FrontendProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
 
 def main(argv: list[str] | None = None) -> int:
     import uvicorn

@@ -29,6 +29,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 _PIPELINES: dict[tuple, object] = {}
+INTERNAL_ERROR = "internal error"  # how a failure that is not the request's fault begins
 
 
 def to_numpy(x) -> np.ndarray:
@@ -132,9 +133,15 @@ class CancelFlags:
 
 
 def error_response(e: BaseException) -> "pb_utils.InferenceResponse":
-    if not isinstance(e, ValueError):  # ours are ValueErrors with a message for the caller; others get a trace
+    """The request's error: ours are ValueErrors that tell the caller what is wrong with its request;
+    anything else is the server's fault, said as such ("internal error", which clients tell apart:
+    runtime.client.error_kind), with its trace in the server's log."""
+    if isinstance(e, ValueError):
+        message = str(e) or type(e).__name__
+    else:
         pb_utils.Logger.log_error(traceback.format_exc())
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e) or type(e).__name__))
+        message = f"{INTERNAL_ERROR} ({type(e).__name__}): {e}"
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
 
 
 def read_inputs(request, names) -> dict[str, np.ndarray]:

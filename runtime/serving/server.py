@@ -677,8 +677,11 @@ class TritonServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def serve_forever(self) -> int:
-        """Block until SIGINT/SIGTERM or until the server exits; then stop it. Returns an exit code."""
+    def serve_forever(self, companions: tuple = ()) -> int:
+        """Block until SIGINT/SIGTERM or until the server exits; then stop it. Returns an exit code.
+
+        companions: processes that serve beside it (the OpenAI endpoint): each one's `check()` runs
+        every half second (it restarts its process if that died) and its `stop()` before the server's."""
         say = self.say
         stop = threading.Event()
         old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -687,8 +690,14 @@ class TritonServer:
                 restarting = self.supervisor is not None and self.supervisor.enabled and self.supervisor.is_alive()
                 if self.proc.poll() is not None and not restarting:
                     say(f"tritonserver exited with code {self.proc.returncode}:\n{self.error_summary()}")
+                    for c in companions:
+                        c.stop()
                     return self.proc.returncode or 1
+                for c in companions:
+                    c.check()
                 stop.wait(0.5)
+            for c in companions:
+                c.stop()
             say("stopping tritonserver")
             code = self.stop()
             say(f"tritonserver stopped (exit code {code})")

@@ -1,0 +1,427 @@
+"""The OpenAI-compatible chat endpoint (runtime/serving/openai_frontend.py) in its own process in
+front of a real tritonserver (2.51, CPU) serving the tiny checkpoint, driven with the official
+`openai` Python client: its answers equal the gRPC answers for the same request, streamed and
+whole; bad requests get OpenAI's error JSON with the right status and a message naming the
+problem; a stop string or a client that goes away stops the generation on the server.
+
+One server for the module with small bounds (max_batch_size 2, max_queue_size 2), so that a burst
+of a dozen requests overloads it; the endpoint accepts bodies up to 4 MiB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import http.client
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not an installed package
+
+from benchmarks.soak import _png_header  # noqa: E402 (the malformed corpus's builder)
+from runtime.cli import DEMO_IMAGE  # noqa: E402
+from runtime.client import ask_remote  # noqa: E402
+from runtime.generate import SamplingParams  # noqa: E402
+
+QUESTION = "What can you tell about this face?"
+MAX_TOKENS = 10
+LONG = 400  # tokens: several seconds of generation on the tiny model here
+MAX_BATCH, MAX_QUEUE = 2, 2
+MAX_BODY_MB = 4
+
+
+@dataclass
+class Endpoint:
+    server: object  # runtime.serving.server.TritonServer
+    frontend: object  # runtime.serving.openai_frontend.FrontendProcess
+    log: list[str]
+
+    def client(self, **kw):
+        return openai.OpenAI(base_url=self.frontend.base_url, api_key="unused", max_retries=0, **kw)
+
+    def async_client(self, **kw):
+        return openai.AsyncOpenAI(base_url=self.frontend.base_url, api_key="unused", max_retries=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def ep(tiny_checkpoint, tmp_path_factory):
+    from runtime.serving.openai_frontend import FrontendProcess
+    from runtime.serving.repo import fill_repository
+    from runtime.serving.server import ServerError, TritonServer, free_ports
+
+    repo = tmp_path_factory.mktemp("openai") / "repository"
+    fill_repository(repo, checkpoint=tiny_checkpoint, max_batch_size=MAX_BATCH, max_queue_size=MAX_QUEUE)
+    http_port, grpc_port, metrics_port, openai_port = free_ports(4)
+    log: list[str] = []
+    server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, log=log.append,
+                          provision_log=lambda _m: None, exit_timeout_s=3)
+    try:
+        server.start(timeout_s=300)
+    except ServerError as e:
+        pytest.fail(f"tritonserver did not start: {e}\n--- last log lines ---\n" + "\n".join(log[-40:]))
+    frontend = FrontendProcess(server.grpc_url, port=openai_port, max_body_mb=MAX_BODY_MB, log=log.append,
+                               say=log.append)
+    try:
+        frontend.start(timeout_s=120)
+        yield Endpoint(server, frontend, log)
+    finally:
+        frontend.stop()
+        server.stop()
+
+
+def data_url(image: bytes, kind: str = "png") -> str:
+    return f"data:image/{kind};base64," + base64.b64encode(image).decode()
+
+
+def user_turn(images: list[bytes], text: str = QUESTION) -> dict:
+    return {"role": "user", "content": [*({"type": "image_url", "image_url": {"url": data_url(i)}} for i in images),
+                                        {"type": "text", "text": text}]}
+
+
+def facert_metrics(ep) -> dict[str, float]:
+    """The llm step's own counters: {"tokens": ..., "cancelled": ..., "stop": ..., ...}."""
+    with urllib.request.urlopen(ep.server.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("facert_generated_tokens_total"):
+            out["tokens"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("facert_llm_requests_total"):
+            out[line.split('outcome="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout_s} s: {what}")
+
+
+def generation_settles(ep, before: dict, received: int, slack: int = LONG // 4) -> float:
+    """Waits until the server counted a cancellation and its token counter stopped; returns the tokens
+    it generated past the `received` ones (the cancellation reaches the llm step within a few tokens)."""
+    after = wait_for(lambda: (m := facert_metrics(ep))["cancelled"] > before["cancelled"] and m, 30,
+                     "the llm step counted the cancellation")
+    total = after["tokens"]
+    for _ in range(30):
+        time.sleep(1.0)
+        now = facert_metrics(ep)["tokens"]
+        if now == total:
+            break
+        total = now
+    else:
+        raise AssertionError("still generating 30 s after the client went away")
+    extra = total - before["tokens"] - received
+    assert extra <= slack, f"{extra} tokens generated past the {received} the client received"
+    return extra
+
+
+# ------------------------------------------------------------------------- answers equal gRPC's
+
+def test_whole_and_streamed_answers_equal_the_grpc_answer(ep, face_png):
+    expected = ask_remote(ep.server.grpc_url, face_png, QUESTION, SamplingParams(max_new_tokens=MAX_TOKENS),
+                          stream=True)
+    client = ep.client()
+    messages = [user_turn([face_png])]
+
+    whole = client.chat.completions.create(model="faceinsight", messages=messages, max_tokens=MAX_TOKENS,
+                                           temperature=0)
+    assert whole.object == "chat.completion" and whole.model == "faceinsight" and whole.id.startswith("chatcmpl-")
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content == expected["text"]
+    assert whole.choices[0].finish_reason == expected["finish_reason"]
+    assert whole.usage.completion_tokens == len(expected["token_ids"])
+    # facert's extras: the attributes after the constraint step and the per-stage timings
+    extras = whole.facert
+    assert extras["attributes"] == pytest.approx(expected["attributes"], rel=1e-6)
+    assert extras["constraints_fired"] == expected["constraints_fired"]
+    for stage in ("preprocess", "vision", "parser", "seg", "attributes", "prefill", "decode", "total"):
+        assert extras["timings"][f"{stage}_ms"] > 0, stage
+
+    stream = client.chat.completions.create(model="faceinsight", messages=messages, max_completion_tokens=MAX_TOKENS,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1, "the answer arrived in one piece: not streamed"
+    assert "".join(pieces) == expected["text"]
+    finishes = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishes) == 1 and finishes[0].choices[0].finish_reason == expected["finish_reason"]
+    assert finishes[0].facert["attributes"] == pytest.approx(expected["attributes"], rel=1e-6)
+    # include_usage: one last chunk without choices carries the usage; the others carry usage null
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == len(expected["token_ids"])
+    assert all(c.usage is None for c in chunks[:-1])
+    assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_stream_is_server_sent_events_ending_with_done(ep, face_png):
+    """The wire format itself, which the openai client hides: `data: {json}` events, then `data: [DONE]`."""
+    body = json.dumps({"model": "faceinsight", "messages": [user_turn([face_png])], "max_tokens": 4, "stream": True})
+    host, port = ep.frontend.base_url.split("//")[1].split("/")[0].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200 and r.getheader("Content-Type").startswith("text/event-stream")
+        events = [e for e in r.read().decode().split("\n\n") if e]
+    finally:
+        conn.close()
+    assert all(e.startswith("data: ") for e in events), events
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2][6:])
+    assert last["choices"][0]["finish_reason"] == "length" and "usage" not in last  # no include_usage: no usage
+
+
+def test_sampling_parameters_reach_the_server(ep, face_png):
+    """temperature, top_p and seed travel: a seeded sampled answer repeats, and equals gRPC's."""
+    params = SamplingParams(max_new_tokens=MAX_TOKENS, temperature=1.5, top_p=0.9, seed=1234)
+    expected = ask_remote(ep.server.grpc_url, face_png, QUESTION, params, stream=True)
+    greedy = ask_remote(ep.server.grpc_url, face_png, QUESTION, SamplingParams(max_new_tokens=MAX_TOKENS))
+    assert expected["token_ids"] != greedy["token_ids"], "pick a seed whose sample differs from greedy"
+    got = ep.client().chat.completions.create(model="faceinsight", messages=[user_turn([face_png])],
+                                              max_tokens=MAX_TOKENS, temperature=1.5, top_p=0.9, seed=1234)
+    assert got.choices[0].message.content == expected["text"]
+
+
+def test_models_and_health(ep):
+    client = ep.client()
+    assert [m.id for m in client.models.list()] == ["faceinsight"]
+    assert client.models.retrieve("faceinsight").owned_by == "facert"
+    with pytest.raises(openai.NotFoundError, match="model 'gpt-4o' does not exist"):
+        client.models.retrieve("gpt-4o")
+    with urllib.request.urlopen(ep.frontend.base_url[:-3] + "/health", timeout=10) as r:
+        assert r.status == 200 and json.loads(r.read())["status"] == "ok"
+
+
+# ------------------------------------------------------------------------------ stop strings
+
+def test_stop_string_cuts_the_answer_and_stops_the_generation(ep, face_png):
+    client = ep.client()
+    messages = [user_turn([face_png])]
+    full = client.chat.completions.create(model="faceinsight", messages=messages, max_tokens=40).choices[0]
+    text = full.message.content
+    stop = text[12:15]
+    assert len(text) > 20 and stop and stop not in text[:12], "pick a stop string that occurs first at 12"
+    before = facert_metrics(ep)
+    cut = client.chat.completions.create(model="faceinsight", messages=messages, max_tokens=40, stop=[stop, "\0"])
+    assert cut.choices[0].message.content == text[:12]
+    assert cut.choices[0].finish_reason == "stop"
+    # the generation was cancelled, not run to its 40 tokens
+    after = wait_for(lambda: (m := facert_metrics(ep))["cancelled"] > before["cancelled"] and m, 30,
+                     "the stop string cancelled the generation")
+    assert after["length"] == before["length"]
+
+    stream = client.chat.completions.create(model="faceinsight", messages=messages, max_tokens=40, stop=stop,
+                                            stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text[:12]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+# ------------------------------------------------------------------------------------ errors
+
+def _error(call) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as e:
+        call()
+    body = e.value.body
+    assert isinstance(body, dict) and {"message", "type", "param", "code"} <= body.keys(), body
+    return e.value
+
+
+FACE = DEMO_IMAGE.read_bytes()
+BAD_REQUESTS = {
+    # case: (changes to a good request, status, words of the message)
+    "unknown model": ({"model": "gpt-4o"}, 400, "model 'gpt-4o' does not exist; this server serves 'faceinsight'"),
+    "http image URL": ({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data"}},
+        {"type": "text", "text": QUESTION}]}]}, 400, "image URLs are not fetched by this server"),
+    "https image URL": ({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/face.jpg"}},
+        {"type": "text", "text": QUESTION}]}]}, 400, "image URLs are not fetched by this server"),
+    "not an image data URL": ({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}},
+        {"type": "text", "text": QUESTION}]}]}, 400, "expected a data:image/<type>;base64,<data> URL"),
+    "invalid base64": ({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,not*base64"}},
+        {"type": "text", "text": QUESTION}]}]}, 400, "the image's base64 data is invalid"),
+    "undecodable image": ({"messages": [user_turn([b"GIF89a but not really"])]}, 400, "cannot decode image"),
+    "image over the pixel bound": ({"messages": [user_turn([_png_header(8000, 6000)])]}, 400,
+                                   "8000x6000 = 48000000 pixels, over the 40000000-pixel bound"),
+    "empty question": ({"messages": [user_turn([FACE], "  ")]}, 400, "question is empty"),
+    "no messages": ({"messages": []}, 400, "messages"),
+    "max_tokens zero": ({"max_tokens": 0}, 400, "max_tokens must be in [1, 4096], got 0"),
+    "max_tokens over the context": ({"max_tokens": 5000}, 400, "max_tokens must be in [1, 4096]"),
+    "temperature out of range": ({"temperature": 11}, 400, "temperature must be in [0, 10]"),
+    "top_p zero": ({"top_p": 0}, 400, "top_p must be in (0, 1]"),
+    "two answers": ({"n": 2}, 400, "n must be 1"),
+    "five stop strings": ({"stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4"),
+    "unsupported parameter": ({"logprobs": True}, 400, "unsupported parameter 'logprobs'"),
+    "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "unsupported parameter 'tools'"),
+    "image in an assistant turn": ({"messages": [
+        {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGk="}}]},
+        user_turn([b"x"])]}, 400, "only user messages may hold images"),
+    "body over the bound": ({"messages": [user_turn([b"\0" * (MAX_BODY_MB * 1024 * 1024)])]}, 413,
+                            f"over this server's {MAX_BODY_MB * 1024 * 1024}-byte bound"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_gets_openai_error_json(ep, face_png, case):
+    change, status, words = BAD_REQUESTS[case]
+    request = {"model": "faceinsight", "messages": [user_turn([face_png])], "max_tokens": 4, **change}
+    error = _error(lambda: ep.client().chat.completions.create(**request))
+    assert error.status_code == status, f"{case}: {error.status_code} {error.message}"
+    assert words in error.body["message"], f"{case}: {error.body['message']!r}"
+    if status == 400:
+        assert error.body["type"] == "invalid_request_error"
+    # streamed, the same refusal is an HTTP error too, not a stream
+    error = _error(lambda: ep.client().chat.completions.create(**request, stream=True))
+    assert error.status_code == status and words in error.body["message"], case
+
+
+def test_malformed_json_is_refused(ep):
+    req = urllib.request.Request(ep.frontend.base_url + "/chat/completions", data=b'{"model": "faceinsight", ',
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 400
+    assert "not valid JSON" in json.loads(e.value.read())["error"]["message"]
+
+
+def test_overload_is_refused_with_429_and_the_endpoint_keeps_serving(ep, face_png):
+    messages = [user_turn([face_png])]
+
+    async def one(client):
+        try:
+            stream = await client.chat.completions.create(model="faceinsight", messages=messages, max_tokens=LONG,
+                                                          stream=True)
+        except openai.APIStatusError as e:
+            return e
+        async with stream:  # admitted: leave after the first token (the generation is then cancelled)
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    break
+        return None
+
+    async def burst():
+        async with ep.async_client(timeout=300) as client:
+            return await asyncio.gather(*[one(client) for _ in range(12)])
+
+    results = asyncio.run(burst())
+    refused = [r for r in results if r is not None]
+    # two queue slots per step and two requests per execution: most of a burst of 12 cannot wait
+    assert len(refused) >= 4 and len(refused) < 12, results
+    for e in refused:
+        assert e.status_code == 429 and "Exceeds maximum queue size" in e.body["message"], (e.status_code, e.body)
+        assert e.response.headers.get("retry-after") == "1"
+    expected = ask_remote(ep.server.grpc_url, face_png, QUESTION, SamplingParams(max_new_tokens=MAX_TOKENS))
+    got = ep.client().chat.completions.create(model="faceinsight", messages=messages, max_tokens=MAX_TOKENS)
+    assert got.choices[0].message.content == expected["text"]
+
+
+def test_unavailable_server_is_503(ep, tmp_path):
+    """An endpoint whose Triton server is not there: /health and requests say 503, with the reason."""
+    from runtime.serving.openai_frontend import FrontendProcess
+    from runtime.serving.server import free_ports
+
+    dead_grpc, port = free_ports(2)
+    with FrontendProcess(f"127.0.0.1:{dead_grpc}", port=port, model="faceinsight", log=lambda _l: None) as lonely:
+        client = openai.OpenAI(base_url=lonely.base_url, api_key="unused", max_retries=0)
+        error = _error(lambda: client.chat.completions.create(model="faceinsight", messages=[user_turn([b"x"])]))
+        assert error.status_code == 503 and "not available" in error.body["message"], error.body
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(lonely.base_url[:-3] + "/health", timeout=30)
+        assert e.value.code == 503
+
+
+# ------------------------------------------------------------------------- a client that leaves
+
+def test_client_that_disconnects_mid_stream_stops_generation(ep, face_png):
+    before = facert_metrics(ep)
+    stream = ep.client().chat.completions.create(model="faceinsight", messages=[user_turn([face_png])],
+                                                 max_tokens=LONG, stream=True)
+    received = 0
+    for chunk in stream:
+        received += bool(chunk.choices and chunk.choices[0].delta.content)
+        if received >= 5:
+            break
+    stream.close()  # the connection drops mid-stream
+    generation_settles(ep, before, received)
+
+
+def test_client_that_gives_up_on_a_whole_answer_stops_generation(ep, face_png):
+    """Not streamed: a client that times out and closes its connection stops the generation too."""
+    before = facert_metrics(ep)
+    client = ep.client(timeout=openai.Timeout(120, read=3.0))
+    t0 = time.monotonic()
+    with pytest.raises(openai.APITimeoutError):
+        client.chat.completions.create(model="faceinsight", messages=[user_turn([face_png])], max_tokens=LONG)
+    assert time.monotonic() - t0 < 60
+    generation_settles(ep, before, 0, slack=LONG // 2)
+
+
+# --------------------------------------------------------------------------- the load generator
+
+def test_load_generator_drives_the_endpoint(ep, face_png):
+    from benchmarks import loadgen
+
+    url = ep.frontend.base_url.split("//")[1].split("/")[0]
+    row = asyncio.run(loadgen.run_level(url, concurrency=2, max_requests=3, max_seconds=120, image=face_png,
+                                        question=QUESTION, max_tokens=5, protocol="openai"))
+    assert (row["requests"], row["errors"], row["timed_out"]) == (3, 0, 0), row.get("first_error")
+    assert row["model"] == "faceinsight" and row["protocol"] == "openai"
+    assert row["output_tokens_mean"] == 5  # from the usage chunk
+    assert 0 < row["ttft_ms_p50"] <= row["latency_ms_p50"]
+    assert row["server_prefill_ms"] > 0  # the server's timings ride on the last chunk's facert field
+
+
+# ---------------------------------------------------------------------------- facert serve
+
+@pytest.mark.slow
+def test_facert_serve_starts_the_endpoint_beside_tritonserver(ep, face_png):
+    """`facert serve --openai-port`: the endpoint runs in its own process, on loopback, and stops with it."""
+    from runtime.serving.server import free_ports, port_is_free
+
+    http_port, grpc_port, metrics_port, openai_port = free_ports(4)
+    cmd = [sys.executable, "-m", "runtime.cli", "serve", "--model-repository", str(ep.server.repository),
+           "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+           "--openai-port", str(openai_port), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "ready:" in line:
+                break
+        assert any(f"OpenAI http://127.0.0.1:{openai_port}/v1" in ln for ln in lines), "".join(lines)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{openai_port}/v1", api_key="unused", max_retries=0)
+        got = client.chat.completions.create(model="faceinsight", messages=[user_turn([face_png])], max_tokens=3)
+        assert got.choices[0].finish_reason == "length" and got.usage.completion_tokens == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0, "".join(lines)
+    assert all(port_is_free("127.0.0.1", p) for p in (http_port, grpc_port, metrics_port, openai_port))
+
+
+def test_facert_serve_refuses_a_taken_openai_port_before_starting(ep, capsys):
+    from runtime.cli import main
+
+    taken = int(ep.frontend.base_url.rsplit(":", 1)[1].split("/")[0])
+    assert main(["serve", "--model-repository", str(ep.server.repository), "--openai-port", str(taken)]) == 2
+    assert f"OpenAI port {taken} on 127.0.0.1 is taken" in capsys.readouterr().err
