@@ -18,11 +18,12 @@ import json
 import queue
 import uuid
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from runtime.generate import SamplingParams
+if TYPE_CHECKING:  # runtime.generate imports torch, which a client (the OpenAI endpoint's process) does not need
+    from runtime.generate import SamplingParams
 
 ENSEMBLES = ("faceinsight", "facellm")
 
@@ -296,6 +297,8 @@ def ask_remote(url: str, images, question: str | None = None, params: SamplingPa
         raise ValueError(f"protocol must be grpc or http, got {protocol!r}")
     if request_timeout_s is not None and protocol != "grpc":
         raise ValueError("request_timeout_s is sent over gRPC only")
+    from runtime.generate import SamplingParams
+
     params = (params or SamplingParams()).validate()
     req = Request(images, question, messages, max_tiles)
     url = _split_url(url)

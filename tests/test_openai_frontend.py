@@ -146,6 +146,7 @@ def test_whole_and_streamed_answers_equal_the_grpc_answer(ep, face_png):
     assert whole.choices[0].message.content == expected["text"]
     assert whole.choices[0].finish_reason == expected["finish_reason"]
     assert whole.usage.completion_tokens == len(expected["token_ids"])
+    assert whole.usage.prompt_tokens == expected["prompt_tokens"] > 0
     # facert's extras: the attributes after the constraint step and the per-stage timings
     extras = whole.facert
     assert extras["attributes"] == pytest.approx(expected["attributes"], rel=1e-6)
@@ -167,6 +168,57 @@ def test_whole_and_streamed_answers_equal_the_grpc_answer(ep, face_png):
     assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == len(expected["token_ids"])
     assert all(c.usage is None for c in chunks[:-1])
     assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_two_images_equal_the_grpc_answer(ep, face_images):
+    """Several images in one user turn, in order: the same answer as gRPC's IMAGE list."""
+    images = face_images[:2]
+    params = SamplingParams(max_new_tokens=MAX_TOKENS)
+    expected = ask_remote(ep.server.grpc_url, images, "Are these the same person?", params, stream=True)
+    swapped = ask_remote(ep.server.grpc_url, images[::-1], "Are these the same person?", params, stream=True)
+    assert expected["token_ids"] != swapped["token_ids"], "the order of the images should matter"
+    got = ep.client().chat.completions.create(model="faceinsight", messages=[user_turn(images, "Are these the same "
+                                                                                              "person?")],
+                                              max_tokens=MAX_TOKENS)
+    assert got.choices[0].message.content == expected["text"]
+    assert got.usage.prompt_tokens == expected["prompt_tokens"]
+    assert len(got.facert["images"]) == 2
+    for mine, theirs in zip(got.facert["images"], expected["image_attributes"]):
+        assert mine["attributes"] == pytest.approx(theirs["attributes"], rel=1e-6)
+
+
+def test_system_message_and_earlier_turns_go_through_the_chat_template(ep, face_png):
+    """A system message and earlier turns are the conversation the model's chat template renders: the
+    answer equals gRPC's MESSAGES answer for the same conversation, and the system message counts."""
+    conversation = [
+        {"role": "system", "content": "You are a careful face analyst. Answer briefly."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+        {"role": "assistant", "content": "A person in a space suit."},
+        {"role": "user", "content": [{"type": "text", "text": "Is the person smiling?"}]},
+    ]
+    params = SamplingParams(max_new_tokens=MAX_TOKENS)
+    expected = ask_remote(ep.server.grpc_url, [face_png], params=params, messages=conversation, stream=True)
+    without_system = ask_remote(ep.server.grpc_url, [face_png], params=params, messages=conversation[1:])
+    assert expected["prompt_tokens"] > without_system["prompt_tokens"]
+
+    openai_conversation = [
+        {"role": "system", "content": conversation[0]["content"]},
+        user_turn([face_png]),
+        {"role": "assistant", "content": conversation[2]["content"]},
+        {"role": "user", "content": "Is the person smiling?"},  # a plain string: the same as one text part
+    ]
+    client = ep.client()
+    got = client.chat.completions.create(model="faceinsight", messages=openai_conversation, max_tokens=MAX_TOKENS)
+    assert got.choices[0].message.content == expected["text"]
+    assert got.usage.prompt_tokens == expected["prompt_tokens"]
+    assert got.usage.total_tokens == expected["prompt_tokens"] + len(expected["token_ids"])
+    # OpenAI's newer name for the system role reads the same
+    openai_conversation[0]["role"] = "developer"
+    got = client.chat.completions.create(model="faceinsight", messages=openai_conversation, max_tokens=MAX_TOKENS,
+                                         stream=True, stream_options={"include_usage": True})
+    chunks = list(got)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected["text"]
+    assert chunks[-1].usage.prompt_tokens == expected["prompt_tokens"]
 
 
 def test_stream_is_server_sent_events_ending_with_done(ep, face_png):
@@ -213,14 +265,18 @@ def test_models_and_health(ep):
 def test_stop_string_cuts_the_answer_and_stops_the_generation(ep, face_png):
     client = ep.client()
     messages = [user_turn([face_png])]
-    full = client.chat.completions.create(model="faceinsight", messages=messages, max_tokens=40).choices[0]
-    text = full.message.content
-    stop = text[12:15]
-    assert len(text) > 20 and stop and stop not in text[:12], "pick a stop string that occurs first at 12"
+    full = client.chat.completions.create(model="faceinsight", messages=messages, max_tokens=40)
+    text = full.choices[0].message.content
+    # a stop string that first occurs some way into the answer: it cuts the answer there
+    at = next(i for i in range(8, len(text) - 3) if text.find(text[i:i + 3]) == i)
+    stop = text[at:at + 3]
     before = facert_metrics(ep)
     cut = client.chat.completions.create(model="faceinsight", messages=messages, max_tokens=40, stop=[stop, "\0"])
-    assert cut.choices[0].message.content == text[:12]
+    assert cut.choices[0].message.content == text[:at]
     assert cut.choices[0].finish_reason == "stop"
+    # the usage counts what was generated up to the cut, and the prompt (told with the first token)
+    assert cut.usage.prompt_tokens == full.usage.prompt_tokens > 0
+    assert 0 < cut.usage.completion_tokens < 40
     # the generation was cancelled, not run to its 40 tokens
     after = wait_for(lambda: (m := facert_metrics(ep))["cancelled"] > before["cancelled"] and m, 30,
                      "the stop string cancelled the generation")
@@ -229,7 +285,7 @@ def test_stop_string_cuts_the_answer_and_stops_the_generation(ep, face_png):
     stream = client.chat.completions.create(model="faceinsight", messages=messages, max_tokens=40, stop=stop,
                                             stream=True)
     chunks = list(stream)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text[:12]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text[:at]
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
@@ -244,6 +300,7 @@ def _error(call) -> openai.APIStatusError:
 
 
 FACE = DEMO_IMAGE.read_bytes()
+SMALL_PNG = _png_header(16, 16)  # a header is all the count check reads
 BAD_REQUESTS = {
     # case: (changes to a good request, status, words of the message)
     "unknown model": ({"model": "gpt-4o"}, 400, "model 'gpt-4o' does not exist; this server serves 'faceinsight'"),
@@ -262,8 +319,11 @@ BAD_REQUESTS = {
     "undecodable image": ({"messages": [user_turn([b"GIF89a but not really"])]}, 400, "cannot decode image"),
     "image over the pixel bound": ({"messages": [user_turn([_png_header(8000, 6000)])]}, 400,
                                    "8000x6000 = 48000000 pixels, over the 40000000-pixel bound"),
-    "empty question": ({"messages": [user_turn([FACE], "  ")]}, 400, "question is empty"),
+    "prompt over the context": ({"messages": [user_turn([FACE], "x" * 600)]}, 400, "over the model's"),
     "no messages": ({"messages": []}, 400, "messages"),
+    "too many images": ({"messages": [user_turn([SMALL_PNG] * 9)]}, 400, "the request holds 9 images, over the "
+                                                                          "8-image bound"),
+    "no image": ({"messages": [{"role": "user", "content": QUESTION}]}, 400, "the request holds no image"),
     "max_tokens zero": ({"max_tokens": 0}, 400, "max_tokens must be in [1, 4096], got 0"),
     "max_tokens over the context": ({"max_tokens": 5000}, 400, "max_tokens must be in [1, 4096]"),
     "temperature out of range": ({"temperature": 11}, 400, "temperature must be in [0, 10]"),

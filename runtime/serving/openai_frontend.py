@@ -247,14 +247,9 @@ def grpc_inputs(e: EnsembleRequest) -> list:
 
     image = np.empty((1, len(e.images)), dtype=np.object_)
     image[0, :] = e.images
-    # TEMPORARY until MESSAGES lands on main: one user turn [image, text] goes as QUESTION
-    conv = e.messages
-    if (len(conv) == 1 and isinstance(conv[0]["content"], list) and len(conv[0]["content"]) == 2
-            and conv[0]["content"][0] == {"type": "image"} and conv[0]["content"][1]["type"] == "text"):
-        text = tensor("QUESTION", np.array([[conv[0]["content"][1]["text"].encode()]], dtype=np.object_), "BYTES")
-    else:
-        text = tensor("MESSAGES", np.array([[json.dumps(e.messages).encode()]], dtype=np.object_), "BYTES")
-    inputs = [tensor("IMAGE", image, "BYTES"), text, tensor("STREAM", np.array([[True]], np.bool_), "BOOL")]
+    inputs = [tensor("IMAGE", image, "BYTES"),
+              tensor("MESSAGES", np.array([[json.dumps(e.messages).encode()]], dtype=np.object_), "BYTES"),
+              tensor("STREAM", np.array([[True]], np.bool_), "BOOL")]
     for name, value, dtype, np_dtype in (("MAX_TOKENS", e.max_tokens, "INT32", np.int32),
                                          ("TEMPERATURE", e.temperature, "FP32", np.float32),
                                          ("TOP_P", e.top_p, "FP32", np.float32),
@@ -355,6 +350,8 @@ class EnsembleCall:
         ids = result.as_numpy("TOKEN_IDS")
         tokens = 0 if ids is None else int(ids.size)
         self.completion_tokens += tokens
+        timings = json.loads(_str(result.as_numpy("TIMINGS")) or "{}")  # the first token's and the last response's
+        self.prompt_tokens = timings.pop("prompt_tokens", self.prompt_tokens)
         text = self.cutter.push(_str(result.as_numpy("TEXT")))
         if self.cutter.stopped:  # the answer ends here: stop generating
             self.cancel()
@@ -365,8 +362,6 @@ class EnsembleCall:
         self.done = True
         text += self.cutter.flush()
         attributes = _str(result.as_numpy("ATTRIBUTES"))
-        timings = json.loads(_str(result.as_numpy("TIMINGS")) or "{}")
-        self.prompt_tokens = timings.pop("prompt_tokens", None)
         extras = {"attributes": None, "attributes_raw": None, "constraints_fired": [], "timings": timings}
         if attributes and attributes != "null":
             extras.update(json.loads(attributes))

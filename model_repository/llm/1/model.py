@@ -143,7 +143,10 @@ class TritonPythonModel(Step):
         piece = stream.push(token)
         a.emitted.append(piece)
         if a.stream and not a.ended:
-            a.sender.send(self._response(a, piece, [token]))
+            # the first token's response carries the prompt's length too, so that a client that stops
+            # reading before the end (the OpenAI endpoint at a stop string) still has it for its usage
+            first = {"prompt_tokens": a.timings["prompt_tokens"]} if len(a.emitted) == 1 else None
+            a.sender.send(self._response(a, piece, [token], timings=first))
 
     def _fail(self, a: Active, response, outcome: str = "error") -> None:
         """Close the request with an error response."""

@@ -59,5 +59,7 @@ class TritonPythonModel(PerRequestStep):
             if received_at is not None:
                 t["total_ms"] = (time.time() - received_at) * 1e3
             timings = json.dumps(t)
+        else:  # a token's: empty, or the prompt's length on the first
+            timings = bytes(x["TIMINGS"].reshape(-1)[0]).decode()
         return {"TEXT_OUT": x["TEXT"], "TOKEN_IDS_OUT": x["TOKEN_IDS"], "FINISH_REASON_OUT": x["FINISH_REASON"],
                 "ATTRIBUTES": bytes_tensor([attributes]), "TIMINGS_OUT": bytes_tensor([timings])}
