@@ -23,9 +23,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import openai
 import pytest
-
-openai = pytest.importorskip("openai")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not an installed package
 

@@ -1,0 +1,213 @@
+"""What the OpenAI-compatible endpoint adds to a request, against the same request over gRPC.
+
+    .venv/bin/python benchmarks/openai_overhead.py [--spec tiny] [--requests 200] [--runs 3] [--max-tokens 16]
+        [--out benchmarks/results/DATE-openai-overhead] [--shared "what else ran on the machine"]
+
+Starts tritonserver on a fresh checkpoint of --spec (seeded, built in a temporary folder) and the
+endpoint in its own process (runtime.serving.openai_frontend.FrontendProcess, as `facert serve
+--openai-port` does), then sends the same workload both ways, one request at a time, alternating
+(gRPC then OpenAI, then OpenAI then gRPC, ...) so that both see the same machine: the astronaut
+photo and one question, MAX_TOKENS new tokens, greedy, streamed (gRPC: the ensemble's stream with
+STREAM=true, tritonclient.grpc.aio, one stream per request on one channel; OpenAI: `POST
+/v1/chat/completions` with the image as a data URL, `stream: true`, on one keep-alive connection,
+aiohttp). Both clients are benchmarks/loadgen.py's.
+
+Reported per run: request latency and TTFT p50/p99 per protocol; the added latency as the
+difference of the p50s and of the p99s, and as the p50/p99 of the paired differences (each OpenAI
+request against the gRPC request next to it); and the endpoint process's CPU time per request
+(from /proc, which the other load on the machine hardly changes). Writes results.json and
+README.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.loadgen import RequestRecord, _openai_user, _user, openai_body  # noqa: E402
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14 and 15)
+
+
+def pct(values, p) -> float:
+    return round(float(np.percentile(np.asarray(values, dtype=np.float64), p)), 2)
+
+
+async def paired_run(grpc_url: str, openai_url: str, model: str, image: bytes, question: str, max_tokens: int,
+                     requests: int, warmup: int, frontend_pid: int) -> dict:
+    """`requests` pairs, alternating which protocol goes first; returns the run's figures."""
+    import aiohttp
+    import tritonclient.grpc.aio as aioclient
+
+    from runtime.client import Request, _grpc_inputs
+    from runtime.generate import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_tokens).validate()
+    body = openai_body(model, image, question, max_tokens)
+    grpc_client = aioclient.InferenceServerClient(grpc_url)
+    records = {"grpc": [], "openai": []}
+
+    def once():
+        left = [1]
+
+        def claim():
+            left[0] -= 1
+            return left[0] >= 0
+        return claim
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1),
+                                     timeout=aiohttp.ClientTimeout(total=300)) as session:
+        async def one(protocol: str, into: list) -> None:
+            if protocol == "grpc":
+                await _user(grpc_client, model, lambda: _grpc_inputs(Request([image], question), params, True),
+                            once(), into)
+            else:
+                await _openai_user(session, openai_url, body, once(), into)
+
+        try:
+            for _ in range(warmup):
+                await one("grpc", [])
+                await one("openai", [])
+            cpu0, t0 = cpu_seconds(frontend_pid), time.perf_counter()
+            for i in range(requests):
+                for protocol in (("grpc", "openai") if i % 2 == 0 else ("openai", "grpc")):
+                    await one(protocol, records[protocol])
+            cpu_s, wall_s = cpu_seconds(frontend_pid) - cpu0, time.perf_counter() - t0
+        finally:
+            await grpc_client.close()
+    bad = [r.error or "no answer" for rs in records.values() for r in rs if not r.ok]
+    if bad:
+        raise RuntimeError(f"{len(bad)} requests failed; first: {bad[0]}")
+    lat = {p: [(r.done - r.sent) * 1e3 for r in rs] for p, rs in records.items()}
+    ttft = {p: [(r.token_times[0] - r.sent) * 1e3 for r in rs] for p, rs in records.items()}
+    tokens = {p: sorted({r.tokens for r in rs}) for p, rs in records.items()}
+    diffs = [o - g for o, g in zip(lat["openai"], lat["grpc"])]
+    row = {"pairs": requests, "wall_s": round(wall_s, 1), "output_tokens": tokens}
+    for p in ("grpc", "openai"):
+        row[f"{p}_latency_p50_ms"], row[f"{p}_latency_p99_ms"] = pct(lat[p], 50), pct(lat[p], 99)
+        row[f"{p}_ttft_p50_ms"] = pct(ttft[p], 50)
+    row["added_p50_ms"] = round(row["openai_latency_p50_ms"] - row["grpc_latency_p50_ms"], 2)
+    row["added_p99_ms"] = round(row["openai_latency_p99_ms"] - row["grpc_latency_p99_ms"], 2)
+    row["paired_diff_p50_ms"], row["paired_diff_p99_ms"] = pct(diffs, 50), pct(diffs, 99)
+    row["frontend_cpu_ms_per_request"] = round(cpu_s * 1e3 / requests, 2)
+    return row
+
+
+def machine() -> dict:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("fastapi", "uvicorn", "starlette", "pydantic", "tritonclient", "grpcio", "aiohttp")}
+
+
+def main(argv=None) -> int:
+    from runtime.checkpoint import init_checkpoint
+    from runtime.cli import DEMO_IMAGE, DEMO_QUESTION
+    from runtime.serving.openai_frontend import FrontendProcess
+    from runtime.serving.repo import fill_repository
+    from runtime.serving.server import TritonServer, free_ports
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--spec", default="tiny", help="model spec of the seeded checkpoint (default tiny)")
+    ap.add_argument("--requests", type=int, default=200, help="pairs per run (default 200)")
+    ap.add_argument("--runs", type=int, default=3, help="runs (default 3)")
+    ap.add_argument("--warmup", type=int, default=3, help="unmeasured pairs before each run (default 3)")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--question", default=DEMO_QUESTION)
+    ap.add_argument("--out", help="results folder (default: print only)")
+    ap.add_argument("--shared", default="", help="what else ran on the machine, for the record")
+    args = ap.parse_args(argv)
+    say = lambda m: print(f"[openai-overhead] {m}", file=sys.stderr, flush=True)  # noqa: E731
+    image = DEMO_IMAGE.read_bytes()
+    load_before = os.getloadavg()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="facert-openai-") as tmp:
+        ckpt = init_checkpoint(args.spec, Path(tmp) / args.spec, seed=0, progress=lambda m: None)
+        fill_repository(Path(tmp) / "repo", checkpoint=ckpt)
+        http_port, grpc_port, metrics_port, openai_port = free_ports(4)
+        say(f"starting tritonserver on the {args.spec} checkpoint")
+        with TritonServer(Path(tmp) / "repo", http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                          log=lambda _l: None, provision_log=say) as server, \
+                FrontendProcess(server.grpc_url, port=openai_port, log=lambda _l: None) as frontend:
+            from runtime.client import find_model
+
+            model = find_model(server.grpc_url)
+            openai_url = frontend.base_url.split("//", 1)[1].split("/", 1)[0]
+            for run in range(args.runs):
+                row = asyncio.run(paired_run(server.grpc_url, openai_url, model, image, args.question,
+                                             args.max_tokens, args.requests, args.warmup, frontend.proc.pid))
+                row["run"] = run + 1
+                say(json.dumps(row))
+                runs.append(row)
+    load_after = os.getloadavg()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    result = {"what": "added latency of the OpenAI-compatible endpoint against gRPC, same workload",
+              "command": "python benchmarks/openai_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+              "machine": machine(), "versions": versions(), "load_average_before": load_before,
+              "load_average_after": load_after, "shared": args.shared, "spec": args.spec,
+              "max_tokens": args.max_tokens, "image_bytes": len(image), "runs": runs}
+    table = report(result)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "README.md").write_text(table)
+        say(f"wrote {out}/results.json and README.md")
+    return 0
+
+
+def report(r: dict) -> str:
+    from benchmarks.report import md_table
+
+    header = ["run", "pairs", "gRPC latency p50 / p99 ms", "OpenAI latency p50 / p99 ms", "added p50 ms",
+              "added p99 ms", "paired difference p50 / p99 ms", "TTFT p50 gRPC / OpenAI ms", "endpoint CPU ms/request"]
+    rows = [[x["run"], x["pairs"], f"{x['grpc_latency_p50_ms']} / {x['grpc_latency_p99_ms']}",
+             f"{x['openai_latency_p50_ms']} / {x['openai_latency_p99_ms']}", x["added_p50_ms"], x["added_p99_ms"],
+             f"{x['paired_diff_p50_ms']} / {x['paired_diff_p99_ms']}", f"{x['grpc_ttft_p50_ms']} / {x['openai_ttft_p50_ms']}",
+             x["frontend_cpu_ms_per_request"]] for x in r["runs"]]
+    m = r["machine"]
+    return (f"# OpenAI endpoint overhead against gRPC\n\n"
+            f"`{r['command']}` at commit {r['commit']}, {r['date']}, on {m['cpu']} ({m['cores']} cores, "
+            f"{m['memory_gb']} GB), Python {m['python']}; {', '.join(f'{k} {v}' for k, v in r['versions'].items())}.\n\n"
+            f"Workload: the `{r['spec']}` checkpoint (seeded) served by tritonserver 2.51 on CPU; the astronaut photo "
+            f"({r['image_bytes']} bytes of PNG), one question, {r['max_tokens']} new tokens, greedy, streamed; one "
+            f"request at a time, gRPC and OpenAI alternating. The machine was shared: load average "
+            f"{', '.join(f'{x:.1f}' for x in r['load_average_before'])} before and "
+            f"{', '.join(f'{x:.1f}' for x in r['load_average_after'])} after (1, 5, 15 min)"
+            f"{'; ' + r['shared'] if r['shared'] else ''}.\n\n" + md_table(header, rows) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
