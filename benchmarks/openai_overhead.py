@@ -15,8 +15,8 @@ aiohttp). Both clients are benchmarks/loadgen.py's.
 Reported per run: request latency and TTFT p50/p99 per protocol; the added latency as the
 difference of the p50s and of the p99s, and as the p50/p99 of the paired differences (each OpenAI
 request against the gRPC request next to it); and the endpoint process's CPU time per request
-(from /proc, which the other load on the machine hardly changes). Writes results.json and
-README.md under --out.
+(from /proc, less what it spends idle, measured for 10 s before each run); the other load on the
+machine disturbs it much less than the latencies. Writes results.json and README.md under --out.
 """
 
 from __future__ import annotations
@@ -89,6 +89,10 @@ async def paired_run(grpc_url: str, openai_url: str, model: str, image: bytes, q
             for _ in range(warmup):
                 await one("grpc", [])
                 await one("openai", [])
+            # what the endpoint's process spends doing nothing (uvicorn's and gRPC's timers), to subtract
+            idle0, i0 = cpu_seconds(frontend_pid), time.perf_counter()
+            await asyncio.sleep(10)
+            idle_per_s = (cpu_seconds(frontend_pid) - idle0) / (time.perf_counter() - i0)
             cpu0, t0 = cpu_seconds(frontend_pid), time.perf_counter()
             for i in range(requests):
                 for protocol in (("grpc", "openai") if i % 2 == 0 else ("openai", "grpc")):
@@ -110,7 +114,8 @@ async def paired_run(grpc_url: str, openai_url: str, model: str, image: bytes, q
     row["added_p50_ms"] = round(row["openai_latency_p50_ms"] - row["grpc_latency_p50_ms"], 2)
     row["added_p99_ms"] = round(row["openai_latency_p99_ms"] - row["grpc_latency_p99_ms"], 2)
     row["paired_diff_p50_ms"], row["paired_diff_p99_ms"] = pct(diffs, 50), pct(diffs, 99)
-    row["frontend_cpu_ms_per_request"] = round(cpu_s * 1e3 / requests, 2)
+    row["frontend_idle_cpu_ms_per_s"] = round(idle_per_s * 1e3, 2)
+    row["frontend_cpu_ms_per_request"] = round((cpu_s - idle_per_s * wall_s) * 1e3 / requests, 2)
     return row
 
 
