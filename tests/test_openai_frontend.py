@@ -288,6 +288,19 @@ def test_stop_string_cuts_the_answer_and_stops_the_generation(ep, face_png):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_stop_cutter_holds_back_what_could_begin_a_stop_string():
+    from runtime.serving.openai_frontend import StopCutter
+
+    cut = StopCutter(["END", "\n\n"])
+    assert [cut.push(p) for p in ("Hello E", "N", "ough; E", "ND and more")] == ["Hello ", "", "ENough; ", ""]
+    assert cut.stopped  # "END" spanned two pieces; the text stops before it
+    cut = StopCutter(["xyz", "yz"])
+    assert cut.push("abxy") == "ab" and cut.push("z!") == "x" and cut.stopped  # the earliest stop wins
+    cut = StopCutter(["<stop>"])
+    assert cut.push("a <st") == "a " and not cut.stopped and cut.flush() == "<st"  # ended by itself: all of it
+    assert StopCutter([]).push("anything") == "anything"
+
+
 # ------------------------------------------------------------------------------------ errors
 
 def _error(call) -> openai.APIStatusError:

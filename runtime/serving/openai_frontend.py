@@ -28,7 +28,8 @@ Errors are OpenAI's error JSON, `{"error": {"message", "type", "param", "code"}}
 input (the request's own shape here, the image, the prompt and the parameters' ranges as the
 ensemble's preprocessing step says), 413 for a body over --max-body-mb, 429 when a queue of the
 server is full (retry later), 503 when the server or the model is not available, 504 for a
-request timeout; a client that goes away has its generation cancelled (499 in the access log).
+request timeout, 500 for a failure inside a step; a client that goes away has its generation
+cancelled (499 in the access log).
 An error after the first streamed token can only travel in the stream: a `data: {"error": ...}`
 event, then `data: [DONE]`.
 """
@@ -299,7 +300,6 @@ class StopCutter:
 @dataclass
 class Piece:
     text: str  # what the client may see now (stop strings applied)
-    tokens: int  # tokens generated with it
     finish: str = ""  # stop / length on the last piece
     extras: dict | None = None  # the last piece's attributes and timings
 
@@ -348,24 +348,23 @@ class EnsembleCall:
             self.done = True
             raise upstream_error(error.message())
         ids = result.as_numpy("TOKEN_IDS")
-        tokens = 0 if ids is None else int(ids.size)
-        self.completion_tokens += tokens
+        self.completion_tokens += 0 if ids is None else int(ids.size)
         timings = json.loads(_str(result.as_numpy("TIMINGS")) or "{}")  # the first token's and the last response's
         self.prompt_tokens = timings.pop("prompt_tokens", self.prompt_tokens)
         text = self.cutter.push(_str(result.as_numpy("TEXT")))
         if self.cutter.stopped:  # the answer ends here: stop generating
             self.cancel()
-            return Piece(text, tokens, "stop")
+            return Piece(text, "stop")
         finish = _str(result.as_numpy("FINISH_REASON"))
         if not finish:
-            return Piece(text, tokens)
+            return Piece(text)
         self.done = True
         text += self.cutter.flush()
         attributes = _str(result.as_numpy("ATTRIBUTES"))
         extras = {"attributes": None, "attributes_raw": None, "constraints_fired": [], "timings": timings}
         if attributes and attributes != "null":
             extras.update(json.loads(attributes))
-        return Piece(text, tokens, finish, extras)
+        return Piece(text, finish, extras)
 
     def cancel(self) -> None:
         """Close the stream (the server cancels the request if it is still running)."""
@@ -546,19 +545,19 @@ def create_app(grpc_url: str, model: str | None = None, max_body_mb: float = DEF
             while not piece.finish:
                 piece = await call.next()
                 text.append(piece.text)
-            return Piece("".join(text), 0, piece.finish, piece.extras)
+            return Piece("".join(text), piece.finish, piece.extras)
 
         try:
             answer = await _unless_disconnected(request, whole())
         finally:
             call.cancel()
-        body = {"id": cid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text, "refusal": None},
-                             "logprobs": None, "finish_reason": answer.finish}],
-                "usage": call.usage()}
+        completion = {"id": cid, "object": "chat.completion", "created": created, "model": model,
+                      "choices": [{"index": 0, "logprobs": None, "finish_reason": answer.finish,
+                                   "message": {"role": "assistant", "content": answer.text, "refusal": None}}],
+                      "usage": call.usage()}
         if answer.extras is not None:
-            body["facert"] = answer.extras
-        return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+            completion["facert"] = answer.extras
+        return Response(json.dumps(completion, separators=(",", ":")), media_type="application/json")
 
     return app
 
