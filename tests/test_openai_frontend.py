@@ -295,7 +295,7 @@ def test_stop_cutter_holds_back_what_could_begin_a_stop_string():
     assert [cut.push(p) for p in ("Hello E", "N", "ough; E", "ND and more")] == ["Hello ", "", "ENough; ", ""]
     assert cut.stopped  # "END" spanned two pieces; the text stops before it
     cut = StopCutter(["xyz", "yz"])
-    assert cut.push("abxy") == "ab" and cut.push("z!") == "x" and cut.stopped  # the earliest stop wins
+    assert cut.push("abxy") == "ab" and cut.push("z!") == "" and cut.stopped  # at "xyz", the earliest: not "abx"
     cut = StopCutter(["<stop>"])
     assert cut.push("a <st") == "a " and not cut.stopped and cut.flush() == "<st"  # ended by itself: all of it
     assert StopCutter([]).push("anything") == "anything"
