@@ -15,8 +15,8 @@ aiohttp). Both clients are benchmarks/loadgen.py's.
 Reported per run: request latency and TTFT p50/p99 per protocol; the added latency as the
 difference of the p50s and of the p99s, and as the p50/p99 of the paired differences (each OpenAI
 request against the gRPC request next to it); and the endpoint process's CPU time per request
-(from /proc, less what it spends idle, measured for 10 s before each run); the other load on the
-machine disturbs it much less than the latencies. Writes results.json and README.md under --out.
+(its main thread's, from /proc, less what it spends idle, measured for 20 s before and after each
+run); the other load on the machine disturbs it much less than the latencies. Writes results.json and README.md under --out.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -45,8 +46,9 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """User + system CPU time so far of a process's main thread (the event loop: the endpoint's work;
+    gRPC's own threads spend next to nothing, measured here)."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14 and 15)
 
 
@@ -54,8 +56,15 @@ def pct(values, p) -> float:
     return round(float(np.percentile(np.asarray(values, dtype=np.float64), p)), 2)
 
 
+async def idle_cpu_per_s(pid: int, seconds: float) -> float:
+    """CPU seconds per second the process's main thread spends while no request is sent."""
+    cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+    await asyncio.sleep(seconds)
+    return (cpu_seconds(pid) - cpu0) / (time.perf_counter() - t0)
+
+
 async def paired_run(grpc_url: str, openai_url: str, model: str, image: bytes, question: str, max_tokens: int,
-                     requests: int, warmup: int, frontend_pid: int) -> dict:
+                     requests: int, warmup: int, frontend_pid: int, idle_s: float = 20.0) -> dict:
     """`requests` pairs, alternating which protocol goes first; returns the run's figures."""
     import aiohttp
     import tritonclient.grpc.aio as aioclient
@@ -89,15 +98,13 @@ async def paired_run(grpc_url: str, openai_url: str, model: str, image: bytes, q
             for _ in range(warmup):
                 await one("grpc", [])
                 await one("openai", [])
-            # what the endpoint's process spends doing nothing (uvicorn's and gRPC's timers), to subtract
-            idle0, i0 = cpu_seconds(frontend_pid), time.perf_counter()
-            await asyncio.sleep(10)
-            idle_per_s = (cpu_seconds(frontend_pid) - idle0) / (time.perf_counter() - i0)
+            idle_before = await idle_cpu_per_s(frontend_pid, idle_s)
             cpu0, t0 = cpu_seconds(frontend_pid), time.perf_counter()
             for i in range(requests):
                 for protocol in (("grpc", "openai") if i % 2 == 0 else ("openai", "grpc")):
                     await one(protocol, records[protocol])
             cpu_s, wall_s = cpu_seconds(frontend_pid) - cpu0, time.perf_counter() - t0
+            idle_after = await idle_cpu_per_s(frontend_pid, idle_s)
         finally:
             await grpc_client.close()
     bad = [r.error or "no answer" for rs in records.values() for r in rs if not r.ok]
@@ -114,8 +121,12 @@ async def paired_run(grpc_url: str, openai_url: str, model: str, image: bytes, q
     row["added_p50_ms"] = round(row["openai_latency_p50_ms"] - row["grpc_latency_p50_ms"], 2)
     row["added_p99_ms"] = round(row["openai_latency_p99_ms"] - row["grpc_latency_p99_ms"], 2)
     row["paired_diff_p50_ms"], row["paired_diff_p99_ms"] = pct(diffs, 50), pct(diffs, 99)
-    row["frontend_idle_cpu_ms_per_s"] = round(idle_per_s * 1e3, 2)
+    # the endpoint's own work per request: its CPU time in the run less what it spends idle (uvicorn's
+    # and gRPC's timers) over as long, at the idle rate measured before and after the run
+    idle_per_s = (idle_before + idle_after) / 2
+    row["frontend_idle_cpu_ms_per_s"] = [round(idle_before * 1e3, 2), round(idle_after * 1e3, 2)]
     row["frontend_cpu_ms_per_request"] = round((cpu_s - idle_per_s * wall_s) * 1e3 / requests, 2)
+    row["frontend_cpu_ms_per_request_gross"] = round(cpu_s * 1e3 / requests, 2)
     return row
 
 
@@ -129,7 +140,8 @@ def machine() -> dict:
 def versions() -> dict:
     from importlib.metadata import version
 
-    return {p: version(p) for p in ("fastapi", "uvicorn", "starlette", "pydantic", "tritonclient", "grpcio", "aiohttp")}
+    return {p: version(p) for p in ("fastapi", "uvicorn", "starlette", "pydantic", "pybase64", "tritonclient", "grpcio",
+                                         "aiohttp")}
 
 
 def main(argv=None) -> int:
@@ -151,6 +163,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="results folder (default: print only)")
     ap.add_argument("--shared", default="", help="what else ran on the machine, for the record")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run stops its server and endpoint too
     say = lambda m: print(f"[openai-overhead] {m}", file=sys.stderr, flush=True)  # noqa: E731
     image = DEMO_IMAGE.read_bytes()
     load_before = os.getloadavg()
@@ -197,11 +210,13 @@ def report(r: dict) -> str:
     from benchmarks.report import md_table
 
     header = ["run", "pairs", "gRPC latency p50 / p99 ms", "OpenAI latency p50 / p99 ms", "added p50 ms",
-              "added p99 ms", "paired difference p50 / p99 ms", "TTFT p50 gRPC / OpenAI ms", "endpoint CPU ms/request"]
+              "added p99 ms", "paired difference p50 / p99 ms", "TTFT p50 gRPC / OpenAI ms",
+              "endpoint CPU ms/request, net of idle (gross)", "endpoint idle CPU ms/s before / after"]
     rows = [[x["run"], x["pairs"], f"{x['grpc_latency_p50_ms']} / {x['grpc_latency_p99_ms']}",
              f"{x['openai_latency_p50_ms']} / {x['openai_latency_p99_ms']}", x["added_p50_ms"], x["added_p99_ms"],
              f"{x['paired_diff_p50_ms']} / {x['paired_diff_p99_ms']}", f"{x['grpc_ttft_p50_ms']} / {x['openai_ttft_p50_ms']}",
-             x["frontend_cpu_ms_per_request"]] for x in r["runs"]]
+             f"{x['frontend_cpu_ms_per_request']} ({x['frontend_cpu_ms_per_request_gross']})",
+             " / ".join(str(v) for v in x["frontend_idle_cpu_ms_per_s"])] for x in r["runs"]]
     m = r["machine"]
     return (f"# OpenAI endpoint overhead against gRPC\n\n"
             f"`{r['command']}` at commit {r['commit']}, {r['date']}, on {m['cpu']} ({m['cores']} cores, "
