@@ -16,7 +16,8 @@ Reported per run: request latency and TTFT p50/p99 per protocol; the added laten
 difference of the p50s and of the p99s, and as the p50/p99 of the paired differences (each OpenAI
 request against the gRPC request next to it); and the endpoint process's CPU time per request
 (its main thread's, from /proc, less what it spends idle, measured for 20 s before and after each
-run); the other load on the machine disturbs it much less than the latencies. Writes results.json and README.md under --out.
+run); the other load on the machine disturbs it much less than the latencies. Writes results.json
+and README.md under --out.
 """
 
 from __future__ import annotations
@@ -140,8 +141,8 @@ def machine() -> dict:
 def versions() -> dict:
     from importlib.metadata import version
 
-    return {p: version(p) for p in ("fastapi", "uvicorn", "starlette", "pydantic", "pybase64", "tritonclient", "grpcio",
-                                         "aiohttp")}
+    return {p: version(p) for p in ("fastapi", "uvicorn", "starlette", "pydantic", "pybase64", "tritonclient",
+                                    "grpcio", "aiohttp")}
 
 
 def main(argv=None) -> int:
@@ -214,13 +215,15 @@ def report(r: dict) -> str:
               "endpoint CPU ms/request, net of idle (gross)", "endpoint idle CPU ms/s before / after"]
     rows = [[x["run"], x["pairs"], f"{x['grpc_latency_p50_ms']} / {x['grpc_latency_p99_ms']}",
              f"{x['openai_latency_p50_ms']} / {x['openai_latency_p99_ms']}", x["added_p50_ms"], x["added_p99_ms"],
-             f"{x['paired_diff_p50_ms']} / {x['paired_diff_p99_ms']}", f"{x['grpc_ttft_p50_ms']} / {x['openai_ttft_p50_ms']}",
+             f"{x['paired_diff_p50_ms']} / {x['paired_diff_p99_ms']}",
+             f"{x['grpc_ttft_p50_ms']} / {x['openai_ttft_p50_ms']}",
              f"{x['frontend_cpu_ms_per_request']} ({x['frontend_cpu_ms_per_request_gross']})",
              " / ".join(str(v) for v in x["frontend_idle_cpu_ms_per_s"])] for x in r["runs"]]
     m = r["machine"]
+    libs = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
     return (f"# OpenAI endpoint overhead against gRPC\n\n"
             f"`{r['command']}` at commit {r['commit']}, {r['date']}, on {m['cpu']} ({m['cores']} cores, "
-            f"{m['memory_gb']} GB), Python {m['python']}; {', '.join(f'{k} {v}' for k, v in r['versions'].items())}.\n\n"
+            f"{m['memory_gb']} GB), Python {m['python']}; {libs}.\n\n"
             f"Workload: the `{r['spec']}` checkpoint (seeded) served by tritonserver 2.51 on CPU; the astronaut photo "
             f"({r['image_bytes']} bytes of PNG), one question, {r['max_tokens']} new tokens, greedy, streamed; one "
             f"request at a time, gRPC and OpenAI alternating. The machine was shared: load average "

@@ -2,7 +2,7 @@
 
   facert repo  --checkpoint DIR | --engines DIR --out DIR [--target portable|native]
   facert serve --model-repository DIR [--host 127.0.0.1] [--grpc-port 8001] [--http-port 8000] [--metrics-port 8002]
-               [--openai-port 9000]    (an OpenAI-compatible chat endpoint beside it: runtime/serving/openai_frontend.py)
+               [--openai-port 9000]    (+ an OpenAI-compatible chat endpoint: runtime/serving/openai_frontend.py)
 
 Native target, on a GPU host, inside NVIDIA's Triton + TensorRT-LLM container (it has TensorRT,
 TensorRT-LLM and the tensorrtllm, onnxruntime and tensorrt backends; facert is installed into it

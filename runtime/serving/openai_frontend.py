@@ -571,7 +571,8 @@ class FrontendError(RuntimeError):
 class FrontendProcess:
     """The endpoint in its own process beside tritonserver (`facert serve --openai-port`).
 
-    `start()` returns once it answers /health (200, or 503 while its server is not ready); `check()` starts it again if it died; `stop()` ends it.
+    `start()` returns once it answers /health (200, or 503 while its server is not ready); `check()`
+    starts it again if it died; `stop()` ends it.
     Its log lines go to `log` (default stderr)."""
 
     def __init__(self, grpc_url: str, host: str = "127.0.0.1", port: int = 9000, model: str | None = None,
