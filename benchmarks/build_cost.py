@@ -12,8 +12,9 @@ For one checkpoint (written with `facert init` into --work unless it is there al
   wall s         the child's wall time
   folder bytes   the engines folder's size (every file), and peak RSS / folder bytes
 
-With --ask it then times `facert ask --engines` twice (load + a 4-token answer): the first load
-hashes every file of the folder, the second reads the verification cache.
+With --ask it then times `facert ask --engines` (load + a 4-token answer) three times: with
+`--verify full` (every byte of the folder hashed, as every load did before hashes were recorded),
+then twice with the default `--verify cached` (the build recorded the hashes of what it wrote).
 
 --code DIR runs another checkout's facert (e.g. main, to measure the previous build at the same
 size). Results are appended to DIR/results.json (one record per run) and DIR/README.md is
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         record["peak_over_folder"] = round(record["peak_rss_bytes"] / record["folder_bytes"], 2)
         record["peak_over_checkpoint"] = round(record["peak_rss_bytes"] / record["checkpoint_bytes"], 2)
         if args.ask:
-            record["ask"] = [_time_ask(facert, env, engines) for _ in range(2)]
+            record["ask"] = [_time_ask(facert, env, engines, mode) for mode in ("full", "cached", "cached")]
     print(json.dumps({k: v for k, v in record.items() if not k.endswith("_tail")}, indent=2))
 
     path = results / "results.json"
@@ -168,12 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     return measured["returncode"]
 
 
-def _time_ask(facert: list[str], env: dict, engines: Path) -> dict:
+def _time_ask(facert: list[str], env: dict, engines: Path, verify: str) -> dict:
     cmd = [*facert, "ask", str(IMAGE), "Describe this face.", "--engines", str(engines), "--max-tokens", "4",
-           "--json"]
+           "--json", "--verify", verify]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    return {"command": shlex.join(cmd), "returncode": done.returncode, "wall_s": round(time.perf_counter() - t0, 1)}
+    return {"command": shlex.join(cmd), "verify": verify, "returncode": done.returncode,
+            "wall_s": round(time.perf_counter() - t0, 1), "stderr_tail": done.stderr[-500:]}
 
 
 def _cpu_model() -> str:
@@ -189,14 +191,14 @@ def _cpu_model() -> str:
 def write_readme(results: Path, records: list[dict]) -> None:
     rows = []
     for r in records:
-        ask = " / ".join(f"{a['wall_s']}" for a in r.get("ask", [])) or "-"
+        ask = " / ".join(f"{a.get('verify', 'cached')} {a['wall_s']}" for a in r.get("ask", [])) or "-"
         rows.append(f"| {r['date'][:16]} | {r['spec']}{' --layers ' + str(r['layers']) if r['layers'] else ''} | "
                     f"{r['precision']} | {r['commit']} | {gib(r['checkpoint_bytes'])} | "
                     f"{gib(r['folder_bytes']) if 'folder_bytes' in r else 'failed'} | {gib(r['peak_rss_bytes'])} | "
                     f"{r.get('peak_over_folder', '-')} | {r['wall_s']} | {r['peak_sampled_step'][:60]} | {ask} | "
                     f"{' '.join(r['machine']['load_average_before'])} |")
     text = (HEADER + "\n| date (UTC) | model | precision | commit | checkpoint GiB | folder GiB | peak RSS GiB | "
-            "peak / folder | wall s | step at the sampled peak | ask --engines s (1st / 2nd) | load avg before |\n"
+            "peak / folder | wall s | step at the sampled peak | ask --engines s (--verify) | load avg before |\n"
             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |\n" + "\n".join(rows) + "\n")
     notes = results / "NOTES.md"
     if notes.exists():

@@ -344,10 +344,13 @@ def _node_count(model: onnx.ModelProto) -> int:
 def _simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     """onnxslim (constant folding, dead-node removal, fusing shape arithmetic); what it changed.
 
-    It runs on the graph as `_trace` gives it, whose weights are still graph inputs (of known shapes):
-    onnxslim reads the values of every initializer it meets (its dead-node pass alone loads them all),
-    so slimming after the weights are attached would hold them in memory again. Nothing it would fold
-    depends on a weight's values, only on the constants of the graph itself."""
+    Graphs with external weights are slimmed as `_trace` gives them, their weights still graph inputs
+    (of known shapes): onnxslim reads the value of every initializer it meets (its dead-node pass alone
+    loads them all), so slimming them with their weights attached would hold those in memory again.
+    It then folds what depends on the graph's own constants and shapes but not what depends on weight
+    values (an RMSNorm gain into the next MatMul's weights, a position-embedding resize); ONNX Runtime
+    and TensorRT fold such initializer-only subgraphs when they load the graph. Measured on the demo
+    model: the LLM graphs come out with the same node counts as when onnxslim saw the weights."""
     import onnxslim
 
     before = _node_count(model)
@@ -513,11 +516,12 @@ def _export_vision_side(model, out_dir: Path, simplify: bool, progress) -> dict[
         t0 = time.perf_counter()
         graph, weights = _trace(module, examples[name], ins, outs, axes)
         entry = {"file": f"{name}.onnx", "kind": "onnx", "opset": OPSET, "data_files": []}
+        inline = sum(t.numel() * t.element_size() for t in weights.values()) < INLINE_GRAPH_BYTES
+        if inline:  # small enough to hold twice: onnxslim may fold what depends on the weights too
+            attach_weights(graph, weights, None)
         if simplify:
             graph, entry["simplify"] = _simplify(graph)
-        if sum(t.numel() * t.element_size() for t in weights.values()) < INLINE_GRAPH_BYTES:
-            attach_weights(graph, weights, None)
-        else:
+        if not inline:
             entry["data_files"] = [f"{name}.onnx.data"]
             with WeightFile(out_dir / entry["data_files"][0]) as data:
                 attach_weights(graph, weights, data)
