@@ -126,7 +126,7 @@ def _check_args(backend: str, precision: str, max_batch: int, out: Path, force: 
 
 def _copy_standalone_files(checkpoint: Path, config: dict, tokenizer, out: Path) -> dict[str, str]:
     """config.json (the model spec) and the tokenizer files; returns {file: sha256}."""
-    from runtime.checkpoint import sha256_file
+    from runtime.file_hashes import file_sha256
 
     src = checkpoint / "config.json"
     if config.get("format") == "facert-checkpoint":
@@ -136,7 +136,7 @@ def _copy_standalone_files(checkpoint: Path, config: dict, tokenizer, out: Path)
     before = {p.name for p in out.iterdir()}
     tokenizer.save_pretrained(str(out))
     names = ["config.json"] + sorted({p.name for p in out.iterdir()} - before)
-    return {name: sha256_file(out / name) for name in names}
+    return {name: file_sha256(out / name, "full") for name in names}
 
 
 def build_engines(checkpoint: str | Path, backend: str, out: str | Path, precision: str | None = None,
@@ -163,18 +163,23 @@ def build_engines(checkpoint: str | Path, backend: str, out: str | Path, precisi
     progress = progress or Progress(steps)
     t0 = time.perf_counter()
     try:
-        progress.step(f"loading {checkpoint} (verifying its checksums)")
-        model, tokenizer, config = load_checkpoint(checkpoint, dtype="fp32")
+        progress.step(f"reading {checkpoint} (verifying its checksums)")
+        # The structure, config and tokenizer now; each part's weights when it is exported (one at a time).
+        skeleton, tokenizer, config = load_checkpoint(checkpoint, dtype="fp32", parts=())
         if expect_spec is not None and config.get("spec") not in (None, expect_spec):
             raise EngineError(f"the recipe is for {expect_spec!r} but {checkpoint} holds {config.get('spec')!r}")
         source = {"path": str(checkpoint.resolve()), "sha256": checkpoint_hash(checkpoint),
                   "spec": config.get("spec"), "family": config["family"]}
+
+        def load(parts: tuple[str, ...] | None):
+            return load_checkpoint(checkpoint, dtype="fp32", verify=False, parts=parts)[0]
+
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
         if backend == "tensorrt-llm":
-            _check_trtllm_model(model, precision, tp_size, pp_size)  # before the export: what TensorRT-LLM cannot build
-        _build_into(out, model, tokenizer, config, checkpoint=checkpoint, source=source, backend=backend,
+            _check_trtllm_model(skeleton, precision, tp_size, pp_size)  # before the export: what TensorRT-LLM cannot build
+        _build_into(out, skeleton, load, tokenizer, config, checkpoint=checkpoint, source=source, backend=backend,
                     precision=precision, max_batch=max_batch, max_new_tokens=max_new_tokens, simplify=simplify,
                     command=command, progress=progress, t0=t0, max_images=max_images, max_tiles=max_tiles,
                     tp_size=tp_size, pp_size=pp_size)
@@ -187,16 +192,17 @@ def build_engines(checkpoint: str | Path, backend: str, out: str | Path, precisi
     return out
 
 
-def _build_into(out: Path, model, tokenizer, config: dict, *, checkpoint: Path, source: dict, backend: str,
-                precision: str, max_batch: int, max_new_tokens: int, simplify: bool, command: str | None,
-                progress: Progress, t0: float, max_images: int = DEFAULT_MAX_IMAGES,
+def _build_into(out: Path, model, load: Callable, tokenizer, config: dict, *, checkpoint: Path, source: dict,
+                backend: str, precision: str, max_batch: int, max_new_tokens: int, simplify: bool,
+                command: str | None, progress: Progress, t0: float, max_images: int = DEFAULT_MAX_IMAGES,
                 max_tiles: int = DEFAULT_MAX_TILES, tp_size: int = 1, pp_size: int = 1) -> None:
-    """The build proper, into the fresh folder `out`."""
+    """The build proper, into the fresh folder `out`. `model` is the checkpoint's structure without
+    weights; `load(parts)` loads those parts' weights (runtime.checkpoint.load_checkpoint; None: all)."""
     from export.onnx_export import export_onnx, llm_layout
 
     work = out if backend == "onnxruntime" else Path(tempfile.mkdtemp(prefix=".onnx-", dir=out))
     progress.step(f"exporting ONNX graphs (opset 17{', onnxslim' if simplify else ''})")
-    components = export_onnx(model, work, simplify=simplify, progress=progress)
+    components = export_onnx(load, work, simplify=simplify, progress=progress)
     for entry in components.values():
         entry.setdefault("precision", "fp32")
         if entry["kind"] == "onnx":
@@ -229,7 +235,8 @@ def _build_into(out: Path, model, tokenizer, config: dict, *, checkpoint: Path, 
         manifest["components"] = _tensorrt_plans({**onnx_manifest, "components": vision_side}, work, out,
                                                  plan_precision, max_batch, progress, batches)
         progress.step(f"converting the LLM to a TensorRT-LLM checkpoint ({precision}) and building its engine")
-        manifest["components"]["llm"] = _trtllm_engine(model, tokenizer, config, out, precision, max_batch,
+        # the whole model: fp8 calibration runs the vision side too, to splice real image rows in
+        manifest["components"]["llm"] = _trtllm_engine(load(None), tokenizer, config, out, precision, max_batch,
                                                        max_new_tokens, progress, max_images, max_tiles, tp_size,
                                                        pp_size)
     else:

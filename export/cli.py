@@ -144,6 +144,7 @@ def cmd_serve_demo(args) -> int:
 
 def register(sub) -> None:
     from export.build import BACKENDS, DEFAULT_MAX_BATCH, DEFAULT_MAX_NEW_TOKENS, PRECISIONS
+    from runtime.file_hashes import add_verify_argument
 
     p = sub.add_parser(
         "build", help="turn a checkpoint into engines (ONNX Runtime, TensorRT, TensorRT-LLM)",
@@ -173,6 +174,7 @@ def register(sub) -> None:
                         "the engine runs on tp x pp GPUs (default 1)")
     p.add_argument("--no-simplify", action="store_true", help="keep the exported graphs as they are (no onnxslim)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_verify_argument(p)  # for the checkpoint's checksums
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("demo", help="the main job: demo model -> engines -> Triton server -> streamed answer",

@@ -8,7 +8,7 @@ import json
 import platform
 from pathlib import Path
 
-from runtime.checkpoint import sha256_file
+from runtime.file_hashes import file_sha256
 from runtime.manifest import MANIFEST, EngineError
 
 def tool_versions(*extra: str) -> dict[str, str]:
@@ -33,7 +33,7 @@ def hash_components(root: Path, components: dict[str, dict]) -> None:
             path = root / rel
             if not path.is_file():
                 raise EngineError(f"component file {path} was not written")
-            cache[rel] = sha256_file(path)
+            cache[rel] = file_sha256(path, "full")  # just written: read every byte (and record it)
         return cache[rel]
 
     for entry in components.values():

@@ -49,6 +49,8 @@ projections and constant-shape reshapes of the current KVCacheLLM the demo's dec
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
 from pathlib import Path
 from typing import Callable
@@ -57,7 +59,6 @@ import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
-from onnx import external_data_helper
 from torch import nn
 
 from runtime.manifest import io_signature
@@ -65,7 +66,9 @@ from runtime.manifest import io_signature
 OPSET = 17
 LLM_DATA_FILE = "llm.onnx.data"
 EMBED_FILE = "embed_tokens.npy"
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with headroom
+WEIGHT_BLOCK_BYTES = 64 * 1024**2  # weights are hashed and written in blocks of this size
+INLINE_TENSOR_BYTES = 1024  # smaller weights stay inside their graph
+INLINE_GRAPH_BYTES = 64 * 1024**2  # a graph with fewer weight bytes than this keeps them all inside (one file)
 
 
 class ExportError(RuntimeError):
@@ -138,6 +141,8 @@ class KVCacheLLM(nn.Module):
     input instead of 7; and RoPE's rotate_half is a constant signed permutation (a [hd, hd]
     matmul) applied to q and k together. Same arithmetic, fewer and larger ops: at batch 1 each
     op is a few microseconds of fixed cost against a decode step of a few tens of milliseconds.
+    It takes those weights over: the q/k/v and gate/up modules of `causal_lm` are emptied (meta),
+    so the export holds each weight once.
     """
 
     def __init__(self, causal_lm):
@@ -150,28 +155,31 @@ class KVCacheLLM(nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.groups = self.num_heads // self.num_kv_heads
         rotary = causal_lm.model.rotary_emb
-        self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
+        self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone())
         self.attention_scaling = float(getattr(rotary, "attention_scaling", 1.0))
         half = self.head_dim // 2
         rotate = torch.zeros(self.head_dim, self.head_dim)
         rotate[torch.arange(half) + half, torch.arange(half)] = -1.0  # out[:half] = -x[half:]
         rotate[torch.arange(half), torch.arange(half) + half] = 1.0  # out[half:] = x[:half]
-        self.register_buffer("rotate", rotate.to(causal_lm.lm_head.weight.dtype), persistent=False)
+        self.register_buffer("rotate", rotate.to(causal_lm.lm_head.weight.dtype))
+        # Buffers are persistent (in the state dict): the TorchScript exporter makes those graph weights,
+        # where it would bake non-persistent ones into the graph as Constant nodes (copies, inline).
         with torch.no_grad():
             for i, layer in enumerate(causal_lm.model.layers):
                 a, mlp = layer.self_attn, layer.mlp
                 self.register_buffer(f"qkv_weight_{i}", torch.cat(
-                    [a.q_proj.weight * a.scaling, a.k_proj.weight, a.v_proj.weight]), persistent=False)
+                    [a.q_proj.weight * a.scaling, a.k_proj.weight, a.v_proj.weight]))
                 bias = None
                 if a.q_proj.bias is not None:
                     bias = torch.cat([a.q_proj.bias * a.scaling, a.k_proj.bias, a.v_proj.bias])
-                self.register_buffer(f"qkv_bias_{i}", bias, persistent=False)
-                self.register_buffer(f"gate_up_weight_{i}", torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                                     persistent=False)
+                self.register_buffer(f"qkv_bias_{i}", bias)
+                self.register_buffer(f"gate_up_weight_{i}", torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
                 gate_up_bias = None
                 if mlp.gate_proj.bias is not None:
                     gate_up_bias = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
-                self.register_buffer(f"gate_up_bias_{i}", gate_up_bias, persistent=False)
+                self.register_buffer(f"gate_up_bias_{i}", gate_up_bias)
+                for proj in (a.q_proj, a.k_proj, a.v_proj, mlp.gate_proj, mlp.up_proj):
+                    proj.to("meta")  # their weights now live in the fused buffers: hold them once
 
     def _rope(self, position_ids, dtype):
         freqs = position_ids[..., None].float() * self.inv_freq  # [B,S,hd/2]
@@ -271,18 +279,62 @@ def kv_names(num_layers: int, prefix: str) -> list[str]:
 
 # ----------------------------------------------------------------------------------- exporting
 
-def _trace(module: nn.Module, args: tuple, input_names, output_names, dynamic_axes) -> onnx.ModelProto:
-    import tempfile
+@contextlib.contextmanager
+def _exporter_without_weights(weights: dict[str, torch.Tensor]):
+    """Within: torch.onnx.export (TorchScript) writes graphs whose weights are graph inputs, and puts
+    the weights (named as those inputs) into `weights` instead.
+
+    Left to itself the exporter holds several copies of every weight: its graph-level ONNX shape
+    inference builds a model with all of them (measured: +1.5 GB on a 512 MB lm_head), and it puts
+    them into a ModelProto, serialises it and hands Python the bytes. So two of its steps are wrapped:
+    `_model_to_graph` hands over the weights and returns none to write, and the graph-level shape
+    inference runs without their values (it still has their shapes and dtypes from the trace; the
+    tiny models' graphs come out node for node the same). The weights handed over are the module's
+    own tensors, or views of them where the exporter folded a transpose (measured: every folded
+    weight of the InternViT and LLM graphs is a view), so holding them costs nothing.
+    """
+    try:
+        from torch.onnx._internal.torchscript_exporter import utils as exporter
+    except ImportError:  # torch < 2.9 kept the TorchScript exporter in torch.onnx.utils
+        from torch.onnx import utils as exporter
+    shape_inference = getattr(torch._C, "_jit_pass_onnx_graph_shape_type_inference", None)
+    model_to_graph = getattr(exporter, "_model_to_graph", None)
+    if not (callable(model_to_graph) and callable(shape_inference)):
+        raise ExportError(f"torch {torch.__version__}'s TorchScript exporter lacks the steps facert's weight "
+                          "streaming wraps (_model_to_graph, _jit_pass_onnx_graph_shape_type_inference)")
+
+    def without_weights(*args, **kwargs):
+        graph, params, out = model_to_graph(*args, **kwargs)
+        weights.update(params)
+        return graph, {}, out
+
+    exporter._model_to_graph = without_weights
+    torch._C._jit_pass_onnx_graph_shape_type_inference = lambda graph, _params, opset: shape_inference(graph, {}, opset)
+    try:
+        yield
+    finally:
+        exporter._model_to_graph = model_to_graph
+        torch._C._jit_pass_onnx_graph_shape_type_inference = shape_inference
+
+
+def _trace(module: nn.Module, args: tuple, input_names, output_names,
+           dynamic_axes) -> tuple[onnx.ModelProto, dict[str, torch.Tensor]]:
+    """The ONNX graph of `module` with its weights left out (as graph inputs), and those weights by
+    input name; `attach_weights` streams them to disk."""
+    import io
     import warnings
 
-    # Through a file, not a buffer: graphs over 2 GB come out with external data, which onnx.load
-    # reads back into memory.
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), torch.no_grad():
+    weights: dict[str, torch.Tensor] = {}
+    buffer = io.BytesIO()
+    with _exporter_without_weights(weights), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-        path = Path(tmp) / "graph.onnx"
-        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, input_names=input_names,
+        torch.onnx.export(module, args, buffer, dynamo=False, opset_version=OPSET, input_names=input_names,
                           output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
-        return onnx.load(str(path))
+    graph = onnx.load_from_string(buffer.getvalue())
+    unknown = set(weights) - {i.name for i in graph.graph.input}
+    if unknown:
+        raise ExportError(f"the exporter named weights that are not inputs of its graph: {sorted(unknown)[:5]}")
+    return graph, weights
 
 
 def _node_count(model: onnx.ModelProto) -> int:
@@ -290,14 +342,18 @@ def _node_count(model: onnx.ModelProto) -> int:
 
 
 def _simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
-    """onnxslim (constant folding, dead-node removal, fusing shape arithmetic); what it changed."""
+    """onnxslim (constant folding, dead-node removal, fusing shape arithmetic); what it changed.
+
+    Graphs with external weights are slimmed as `_trace` gives them, their weights still graph inputs
+    (of known shapes): onnxslim reads the value of every initializer it meets (its dead-node pass alone
+    loads them all), so slimming them with their weights attached would hold those in memory again.
+    It then folds what depends on the graph's own constants and shapes but not what depends on weight
+    values (an RMSNorm gain into the next MatMul's weights, a position-embedding resize); ONNX Runtime
+    and TensorRT fold such initializer-only subgraphs when they load the graph. Measured on the demo
+    model: the LLM graphs come out with the same node counts as when onnxslim saw the weights."""
     import onnxslim
 
     before = _node_count(model)
-    if _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-        # onnxslim's shape inference serialises the model, which protobuf refuses over 2 GB
-        return model, {"tool": f"onnxslim {onnxslim.__version__}", "skipped": "graph over 2 GB",
-                       "nodes_before": before, "nodes_after": before}
     t0 = time.perf_counter()
     slim = onnxslim.slim(model)
     if slim is None:
@@ -306,56 +362,101 @@ def _simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
                   "nodes_after": _node_count(slim), "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _initializer_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in model.graph.initializer)
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    try:
+        return torch.empty((), dtype=dtype).numpy().dtype
+    except TypeError:  # bfloat16 and other dtypes numpy lacks
+        raise ExportError(f"cannot write {dtype} weights (the ONNX graphs are exported in fp32)") from None
 
 
-def _save(model: onnx.ModelProto, path: Path) -> list[str]:
-    """Write a graph, with its weights as external data when it is over protobuf's 2 GB limit."""
-    if _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-        data = path.name + ".data"
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_external_data=True,
-                        location=data, size_threshold=1024)
-        onnx.checker.check_model(str(path))  # by path: the checker cannot hold it in one message
-        return [data]
-    onnx.checker.check_model(model)
-    onnx.save_model(model, str(path))
-    return []
+def _blocks(tensor: torch.Tensor):
+    """The tensor's bytes in row-major order, as contiguous uint8 arrays of about WEIGHT_BLOCK_BYTES
+    (a transposed view is made contiguous one block of rows at a time, never whole)."""
+    t = tensor.detach()
+    if t.dim() == 0:
+        t = t.reshape(1)
+    row_bytes = max(1, t[0].numel() * t.element_size())
+    rows = max(1, WEIGHT_BLOCK_BYTES // row_bytes)
+    for i in range(0, t.shape[0], rows):
+        yield t[i:i + rows].contiguous().numpy().reshape(-1).view(np.uint8)
 
 
-def save_sharing_weights(models: dict[str, onnx.ModelProto], out_dir: Path, data_file: str) -> None:
-    """Write several graphs whose weights live once in one external data file.
+class WeightFile:
+    """An external data file that graphs' weights are streamed into, each distinct tensor once.
 
     The prefill and decode graphs are traced from the same modules, so their weights are the same
-    tensors (the exporter names folded constants differently per graph, so they are matched by
-    content): each distinct tensor is written once and every graph points at it. Tensors under
-    1 KiB stay inside their graph.
+    tensors (the exporter names folded ones differently per graph, so they are matched by content):
+    each is written once, 64-byte aligned so a runtime can map it in place, and every graph points at it.
     """
-    import hashlib
 
-    written: dict[bytes, tuple[int, int]] = {}  # sha256 of the bytes -> (offset, length)
-    with open(out_dir / data_file, "wb") as f:
-        for model in models.values():
-            for t in model.graph.initializer:
-                if not t.HasField("raw_data"):
-                    # the exporter writes raw_data; typed fields (e.g. float_data) are re-encoded
-                    t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t), t.name))
-                raw = t.raw_data
-                if len(raw) < 1024:
-                    continue
-                digest = hashlib.sha256(raw).digest()
-                if digest not in written:
-                    f.write(b"\0" * ((-f.tell()) % 64))  # aligned, so a runtime can map tensors in place
-                    written[digest] = (f.tell(), len(raw))
-                    f.write(raw)
-                offset, length = written[digest]
-                external_data_helper.set_external_data(t, location=data_file, offset=offset, length=length)
-                t.ClearField("raw_data")
-                t.data_location = onnx.TensorProto.EXTERNAL
-    for name, model in models.items():
-        with open(out_dir / name, "wb") as g:
-            g.write(model.SerializeToString())
-        onnx.checker.check_model(str(out_dir / name))  # by path: checks the external data references
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.file = open(self.path, "wb")
+        self.written: dict[bytes, tuple[int, int]] = {}  # sha256 of the bytes -> (offset, length)
+        self.digests: dict[tuple, bytes] = {}  # the same tensor (or view) met again: its sha256
+        self.seen: list[torch.Tensor] = []  # keeps those tensors alive, so their addresses stay theirs
+
+    def __enter__(self) -> "WeightFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def _digest(self, tensor: torch.Tensor) -> bytes:
+        import hashlib
+
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if key not in self.digests:
+            h = hashlib.sha256()
+            for block in _blocks(tensor):
+                h.update(block)
+            self.digests[key] = h.digest()
+            self.seen.append(tensor)
+        return self.digests[key]
+
+    def tensor_proto(self, name: str, tensor: torch.Tensor) -> onnx.TensorProto:
+        """An initializer pointing at `tensor`'s bytes in this file (written now unless already there)."""
+        dtype = _numpy_dtype(tensor.dtype)
+        digest = self._digest(tensor)
+        if digest not in self.written:
+            self.file.write(b"\0" * ((-self.file.tell()) % 64))
+            offset = self.file.tell()
+            for block in _blocks(tensor):
+                self.file.write(block)
+            self.written[digest] = (offset, self.file.tell() - offset)
+        offset, length = self.written[digest]
+        proto = onnx.TensorProto(name=name, dims=list(tensor.shape),
+                                 data_type=onnx.helper.np_dtype_to_tensor_dtype(dtype))
+        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
+            proto.external_data.add(key=key, value=value)
+        proto.data_location = onnx.TensorProto.EXTERNAL
+        return proto
+
+
+def attach_weights(graph: onnx.ModelProto, weights: dict[str, torch.Tensor], data: WeightFile | None) -> None:
+    """Turn the graph inputs named in `weights` into initializers: in `data` (external), or inside the
+    graph where `data` is None or the tensor is under INLINE_TENSOR_BYTES. Weights that are no longer
+    inputs (onnxslim removed what used them) are left out."""
+    inputs = {i.name for i in graph.graph.input}
+    weights = {name: tensor for name, tensor in weights.items() if name in inputs}
+    for name, tensor in weights.items():
+        if data is None or tensor.numel() * tensor.element_size() < INLINE_TENSOR_BYTES:
+            _numpy_dtype(tensor.dtype)
+            proto = onnx.numpy_helper.from_array(tensor.detach().contiguous().numpy(), name)
+        else:
+            proto = data.tensor_proto(name, tensor)
+        graph.graph.initializer.append(proto)
+    inputs = [i for i in graph.graph.input if i.name not in weights]
+    del graph.graph.input[:]
+    graph.graph.input.extend(inputs)
+
+
+def _save(graph: onnx.ModelProto, path: Path) -> None:
+    """Write a graph (its weights are inline or already in their external file) and check it by path,
+    which follows the external data references and has no 2 GB limit."""
+    with open(path, "wb") as f:
+        f.write(graph.SerializeToString())
+    onnx.checker.check_model(str(path))
 
 
 def _example_inputs(model, batch: int = 2):
@@ -372,20 +473,35 @@ def _example_inputs(model, batch: int = 2):
     return ex
 
 
-def export_onnx(model, out_dir: Path, simplify: bool = True,
+# What export_onnx loads at a time: the vision side (every graph but the LLM's), then the LLM.
+VISION_PARTS = ("vision", "parser", "seg", "attributes")
+LLM_PARTS = ("llm",)
+
+
+def export_onnx(load: Callable[[tuple[str, ...]], nn.Module], out_dir: Path, simplify: bool = True,
                 progress: Callable[[str], None] = lambda _m: None) -> dict[str, dict]:
-    """Export every component of `model` (fp32) into out_dir; returns the manifest's component entries.
+    """Export every component of a model (fp32) into out_dir; returns the manifest's component entries.
+
+    `load(parts)` returns a fresh model with those parts' weights (runtime.checkpoint.PARTS; the others
+    may be left empty): export_onnx loads the vision side, exports it and lets it go, then the LLM, whose
+    weights it takes over (KVCacheLLM). So the build holds one side's weights at a time, once.
 
     Each entry: file, data_files, kind "onnx", opset, inputs/outputs (names, shapes, dtypes),
     simplify (what onnxslim changed) and export_seconds. Hashes are added by the caller.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    components = _export_vision_side(load(VISION_PARTS), out_dir, simplify, progress)
+    gc.collect()
+    components.update(_export_llm(load(LLM_PARTS), out_dir, simplify, progress))
+    gc.collect()
+    return components
+
+
+def _export_vision_side(model, out_dir: Path, simplify: bool, progress) -> dict[str, dict]:
     model = model.float().eval()
     batch = {0: "batch"}
-    components: dict[str, dict] = {}
     examples = _example_inputs(model)
-
     plain = [("vision", VisionGraph(model), ["pixel_values"], ["image_tokens", "pooled"],
               {"pixel_values": batch, "image_tokens": batch, "pooled": batch})]
     if model.num_seg_tokens:  # FaceInsight with trained parser, seg and attribute weights
@@ -394,17 +510,42 @@ def export_onnx(model, out_dir: Path, simplify: bool = True,
             ("seg", SegGraph(model), ["labels"], ["seg_tokens"], {"labels": batch, "seg_tokens": batch}),
             ("attributes", AttributeGraph(model), ["pooled"], ["probs"], {"pooled": batch, "probs": batch}),
         ]
+    components = {}
     for name, module, ins, outs, axes in plain:
         progress(f"exporting {name}")
         t0 = time.perf_counter()
-        graph = _trace(module, examples[name], ins, outs, axes)
-        entry = {"file": f"{name}.onnx", "kind": "onnx", "opset": OPSET}
+        graph, weights = _trace(module, examples[name], ins, outs, axes)
+        entry = {"file": f"{name}.onnx", "kind": "onnx", "opset": OPSET, "data_files": []}
+        inline = sum(t.numel() * t.element_size() for t in weights.values()) < INLINE_GRAPH_BYTES
+        if inline:  # small enough to hold twice: onnxslim may fold what depends on the weights too
+            attach_weights(graph, weights, None)
         if simplify:
             graph, entry["simplify"] = _simplify(graph)
-        entry["data_files"] = _save(graph, out_dir / entry["file"])
+        if not inline:
+            entry["data_files"] = [f"{name}.onnx.data"]
+            with WeightFile(out_dir / entry["data_files"][0]) as data:
+                attach_weights(graph, weights, data)
+        del weights
+        _save(graph, out_dir / entry["file"])
         entry["export_seconds"] = round(time.perf_counter() - t0, 2)
         entry.update(io_signature(graph))
         components[name] = entry
+    return components
+
+
+def _export_llm(model, out_dir: Path, simplify: bool, progress) -> dict[str, dict]:
+    model = model.float().eval()
+    components = {}
+    progress("saving the token-embedding table")
+    embedding = model.llm.get_input_embeddings()
+    table = embedding.weight.detach()
+    np.save(out_dir / EMBED_FILE, table.contiguous().numpy())
+    components["embed_tokens"] = {"file": EMBED_FILE, "kind": "npy", "data_files": [],
+                                  "outputs": [{"name": "embed_tokens", "shape": list(table.shape),
+                                               "dtype": str(table.numpy().dtype)}], "inputs": []}
+    del table
+    if not model.llm.config.tie_word_embeddings:
+        embedding.to("meta")  # the graphs take inputs_embeds; a tied lm_head still needs it
 
     progress("exporting llm (prefill and decode graphs)")
     t0 = time.perf_counter()
@@ -418,41 +559,40 @@ def export_onnx(model, out_dir: Path, simplify: bool = True,
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     kv_axes = {0: "batch", 2: "past"}
     prefill_axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-                    "position_ids": {0: "batch", 1: "seq"}, "logits": batch}
+                    "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
     prefill_axes.update({k: {0: "batch", 2: "seq"} for k in kv_names(n, "present")})
-    prefill = _trace(LLMPrefillGraph(core), (embeds, mask, pos),
-                     ["inputs_embeds", "attention_mask", "position_ids"], ["logits", *kv_names(n, "present")],
-                     prefill_axes)
     past = tuple(torch.randn(b, core.num_kv_heads, t, core.head_dim, generator=g) for _ in range(2 * n))
     decode_axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "past_plus_seq"},
-                   "position_ids": {0: "batch", 1: "seq"}, "logits": batch}
+                   "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
     decode_axes.update({k: kv_axes for k in kv_names(n, "past")})
     decode_axes.update({k: {0: "batch", 2: "seq"} for k in kv_names(n, "present")})
-    decode = _trace(LLMDecodeGraph(core), (embeds[:, :s], torch.ones(b, t + s, dtype=torch.long), pos[:, -1:] + 1,
-                                           *past),
-                    ["inputs_embeds", "attention_mask", "position_ids", *kv_names(n, "past")],
-                    ["logits", *kv_names(n, "present")], decode_axes)
-    graphs = {"llm_prefill": prefill, "llm_decode": decode}
-    slim_info = {}
-    if simplify:
-        for name in graphs:
-            graphs[name], slim_info[name] = _simplify(graphs[name])
-    save_sharing_weights({f"{k}.onnx": v for k, v in graphs.items()}, out_dir, LLM_DATA_FILE)
-    seconds = round(time.perf_counter() - t0, 2)
+    traces = {
+        "llm_prefill": (LLMPrefillGraph(core), (embeds, mask, pos),
+                        ["inputs_embeds", "attention_mask", "position_ids"], prefill_axes),
+        "llm_decode": (LLMDecodeGraph(core), (embeds[:, :s], torch.ones(b, t + s, dtype=torch.long),
+                                              pos[:, -1:] + 1, *past),
+                       ["inputs_embeds", "attention_mask", "position_ids", *kv_names(n, "past")], decode_axes),
+    }
+    graphs = {}
+    with WeightFile(out_dir / LLM_DATA_FILE) as data:
+        for name, (module, args, inputs, axes) in traces.items():
+            graph, weights = _trace(module, args, inputs, ["logits", *kv_names(n, "present")], axes)
+            components[name] = {"file": f"{name}.onnx", "kind": "onnx", "opset": OPSET,
+                                "data_files": [LLM_DATA_FILE]}
+            if simplify:
+                graph, components[name]["simplify"] = _simplify(graph)
+            attach_weights(graph, weights, data)
+            graphs[name] = graph
+            del weights
+    del traces, core, model, embedding, data
+    gc.collect()
     for name, graph in graphs.items():
-        entry = {"file": f"{name}.onnx", "kind": "onnx", "opset": OPSET, "data_files": [LLM_DATA_FILE],
-                 "export_seconds": seconds}
-        if name in slim_info:
-            entry["simplify"] = slim_info[name]
+        entry = components[name]
+        _save(graph, out_dir / entry["file"])
         entry.update(io_signature(graph))
         components[name] = entry
-
-    progress("saving the token-embedding table")
-    table = model.llm.get_input_embeddings().weight.detach().float().numpy()
-    np.save(out_dir / EMBED_FILE, np.ascontiguousarray(table))
-    components["embed_tokens"] = {"file": EMBED_FILE, "kind": "npy", "data_files": [],
-                                  "outputs": [{"name": "embed_tokens", "shape": list(table.shape),
-                                               "dtype": str(table.dtype)}], "inputs": []}
+    for name in graphs:
+        components[name]["export_seconds"] = round(time.perf_counter() - t0, 2)
     return components
 
 

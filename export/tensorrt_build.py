@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from runtime.backends.tensorrt_backend import TensorRTError, device_target, require_tensorrt
-from runtime.checkpoint import sha256_file
+from runtime.file_hashes import file_sha256
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 TIMING_CACHE = "timing.cache"
@@ -251,7 +251,7 @@ def build_plans(onnx_manifest: dict, onnx_dir: Path, out_dir: Path, precision: s
         if not is_graph(entry):
             if onnx_dir.resolve() != out_dir.resolve():
                 shutil.copy2(onnx_dir / entry["file"], out_dir / entry["file"])
-            built[name] = {**entry, "sha256": sha256_file(out_dir / entry["file"])}
+            built[name] = {**entry, "sha256": file_sha256(out_dir / entry["file"], "full")}
             continue
         batch = int((batch_limits or {}).get(name, max_batch))
         profile = profile_shapes(entry, batch, max_seq)
@@ -262,7 +262,7 @@ def build_plans(onnx_manifest: dict, onnx_dir: Path, out_dir: Path, precision: s
         built[name] = {
             "file": plan_file,
             "kind": "plan",
-            "sha256": sha256_file(out_dir / plan_file),
+            "sha256": file_sha256(out_dir / plan_file, "full"),
             "inputs": io_specs(entry, "inputs"),
             "outputs": io_specs(entry, "outputs"),
             "profiles": profile,

@@ -4,7 +4,8 @@
     answer = pipe.ask(image_bytes, "Is this person smiling?")
 
 Opening checks the folder first (runtime.manifest.verify): the manifest, the backend and target
-it was built for, the sha256 of every file and the shapes of every graph. Anything wrong is
+it was built for, the sha256 of every file (cached between runs by file identity; FACERT_VERIFY=full or
+verify_mode="full" reads every byte) and the shapes of every graph. Anything wrong is
 refused with an EngineError that names the file and the check.
 """
 
@@ -18,19 +19,24 @@ from runtime.backends import BACKENDS, open_components as _backend_components, t
 __all__ = ["EngineError", "open_components", "open_pipeline", "verify_engines"]
 
 
-def verify_engines(path: str | Path, backend: str = "onnxruntime", check_hashes: bool = True) -> dict:
-    """The manifest of an engines folder that `backend` can run here, or an EngineError."""
+def verify_engines(path: str | Path, backend: str = "onnxruntime", check_hashes: bool = True,
+                   verify_mode: str | None = None) -> dict:
+    """The manifest of an engines folder that `backend` can run here, or an EngineError.
+
+    verify_mode: "cached" (files unchanged since their last full hash are not read again) or "full";
+    default $FACERT_VERIFY, else cached (runtime.file_hashes says what each guarantees)."""
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     if read_manifest(path)["backend"] != backend:  # before target_for, which may need a GPU to answer
         verify(path, backend=backend, check_hashes=False)  # raises, naming both backends
-    return verify(path, backend=backend, target=target_for(backend), check_hashes=check_hashes)
+    return verify(path, backend=backend, target=target_for(backend), check_hashes=check_hashes,
+                  verify_mode=verify_mode)
 
 
 def open_components(path: str | Path, backend: str = "onnxruntime", device: str = "cpu",
-                    verify_files: bool = True, **options):
+                    verify_files: bool = True, verify_mode: str | None = None, **options):
     """The components object (encode_image, parse_face, seg_tokens, attributes, llm) of an engines folder."""
-    manifest = verify_engines(path, backend, check_hashes=verify_files)
+    manifest = verify_engines(path, backend, check_hashes=verify_files, verify_mode=verify_mode)
     return _backend_components(backend, Path(path), manifest, device, **options)
 
 

@@ -18,8 +18,10 @@ backend that runs an engines folder (this module reads and verifies it). Its fie
 
 Loading verifies, in this order, and refuses with an `EngineError` that names the file: the
 manifest's format; the backend and target it was built for against the ones asked for; the
-sha256 of every file; and, for ONNX graphs and npy tables, that the file's own input/output
-names, shapes and dtypes are the ones the manifest records.
+sha256 of every file (runtime.file_hashes: a file unchanged since its last full hash, by device,
+inode, size, mtime and ctime, is not read again unless FACERT_VERIFY=full); and, for ONNX graphs
+and npy tables, that the file's own input/output names, shapes and dtypes are the ones the
+manifest records.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from runtime.checkpoint import sha256_file
+from runtime.file_hashes import file_sha256, verify_mode as _verify_mode
 
 FORMAT = "facert-engines"
 FORMAT_VERSION = 1
@@ -61,11 +63,11 @@ def read_manifest(root: str | Path) -> dict:
     return manifest
 
 
-def _check_hash(root: Path, rel: str, expected: str | None, what: str) -> None:
+def _check_hash(root: Path, rel: str, expected: str | None, what: str, mode: str) -> None:
     path = root / rel
     if not path.is_file():
         raise EngineError(f"{what}: {path} is missing")
-    actual = sha256_file(path)
+    actual = file_sha256(path, mode)
     if actual != expected:
         raise EngineError(f"{what}: {path} has sha256 {actual[:16]}..., the manifest says "
                           f"{str(expected)[:16]}...: the file is corrupt or was edited (rebuild the engines)")
@@ -104,9 +106,16 @@ def _compare_signature(name: str, path: Path, recorded: dict, actual: dict) -> N
 
 
 def verify(root: str | Path, backend: str | None = None, target: str | None = None,
-           check_hashes: bool = True) -> dict:
-    """Read and check an engines folder; returns its manifest or raises EngineError saying which check failed."""
+           check_hashes: bool = True, verify_mode: str | None = None) -> dict:
+    """Read and check an engines folder; returns its manifest or raises EngineError saying which check failed.
+
+    verify_mode: how the hashes are checked, "cached" or "full" (runtime.file_hashes; default $FACERT_VERIFY,
+    else cached: a file unchanged since its last full hash is not read again)."""
     root = Path(root)
+    try:
+        mode = _verify_mode(verify_mode)
+    except ValueError as e:
+        raise EngineError(str(e)) from None
     manifest = read_manifest(root)
     if backend is not None and manifest["backend"] != backend:
         raise EngineError(f"{root} was built for backend {manifest['backend']!r}, not {backend!r} "
@@ -119,15 +128,15 @@ def verify(root: str | Path, backend: str | None = None, target: str | None = No
                               "rebuild them here with `facert build`")
     if check_hashes:
         for rel, expected in manifest["files"].items():
-            _check_hash(root, rel, expected, f"file {rel!r}")
+            _check_hash(root, rel, expected, f"file {rel!r}", mode)
     for name, entry in manifest["components"].items():
         if "file" not in entry:
             raise EngineError(f"component {name!r} in {root / MANIFEST} names no file")
         path = root / entry["file"]
         if check_hashes:
-            _check_hash(root, entry["file"], entry.get("sha256"), f"component {name!r}")
+            _check_hash(root, entry["file"], entry.get("sha256"), f"component {name!r}", mode)
             for rel in entry.get("data_files", []):
-                _check_hash(root, rel, entry.get("data_sha256", {}).get(rel), f"component {name!r} weights")
+                _check_hash(root, rel, entry.get("data_sha256", {}).get(rel), f"component {name!r} weights", mode)
         elif not path.is_file():
             raise EngineError(f"component {name!r}: {path} is missing")
         kind = entry.get("kind")

@@ -56,3 +56,9 @@ def face_images(face_png) -> list[bytes]:
         img.crop(box).save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hash_records(tmp_path_factory):
+    """Hash records (runtime.file_hashes) go to a private folder, not the user's ~/.cache."""
+    os.environ["FACERT_CACHE_DIR"] = str(tmp_path_factory.mktemp("facert-cache"))

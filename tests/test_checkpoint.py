@@ -204,3 +204,19 @@ def test_loading_only_some_parts_leaves_the_rest_without_weights(tiny_checkpoint
     assert not llm_only.c.model.llm.lm_head.weight.is_meta and llm_only.c.model.seg.pos_embed.is_meta
     with pytest.raises(ValueError, match="unknown model parts"):
         load_checkpoint(tiny_checkpoint, parts=("eyes",))
+
+
+@pytest.mark.parametrize("kind", ["llava-hf", "internvl-hf"])
+def test_hf_directories_load_by_parts_too(kind, tmp_path):
+    """What `facert build` does to hold one part at a time: the structure alone, then each part."""
+    from hf_checkpoints import make_internvl_hf, make_llava_hf
+
+    path = (make_llava_hf if kind == "llava-hf" else make_internvl_hf)(tmp_path / kind)
+    full, _, _ = load_checkpoint(path)
+    skeleton, tok, spec = load_checkpoint(path, parts=())
+    assert all(p.is_meta for p in skeleton.parameters()) and spec["spec"] == kind and tok is not None
+    llm, _, _ = load_checkpoint(path, parts=("llm",))
+    assert llm.vision_tower.embeddings.patch_embedding.weight.is_meta if kind == "llava-hf" else \
+        llm.vision_tower.embeddings.patch_embeddings.projection.weight.is_meta
+    for name, p in llm.llm.named_parameters():
+        torch.testing.assert_close(p, dict(full.llm.named_parameters())[name])

@@ -7,7 +7,9 @@ fails with an EngineError that says which file and which check.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 
 import pytest
 
@@ -87,6 +89,38 @@ def test_edited_config_or_tokenizer_is_refused(engines):
         open_pipeline(engines)
 
 
+def test_a_second_open_reads_no_file_and_an_edit_with_the_mtime_put_back_is_refused(engines, monkeypatch):
+    """Hashes are recorded by file identity (runtime.file_hashes): reopening an unchanged folder reads
+    none of its files; an in-place edit of the same size with the mtime restored is still read and refused."""
+    from runtime import file_hashes
+
+    monkeypatch.setattr(file_hashes, "RACY_SECONDS", 0.2)
+    time.sleep(0.3)  # the copy's files are older than the (shortened) racy window
+    reads = []
+    real = file_hashes.sha256_file
+    monkeypatch.setattr(file_hashes, "sha256_file", lambda path, *a: reads.append(os.path.basename(path)) or real(path, *a))
+    open_components(engines)
+    assert {"llm.onnx.data", "vision.onnx", "config.json"} <= set(reads)  # a new copy: read once
+    reads.clear()
+    open_components(engines)
+    assert reads == []
+    open_components(engines, verify_mode="full")
+    assert "llm.onnx.data" in reads
+    reads.clear()
+    path = engines / "llm.onnx.data"
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(st.st_size - 1000)
+        byte = f.read(1)
+        f.seek(st.st_size - 1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == st.st_mtime_ns and os.stat(path).st_size == st.st_size
+    with pytest.raises(EngineError, match=r"llm\.onnx\.data.*corrupt or was edited"):
+        open_components(engines)
+    assert reads == ["llm.onnx.data"]
+
+
 def test_edited_shapes_are_refused(engines):
     m = _manifest(engines)
     out = next(t for t in m["components"]["vision"]["outputs"] if t["name"] == "image_tokens")
@@ -163,15 +197,17 @@ def test_tensorrt_build_says_what_is_missing(tiny_checkpoint, tmp_path, capsys):
         assert "TensorRT" in capsys.readouterr().err  # a one-line error, no traceback
 
 
-def test_cli_build_then_ask(tiny_checkpoint, tmp_path, capsys):
+def test_cli_build_then_ask(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FACERT_VERIFY", "cached")  # restored after the test: `--verify full` exports it
     out = tmp_path / "engines" / "tiny"
     assert main(["build", "--checkpoint", str(tiny_checkpoint), "--backend", "onnxruntime", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "exporting llm" in err and "manifest.json" in err  # the progress display
     assert main(["ask", str(DEMO_IMAGE), "Is this person smiling?", "--engines", str(out), "--max-tokens", "5",
-                 "--json"]) == 0
+                 "--json", "--verify", "full"]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert len(answer["token_ids"]) == 5 and answer["attributes"]
+    assert os.environ["FACERT_VERIFY"] == "full"
     _flip_byte(out / "seg.onnx")
     assert main(["ask", str(DEMO_IMAGE), "Hi?", "--engines", str(out)]) == 2
     assert "seg.onnx" in capsys.readouterr().err

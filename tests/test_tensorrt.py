@@ -19,6 +19,7 @@ from onnx import TensorProto, helper
 from export import tensorrt_build as tb
 from export.onnx_export import export_onnx
 from runtime.checkpoint import load_checkpoint
+from runtime.file_hashes import sha256_file
 
 
 def _trt_missing_reason() -> str:
@@ -41,11 +42,11 @@ def tiny(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def onnx_export(tiny, tmp_path_factory):
+def onnx_export(tiny, tiny_checkpoint, tmp_path_factory):
     """The tiny model's real ONNX export (unsimplified: same graphs' I/O, faster to make)."""
     model, _ = tiny
     out = tmp_path_factory.mktemp("onnx")
-    comps = export_onnx(model, out, simplify=False)
+    comps = export_onnx(lambda parts: load_checkpoint(tiny_checkpoint, parts=parts)[0], out, simplify=False)
     return {"spec": model.spec, "components": comps}, out
 
 
@@ -204,7 +205,7 @@ def test_plan_entries_and_timing_cache(fp32_plans):
     manifest, out = fp32_plans
     target = tb.device_target()
     for name, e in manifest["components"].items():
-        assert tb.sha256_file(out / e["file"]) == e["sha256"], name
+        assert sha256_file(out / e["file"]) == e["sha256"], name
         if e["kind"] == "plan":
             assert e["target"] == target and e["precision"] == "fp32" and e["tensorrt"]
             assert e["profiles"] and e["max_batch"] == 4

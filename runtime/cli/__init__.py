@@ -14,6 +14,7 @@ builds on runtime, never the reverse) and join through the `facert.commands` ent
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from runtime.cli import ask, bench, eval, serve
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verify", None):
+        os.environ["FACERT_VERIFY"] = args.verify  # for this process and what it starts (served steps)
     from runtime.checkpoint import CheckpointError
     from runtime.preprocess import ImageError
     from runtime.prompt import PromptError

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from runtime.cli.common import add_sampling, err, progress, sampling
+from runtime.file_hashes import add_verify_argument
 
 # build (export), serve/repo (serving), eval, bench: registered if present.
 
@@ -162,5 +163,6 @@ def register(sub) -> None:
     p.add_argument("--protocol", default="grpc", choices=("grpc", "http"), help="protocol for --url (default grpc)")
     p.add_argument("--stream", action="store_true", help="print the answer token by token")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_verify_argument(p)
     add_sampling(p)
     p.set_defaults(func=cmd_ask)
