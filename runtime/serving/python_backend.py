@@ -165,7 +165,8 @@ class Step:
         self.model_config = json.loads(args["model_config"])
         self.name = args["model_name"]
         self.params = {k: v.get("string_value", "") for k, v in self.model_config.get("parameters", {}).items()}
-        self.input_names = [i["name"] for i in self.model_config.get("input", [])]
+        # AFTER_MS only orders the step inside the ensemble (see the face parser's config); never read
+        self.input_names = [i["name"] for i in self.model_config.get("input", []) if i["name"] != "AFTER_MS"]
         self.output_names = [o["name"] for o in self.model_config.get("output", [])]
         self.timing_output = self.params.get("timing_output") or None
         kind = args.get("model_instance_kind", "CPU")
