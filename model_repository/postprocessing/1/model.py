@@ -48,7 +48,7 @@ class TritonPythonModel(PerRequestStep):
             responses[i] = response
         return [responses[i] for i in range(len(requests))]
 
-    def compute_one(self, x):
+    def compute_one(self, x, request):
         finish = bytes(x["FINISH_REASON"].reshape(-1)[0]).decode()
         attributes, timings = "", ""
         if finish:
