@@ -392,7 +392,7 @@ def test_soak_harness_runs_mixed_load_and_judges_memory_at_rest(rel, tmp_path):
     m = s["memory"]
     assert list(m["rests"]) == ["start", "after_warmup", "end"]
     assert m["rests"]["start"][1] <= m["rests"]["after_warmup"][0] < m["rests"]["after_warmup"][1] <= m["rests"]["end"][0]
-    assert "tritonserver" in m["growth_by_process_mb"] and len(m["growth_by_process_mb"]) == 8  # + 7 stubs
+    assert {"tritonserver", "gateway"} <= set(m["growth_by_process_mb"]) and len(m["growth_by_process_mb"]) == 9  # + 7 stubs
     assert rc == (0 if m["flat"] else 1)
     assert "**Unexpected errors: 0**" in (tmp_path / "soak.md").read_text()
     assert (tmp_path / "soak.png").stat().st_size > 10_000

@@ -88,14 +88,14 @@ class PublicModel:
     outputs: tuple[str, ...]
 
     @classmethod
-    def from_config(cls, cfg, versions) -> "PublicModel":
+    def from_config(cls, cfg, versions, decoupled: bool) -> "PublicModel":
         from tritonclient.grpc import model_config_pb2
 
         def wire(t) -> str:
             name = model_config_pb2.DataType.Name(t)[len("TYPE_"):]
             return "BYTES" if name == "STRING" else name
 
-        return cls(cfg.name, tuple(versions), cfg.max_batch_size, cfg.model_transaction_policy.decoupled,
+        return cls(cfg.name, tuple(versions), cfg.max_batch_size, decoupled,
                    {t.name: (wire(t.data_type), tuple(t.dims)) for t in cfg.input},
                    tuple(t.name for t in cfg.output))
 
@@ -109,10 +109,14 @@ def load_public_models(repository: str | Path) -> dict[str, PublicModel]:
 
     repository = Path(repository)
     models = {}
-    for name, cfg in validate_repository(repository).items():
+    configs = validate_repository(repository)
+    for name, cfg in configs.items():
         if cfg.platform == "ensemble":
             versions = sorted(p.name for p in (repository / name).iterdir() if p.is_dir() and p.name.isdigit())
-            models[name] = PublicModel.from_config(cfg, versions)
+            # an ensemble with a decoupled step is decoupled itself (Triton answers it by streaming only)
+            decoupled = any(configs[s.model_name].model_transaction_policy.decoupled
+                            for s in cfg.ensemble_scheduling.step)
+            models[name] = PublicModel.from_config(cfg, versions, decoupled)
     return models
 
 
@@ -243,7 +247,8 @@ def _json_type_error(model: PublicModel, name: str, value) -> str | None:
             ok, kind = isinstance(v, bool), "true or false"
         elif dtype in INT_RANGES or dtype in UINT_RANGES:
             lo, hi = (-INT_RANGES[dtype], INT_RANGES[dtype]) if dtype in INT_RANGES else (0, UINT_RANGES[dtype])
-            ok, kind = isinstance(v, int) and not isinstance(v, bool) and lo <= v < hi, f"an integer in [{lo}, {hi - 1}]"
+            ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v < hi
+            kind = f"an integer in [{lo}, {hi - 1}]"
         else:
             ok, kind = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
         if not ok:
@@ -310,7 +315,8 @@ class Gateway:
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         self.grpc_server = grpc.aio.server(options=options)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(GrpcFront(self), self.grpc_server)
-        bound = self.grpc_server.add_insecure_port(f"{host}:{grpc_port}" if ":" not in host else f"[{host}]:{grpc_port}")
+        address = f"[{host}]:{grpc_port}" if ":" in host else f"{host}:{grpc_port}"
+        bound = self.grpc_server.add_insecure_port(address)
         if not bound:
             raise OSError(f"gRPC port {grpc_port} on {host} is taken")
         await self.grpc_server.start()
