@@ -380,9 +380,11 @@ class _Stream:
                     self.out.put_nowait(_error_response(req.model_name, req.id, error))
                 else:
                     self.forward(req)
-        except Exception:  # noqa: BLE001 (the client's side broke: what it sent is all there is)
-            pass
-        self.client_done = True
+        except Exception:  # noqa: BLE001 (the client's side broke: it cancelled or went away)
+            self.client_done = True
+            self.client_left()
+            return
+        self.client_done = True  # it closed its side: its requests are answered, then the stream ends
         self.maybe_done()
 
     def forward(self, req) -> None:
@@ -550,6 +552,8 @@ class GrpcFront:
 
     async def ModelStreamInfer(self, request_iterator, context):
         stream = _Stream(self.gw)
+        # a client that cancels or goes away ends the call at once, whatever this handler is waiting on
+        context.add_done_callback(lambda ctx: stream.client_left() if ctx.cancelled() else None)
         reader = asyncio.ensure_future(stream.read_client(request_iterator))
         try:
             while (resp := await stream.out.get()) is not None:
