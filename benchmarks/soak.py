@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import io
 import json
 import queue
@@ -95,11 +96,14 @@ def _png_header(width: int, height: int) -> bytes:
 
 @dataclass(frozen=True)
 class Malformed:
-    """One malformed request: changes to a good request and a piece of the error it must get.
+    """One malformed or hostile request: changes to a good request and a piece of the error it must get.
 
-    grpc: tensors to set on the good gRPC request, (name, array, Triton dtype); array None removes
-    the input. http: keys to set on the good HTTP generate body (None removes the key). model: send
-    to this model instead of the ensemble.
+    gRPC (streamed): `grpc` tensors to set on the good request, (name, array, Triton dtype), array None
+    removing the input; `parameters` request parameters to add, (name, value). HTTP: `http` keys to
+    set on the good generate body (None removes the key), `endpoint` another path (under
+    /v2/models/<model>/, or absolute when it starts with "/"), `raw` a body to send instead of the
+    JSON one, `headers` extra headers. `admin`: a call outside inference (ADMIN_CALLS, over gRPC).
+    `model`: send to this model instead of the ensemble.
     """
 
     name: str
@@ -107,14 +111,38 @@ class Malformed:
     grpc: tuple = ()
     http: dict | None = None
     model: str | None = None
+    parameters: tuple = ()
+    endpoint: str = ""
+    raw: bytes | None = None
+    headers: tuple = ()
+    admin: str = ""
 
     @property
     def protocol(self) -> str:
-        return "http" if self.http is not None else "grpc"
+        return "http" if self.http is not None or self.endpoint or self.raw is not None else "grpc"
+
+
+# Calls outside inference a hostile client may try (tritonclient.grpc); each must be refused.
+ADMIN_CALLS = {
+    "unload": lambda c: c.unload_model("llm"),
+    "load": lambda c: c.load_model("evil", config='{"backend": "python"}', files={"file:1/model.py": b"import os"}),
+    "shared memory": lambda c: c.register_system_shared_memory("evil", "/facert_evil", 1024),
+    "statistics": lambda c: c.get_inference_statistics(),
+    "trace": lambda c: c.update_trace_settings(settings={"trace_file": "/tmp/evil"}),
+    "log": lambda c: c.update_log_settings({"log_file": "/tmp/evil"}),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _gzip_bomb(inflated: int = 100 * 2**20) -> bytes:
+    """About 100 KB of gzip that inflates to `inflated` bytes of JSON-looking padding."""
+    import gzip
+
+    return gzip.compress(b"{" + b" " * (inflated - 2) + b"}", compresslevel=9)
 
 
 def malformed_corpus(image: bytes) -> list[Malformed]:
-    """The corpus (50 cases): every one is refused with a message naming its problem."""
+    """The corpus: every case is refused with a message naming its problem."""
     i32 = lambda v: np.array([[v]], np.int32)  # noqa: E731
     f32 = lambda v: np.array([[v]], np.float32)  # noqa: E731
     dtype = "data-type is"
@@ -207,13 +235,58 @@ def malformed_corpus(image: bytes) -> list[Malformed]:
         Malformed("top_p 0", "top_p must be in (0, 1]", (("TOP_P", f32(0.0), "FP32"),)),
         Malformed("top_p 1.5", "top_p must be in (0, 1]", (("TOP_P", f32(1.5), "FP32"),)),
         # over HTTP (generate extension, JSON)
-        Malformed("http: MAX_TOKENS not a number", "Unable to parse", http={"MAX_TOKENS": "ten"}),
+        Malformed("http: MAX_TOKENS not a number", "input 'MAX_TOKENS' (INT32) must be an integer",
+                  http={"MAX_TOKENS": "ten"}),
         Malformed("http: IMAGE_BASE64 not base64", "IMAGE_BASE64 item 1 is not valid base64", http={"IMAGE_BASE64": "@@@"}),
         Malformed("http: missing question", "the question is missing", http={"QUESTION": None}),
         Malformed("http: top_p out of range", "top_p must be in (0, 1]", http={"TOP_P": 2.0}),
         Malformed("http: 81 Mpx PNG header", "over the 40000000-pixel bound",
                   http={"IMAGE_BASE64": base64.b64encode(_png_header(9000, 9000)).decode()}),
         Malformed("http: unknown model", "unknown model", http={}, model="faceinsight_v9"),
+        # over HTTP: JSON of the wrong type, misspelt and unknown inputs (named in the answer)
+        Malformed("http: TEMPERATURE a string", "input 'TEMPERATURE'", http={"TEMPERATURE": "hot"}),
+        Malformed("http: STREAM a string", "input 'STREAM' (BOOL) must be true or false", http={"STREAM": "yes"}),
+        Malformed("http: QUESTION a number", "input 'QUESTION' (BYTES) must be a string", http={"QUESTION": 7}),
+        Malformed("http: SEED a float", "input 'SEED'", http={"SEED": 1.5}),
+        Malformed("http: MAX_TOKENS true", "input 'MAX_TOKENS'", http={"MAX_TOKENS": True}),
+        Malformed("http: QUESTION a list of 2", "input 'QUESTION' takes one value", http={"QUESTION": ["a", "b"]}),
+        Malformed("http: misspelt input QESTION", "unknown input 'QESTION'", http={"QESTION": "Is he smiling?"}),
+        Malformed("http: the cancel key from a client", "unknown input 'facert_cancel_key'",
+                  http={"facert_cancel_key": "0" * 32}),
+        Malformed("http: body not JSON", "not JSON", raw=b"IMAGE=1&QUESTION=2"),
+        Malformed("http: body a JSON list", "must be a JSON object", raw=b"[1, 2]"),
+        # SEED the sampler cannot honour
+        Malformed("SEED over 32 bits", "seed must be in [0, 4294967295]",
+                  (("SEED", np.array([[2**40 + 7]], np.int64), "INT64"),)),
+        Malformed("SEED negative", "seed must be in [0, 4294967295]", (("SEED", np.array([[-1]], np.int64), "INT64"),)),
+        Malformed("http: SEED over 64 bits", "input 'SEED' (INT64) must be an integer", http={"SEED": 2**70}),
+        # misspelt input and unknown request parameters over gRPC; shared memory
+        Malformed("misspelt input QUESTON", "unexpected inference input 'QUESTON'",
+                  (("QUESTION", None, None), ("QUESTON", _b(b"hi"), "BYTES"))),
+        Malformed("unknown request parameter", "unknown request parameter 'temperature'",
+                  parameters=(("temperature", 0.5),)),
+        Malformed("the cancel key from a client", "unknown request parameter 'facert_cancel_key'",
+                  parameters=(("facert_cancel_key", "0" * 32),)),
+        # the internal steps, by name: not reachable
+        *[Malformed(f"internal step {m}", "unknown model", model=m)
+          for m in ("preprocessing", "vision_encoder", "llm", "postprocessing")],
+        *[Malformed(f"http: internal step {m} /infer", "unknown model", model=m, endpoint="infer", raw=b"{}")
+          for m in ("preprocessing", "face_parser", "llm")],
+        Malformed("http: internal step llm generate", "unknown model", http={}, model="llm"),
+        Malformed("http: ensemble /infer", "streams its answers", endpoint="infer", raw=b'{"inputs": []}'),
+        # compressed bodies: refused before anything is inflated
+        *[Malformed(f"http: gzip body to {m} {e}", "compressed request bodies", model=m, endpoint=e,
+                    raw=_gzip_bomb(), headers=(("Content-Encoding", "gzip"),))
+          for m, e in (("faceinsight", "generate"), ("faceinsight", "generate_stream"), ("faceinsight", "infer"),
+                       ("preprocessing", "infer"), ("vision_encoder", "infer"), ("postprocessing", "infer"))],
+        # APIs outside inference
+        Malformed("http: unload a model", "not available on this server", endpoint="/v2/repository/models/llm/unload",
+                  raw=b"{}"),
+        Malformed("http: register shared memory", "not available on this server",
+                  endpoint="/v2/systemsharedmemory/region/evil/register", raw=b'{"key": "/evil", "byte_size": 64}'),
+        Malformed("http: log settings", "not available on this server", endpoint="/v2/logging",
+                  raw=b'{"log_file": "/tmp/evil"}'),
+        *[Malformed(f"grpc: {name}", "not available on this server", admin=name) for name in ADMIN_CALLS],
     ]
 
 
@@ -251,33 +324,51 @@ def malformed_inputs(case: Malformed, image: bytes) -> list:
     return apply_changes(good_grpc_tensors(image, QUESTIONS[0], 4), case)
 
 
+def _http_error_text(e: urllib.error.HTTPError) -> str:
+    text = e.read().decode(errors="replace")
+    try:
+        return json.loads(text).get("error") or text
+    except (ValueError, AttributeError):
+        return text
+
+
 def send_malformed(case: Malformed, grpc_url: str, http_url: str, image: bytes,
                    model: str = "faceinsight", timeout_s: float = 60.0) -> str | None:
     """Send one corpus case; the server's error message, or None if it was accepted."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
     model = case.model or model
+    if case.admin:
+        with grpcclient.InferenceServerClient(grpc_url) as client:
+            try:
+                ADMIN_CALLS[case.admin](client)
+                return None
+            except InferenceServerException as e:
+                return e.message()
     if case.protocol == "http":
-        body = {"IMAGE_BASE64": base64.b64encode(image).decode(), "QUESTION": QUESTIONS[0], "MAX_TOKENS": 4,
-                **case.http}
-        body = {k: v for k, v in body.items() if v is not None}
-        req = urllib.request.Request(f"http://{http_url}/v2/models/{model}/generate", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        if case.raw is not None:
+            data = case.raw
+        else:
+            body = {"IMAGE_BASE64": base64.b64encode(image).decode(), "QUESTION": QUESTIONS[0], "MAX_TOKENS": 4,
+                    **(case.http or {})}
+            data = json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+        endpoint = case.endpoint or "generate"
+        path = endpoint if endpoint.startswith("/") else f"/v2/models/{model}/{endpoint}"
+        req = urllib.request.Request(f"http://{http_url}{path}", data=data, method="POST",
+                                     headers={"Content-Type": "application/json", **dict(case.headers)})
         try:
             with urllib.request.urlopen(req, timeout=timeout_s) as r:
                 r.read()
             return None
         except urllib.error.HTTPError as e:
-            text = e.read().decode(errors="replace")
-            try:
-                return json.loads(text).get("error") or text
-            except ValueError:
-                return text
-    import tritonclient.grpc as grpcclient
-
+            return _http_error_text(e)
     responses: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(grpc_url)
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     try:
-        client.async_stream_infer(model, malformed_inputs(case, image), enable_empty_final_response=True)
+        client.async_stream_infer(model, malformed_inputs(case, image), enable_empty_final_response=True,
+                                  parameters=dict(case.parameters) or None)
         while True:
             result, error = responses.get(timeout=timeout_s)
             if error is not None:
@@ -299,6 +390,7 @@ class Record:
     expect: str = ""  # ... and the piece of its error message
     max_tokens: int = 0
     cancel_after: int = 0  # cancel: tokens to receive before cancelling
+    cancel_at_s: float | None = None  # cancel at once: seconds after sending (0-50 ms), whatever came back
     sent: float = 0.0
     first: float | None = None
     done: float | None = None
@@ -329,7 +421,7 @@ def plan_requests(n: int, corpus: list[Malformed], seed: int, max_tokens: int, p
                   p_cancel: float, n_images: int) -> list[tuple[Record, dict]]:
     """(record, request settings) for each of n requests, drawn from a seeded generator."""
     rng = random.Random(seed)
-    grpc_cases = [c for c in corpus if c.protocol == "grpc" and c.model is None]
+    grpc_cases = [c for c in corpus if c.protocol == "grpc" and not c.admin]
     plan = []
     for i in range(n):
         r = rng.random()
@@ -340,8 +432,11 @@ def plan_requests(n: int, corpus: list[Malformed], seed: int, max_tokens: int, p
             rec = Record(i, "malformed", case.name, case.expect, max_tokens=4)
             settings["case"] = case
         elif r < p_malformed + p_cancel:
-            # long enough that the server is still generating when the cancellation reaches it
+            # long enough that the server is still generating when the cancellation reaches it; half of
+            # them cancelled at once, 0-50 ms after sending (while the request is in the first steps)
             rec = Record(i, "cancel", max_tokens=max(64, 4 * max_tokens), cancel_after=rng.randint(1, 3))
+            if rng.random() < 0.5:
+                rec.cancel_after, rec.cancel_at_s = 0, round(rng.uniform(0.0, 0.05), 4)
         else:
             rec = Record(i, "valid", max_tokens=rng.randint(1, max_tokens))
         plan.append((rec, settings))
@@ -380,15 +475,29 @@ class Stream:
             self.call = None
 
 
-async def run_one(stream: Stream, rec: Record, inputs: list) -> None:
-    """Send one request on the worker's stream; fill in its record (cancelling it after cancel_after tokens)."""
+async def run_one(stream: Stream, rec: Record, inputs: list, case: Malformed | None = None) -> None:
+    """Send one request on the worker's stream; fill in its record (cancelling it after cancel_after tokens,
+    or cancel_at_s seconds after sending)."""
     if stream.call is None:
         stream.open()
     rec.sent = time.perf_counter()
-    stream.pending.put_nowait({"model_name": stream.model, "inputs": inputs, "request_id": f"soak-{rec.index}"})
+    request = {"model_name": (case.model if case else None) or stream.model, "inputs": inputs,
+               "request_id": f"soak-{rec.index}"}
+    if case is not None and case.parameters:
+        request["parameters"] = dict(case.parameters)
+    stream.pending.put_nowait(request)
     try:
         while True:
-            result, error = await stream.responses.__anext__()
+            if rec.cancel_at_s is not None:
+                try:
+                    result, error = await asyncio.wait_for(
+                        stream.responses.__anext__(), max(0.0, rec.sent + rec.cancel_at_s - time.perf_counter()))
+                except asyncio.TimeoutError:
+                    rec.done = time.perf_counter()
+                    stream.close()  # at once: before any answer
+                    break
+            else:
+                result, error = await stream.responses.__anext__()
             now = time.perf_counter()
             if error is not None:
                 rec.error, rec.done = (error.message() if hasattr(error, "message") else str(error)), now
@@ -468,7 +577,7 @@ async def run_load(url: str, model: str, plan: list[tuple[Record, dict]], images
             else:
                 inputs = apply_changes(good_grpc_tensors(images[s["image"]], s["question"], rec.max_tokens, True,
                                                          s["temperature"], s["seed"]), Malformed("valid", ""))
-            await run_one(stream, rec, inputs)
+            await run_one(stream, rec, inputs, s.get("case"))
             if stream_per_request:
                 stream.close()
             progress(sum(r.done is not None for r in started), len(plan))
@@ -507,18 +616,37 @@ def children(pid: int) -> list[int]:
     return out
 
 
-class MemorySampler(threading.Thread):
-    """Every interval: RSS of the server and each of its stub processes, and their shared-memory regions."""
+def gateway_of(server_pid: int) -> int | None:
+    """The gateway beside a tritonserver (both children of the `facert serve` that runs them)."""
+    from runtime.serving.server import process_stat
 
-    def __init__(self, server_pid: int, interval_s: float = 1.0, done_count=lambda: 0):
+    st = process_stat(server_pid)
+    for pid in children(st[1]) if st else []:
+        try:
+            if b"runtime.serving.gateway" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except OSError:
+            pass
+    return None
+
+
+class MemorySampler(threading.Thread):
+    """Every interval: RSS of the server, its gateway and each of its stub processes, and their
+    shared-memory regions."""
+
+    def __init__(self, server_pid: int, interval_s: float = 1.0, done_count=lambda: 0,
+                 gateway_pid: int | None = None):
         super().__init__(daemon=True, name="soak-memory")
         self.server_pid, self.interval_s, self.done_count = server_pid, interval_s, done_count
+        self.gateway_pid = gateway_pid if gateway_pid is not None else gateway_of(server_pid)
         self.samples: list[dict] = []
         self.t0 = time.perf_counter()
         self._halt = threading.Event()
 
     def sample(self) -> dict:
         procs = {"tritonserver": rss_mb(self.server_pid) or 0.0}
+        if self.gateway_pid is not None:
+            procs["gateway"] = rss_mb(self.gateway_pid) or 0.0
         shm = 0.0
         for pid in children(self.server_pid):
             try:
@@ -770,7 +898,7 @@ def per_case_kept(url: str, model: str, server_pid: int, corpus: list[Malformed]
     ups and downs are several MB, so each kind is measured in `rounds` rounds, in a new random order
     each round, and the median is kept."""
     cases = [("valid (4 tokens)", None), ("cancelled after 1 token", None)] + [
-        (c.name, c) for c in corpus if c.protocol == "grpc" and c.model is None]
+        (c.name, c) for c in corpus if c.protocol == "grpc" and c.model is None and not c.admin]
 
     def plan_for(name, case, count):
         plan = []
@@ -844,6 +972,131 @@ def per_case_markdown(record: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------ malformed requests only
+
+def malformed_only(grpc_url: str, http_url: str, server_pid: int, corpus: list[Malformed], image: bytes, n: int,
+                   concurrency: int, rest_s: float, sample_s: float, say=lambda m: None) -> dict:
+    """n requests of the whole corpus in turn (gRPC streams, HTTP, calls outside inference), each on its
+    own connection, `concurrency` at a time; the server's memory sampled throughout. One pass over the
+    corpus first (first-use allocations), then a rest, the n requests, a rest. The trend: a straight
+    line fitted to the memory against requests done over the second half (past the allocator's
+    warm-up), and the memory at rest at the end against after the first pass."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = [0]
+    sampler = MemorySampler(server_pid, sample_s, lambda: done[0])
+    sampler.start()
+    outcomes = {"refused": 0, "accepted": 0, "wrong message": 0, "failed": 0}
+    examples: list[dict] = []
+    lock = threading.Lock()
+
+    def one(case: Malformed) -> None:
+        try:
+            error = send_malformed(case, grpc_url, http_url, image)
+        except Exception as e:  # noqa: BLE001 (a transport failure is an outcome to count)
+            error, outcome = f"{type(e).__name__}: {e}", "failed"
+        else:
+            outcome = "accepted" if error is None else "refused" if case.expect in error else "wrong message"
+        with lock:
+            done[0] += 1
+            outcomes[outcome] += 1
+            if outcome != "refused" and len(examples) < 10:
+                examples.append({"case": case.name, "outcome": outcome, "error": (error or "")[:300]})
+
+    def rest() -> tuple[float, float]:
+        t = time.perf_counter() - sampler.t0
+        time.sleep(rest_s)
+        return round(t, 2), round(time.perf_counter() - sampler.t0, 2)
+
+    rests = {"start": rest()}
+    try:
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(one, corpus))
+            rests["after_warmup"] = rest()
+            warm = done[0]
+            say(f"{len(corpus)} cases once; now {n} requests")
+            list(pool.map(one, [corpus[i % len(corpus)] for i in range(n)]))
+        rests["end"] = rest()
+    finally:
+        sampler.stop()
+    samples = sampler.samples
+    loaded = [s for s in samples if rests["after_warmup"][1] <= s["t"] <= rests["end"][0]]
+    second = loaded[len(loaded) // 2:]
+    x = np.array([s["done"] for s in second], float)
+    y = np.array([_total(s) for s in second], float)
+    slope = float(np.polyfit(x, y, 1)[0]) if len(second) > 2 and np.ptp(x) > 0 else 0.0  # MB per request
+    memory = memory_verdict(samples, rests)
+    return {"requests": done[0] - warm, "corpus_cases": len(corpus), "concurrency": concurrency,
+            "outcomes": outcomes, "examples": examples, "memory": memory,
+            "trend": {"fitted_over_requests": [int(x.min()) - warm, int(x.max()) - warm] if len(x) else [],
+                      "slope_kb_per_request": round(slope * 1024, 3),
+                      "fitted_growth_over_run_mb": round(slope * (done[0] - warm), 1)},
+            "samples": samples, "warm_done": warm}
+
+
+def plot_malformed(result: dict, path: Path, title: str) -> Path:
+    """Memory against requests done: the total on its own scale with the fitted trend line, then
+    tritonserver and the gateway (where refused requests used to stay)."""
+    from benchmarks.report import _pyplot
+
+    plt = _pyplot()
+    samples, warm = result["samples"], result["warm_done"]
+    fig, (tx, ax) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    x = [s["done"] - warm for s in samples]
+    tx.plot(x, [_total(s) for s in samples], color="black", lw=1.2,
+            label="total: tritonserver + gateway + stubs (RSS) + python-backend shared memory")
+    t = result["trend"]
+    if t["fitted_over_requests"]:
+        a, b = t["fitted_over_requests"]
+        second = [s for s in samples if a <= s["done"] - warm <= b]
+        y0 = float(np.median([_total(s) for s in second])) if second else 0.0
+        mid, slope = (a + b) / 2, t["slope_kb_per_request"] / 1024
+        tx.plot([a, b], [y0 + slope * (a - mid), y0 + slope * (b - mid)], color="tab:red", lw=2, ls="--",
+                label=f"fitted over the second half: {t['slope_kb_per_request']:+.2f} KB per request")
+    tx.set_ylabel("MB")
+    tx.set_title(title, fontsize=10)
+    tx.grid(alpha=0.3)
+    tx.legend(fontsize=8, loc="lower right")
+    for name, color in (("tritonserver", "tab:blue"), ("gateway", "tab:orange")):
+        ax.plot(x, [s["rss_mb"].get(name, 0.0) for s in samples], color=color, lw=1, label=f"{name} RSS")
+    ax.set_xlabel("malformed requests done (counted from the end of one pass over the corpus)")
+    ax.set_ylabel("MB")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def malformed_markdown(record: dict, r: dict) -> str:
+    from benchmarks.report import md_table
+
+    m, t = r["memory"], r["trend"]
+    lines = [f"# {r['requests']} malformed requests (the whole corpus in turn, {r['corpus_cases']} cases)", "",
+             f"- command: `{record['command']}`", f"- date: {record['date']}, git {record['git']}",
+             f"- machine: {record['machine']['cpu']}, {record['machine']['cores']} cores"
+             + (f" ({record['machine']['shared']})" if record['machine'].get('shared') else ""),
+             f"- model: {record['settings']['model_note']}; concurrency {r['concurrency']}, each request on its own "
+             f"connection (gRPC streams, HTTP generate / infer / other paths, calls outside inference)", "",
+             md_table(["outcome", "requests"], [[k, v] for k, v in r["outcomes"].items()], align="lr"), "",
+             "## Memory (RSS of tritonserver, its gateway and its stubs + python-backend shared memory)", "",
+             md_table(["at rest: start", "after one pass", "end", "end vs after one pass", "fitted trend, second half",
+                       "verdict"],
+                      [[f"{m['start_mb']} MB", f"{m['after_warmup_mb']} MB", f"{m['end_mb']} MB",
+                        f"{m['growth_mb']:+.1f} MB", f"{t['slope_kb_per_request']:+.2f} KB/request "
+                        f"({t['fitted_growth_over_run_mb']:+.1f} MB over the run)",
+                        "FLAT" if m["flat"] else "GREW"]], align="rrrrrr"), "",
+             md_table(["process", "after one pass (MB)", "end (MB)", "change (MB)"],
+                      [[k, m["rest_by_process_mb"]["after_warmup"].get(k, 0.0), m["rest_by_process_mb"]["end"].get(k, 0.0),
+                        f"{v:+.1f}"] for k, v in m["growth_by_process_mb"].items()], align="lrrr"), "",
+             "Plot: malformed.png (memory against requests done, with the fitted trend)."]
+    if r["examples"]:
+        lines += ["", "Not refused as expected:", ""] + [f"- {e['case']}: {e['outcome']}: {e['error']}"
+                                                         for e in r["examples"]]
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -872,6 +1125,9 @@ def main(argv=None) -> int:
                     help="instead of the soak: N requests of each kind (valid, cancelled, each malformed case) and "
                          "the memory tritonserver keeps per request of that kind -> soak-per-case.md")
     ap.add_argument("--per-case-rounds", type=int, default=3, help="with --per-case: rounds, median kept (3)")
+    ap.add_argument("--malformed-only", type=int, default=0, metavar="N",
+                    help="instead of the soak: N malformed or hostile requests, the whole corpus in turn over every "
+                         "protocol, and the memory's trend -> malformed.md, malformed.png")
     ap.add_argument("--checkpoint", help="checkpoint to serve (default: the tiny one, built in a temp dir)")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-queue-size", type=int, default=DEFAULT_MAX_QUEUE_SIZE)
@@ -879,6 +1135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--url", help="soak a running server instead (gRPC HOST:PORT, loopback only)")
     ap.add_argument("--server-pid", type=int, help="with --url: the tritonserver's pid (for its memory)")
     ap.add_argument("--metrics-url", help="with --url: its metrics endpoint (default: port + 1)")
+    ap.add_argument("--http-url", help="with --url: its HTTP HOST:PORT (default: port - 1)")
     ap.add_argument("--out", help="results folder (default benchmarks/results/<date>-cpu-<machine>)")
     ap.add_argument("--shared", help="note when the machine was shared with other work")
     ap.add_argument("--rerender", metavar="SOAK_JSON", help="only write soak.md and soak.png again from a soak.json")
@@ -898,6 +1155,7 @@ def main(argv=None) -> int:
             url = check_loopback(args.url)
             host, _, port = url.rpartition(":")
             metrics_url = args.metrics_url or f"http://{host}:{int(port) + 1}/metrics"
+            http_url = args.http_url or f"{host}:{int(port) - 1}"
             server_pid, model_note = args.server_pid, f"the server at {url}"
         else:
             from runtime.checkpoint import init_checkpoint
@@ -921,7 +1179,7 @@ def main(argv=None) -> int:
                                   provision_log=say, say=say)
             say(f"starting tritonserver on {repo}")
             server.start(timeout_s=600)
-            url, metrics_url, server_pid = server.grpc_url, server.metrics_url, server.proc.pid
+            url, metrics_url, server_pid, http_url = server.grpc_url, server.metrics_url, server.proc.pid, server.http_url
         from runtime.client import find_model
 
         model = find_model(url)
@@ -935,6 +1193,23 @@ def main(argv=None) -> int:
                     "max_queue_size": args.max_queue_size, "queue_timeout_ms": args.queue_timeout_ms,
                     "corpus_grpc_cases": sum(c.protocol == "grpc" and c.model is None for c in corpus),
                     "model": model, "model_note": model_note}
+        if args.malformed_only:
+            settings.update(malformed_only=args.malformed_only)
+            record = new_record("soak-malformed", shared=args.shared, settings=settings)
+            result = malformed_only(url, http_url, server_pid, corpus, images[0], args.malformed_only, args.concurrency,
+                                    args.rest_seconds, args.sample_seconds, say)
+            record["result"] = result
+            out = Path(args.out) if args.out else results_dir("cpu")
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "malformed.json").write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
+            (out / "malformed.md").write_text(malformed_markdown(record, result))
+            plot_malformed(result, out / "malformed.png",
+                           f"{result['requests']} malformed requests (+ {result['warm_done']} first) at "
+                           f"concurrency {args.concurrency}: {result['outcomes']}")
+            say(f"wrote {out}/malformed.json, malformed.md, malformed.png")
+            print(malformed_markdown(record, result))
+            ok = result["outcomes"]["refused"] == sum(result["outcomes"].values())
+            return 0 if ok and result["memory"]["flat"] else 1
         if args.per_case:
             settings.update(per_case=args.per_case, concurrency=min(args.concurrency, 8))
             record = new_record("soak-per-case", shared=args.shared, settings=settings)

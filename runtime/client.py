@@ -35,7 +35,7 @@ ENSEMBLES = ("faceinsight", "facellm")
 # answers so until the server has reloaded it); internal: a step failed on its own (a bug or a fault:
 # runtime.serving.python_backend.error_response); error: anything else, bad input included.
 ERROR_KINDS = (
-    ("internal", ("internal error (",)),
+    ("internal", ("internal error",)),
     ("overloaded", ("Exceeds maximum queue size",)),
     ("timeout", ("Request timeout expired", "request timed out", "no response from")),
     ("cancelled", ("cancelled",)),

@@ -19,7 +19,10 @@ from typing import Callable
 
 import torch
 
+from runtime.errors import RequestError
+
 MAX_NEW_TOKENS_LIMIT = 4096
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -32,11 +35,16 @@ class SamplingParams:
 
     def validate(self) -> "SamplingParams":
         if not (1 <= int(self.max_new_tokens) <= MAX_NEW_TOKENS_LIMIT):
-            raise ValueError(f"max_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens}")
+            raise RequestError(f"max_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens}")
         if not (0.0 <= float(self.temperature) <= 10.0):
-            raise ValueError(f"temperature must be in [0, 10], got {self.temperature}")
+            raise RequestError(f"temperature must be in [0, 10], got {self.temperature}")
         if not (0.0 < float(self.top_p) <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        # torch's CPU generator (mt19937) keeps only the low 32 bits of its seed: seeds that differ
+        # above them would sample the same tokens, so they are refused rather than folded.
+        if self.seed is not None and not (0 <= int(self.seed) <= MAX_SEED):
+            raise RequestError(f"seed must be in [0, {MAX_SEED}] (the sampler's generator takes a 32-bit seed), "
+                               f"got {self.seed}")
         return self
 
 

@@ -392,7 +392,7 @@ def test_soak_harness_runs_mixed_load_and_judges_memory_at_rest(rel, tmp_path):
     m = s["memory"]
     assert list(m["rests"]) == ["start", "after_warmup", "end"]
     assert m["rests"]["start"][1] <= m["rests"]["after_warmup"][0] < m["rests"]["after_warmup"][1] <= m["rests"]["end"][0]
-    assert "tritonserver" in m["growth_by_process_mb"] and len(m["growth_by_process_mb"]) == 8  # + 7 stubs
+    assert {"tritonserver", "gateway"} <= set(m["growth_by_process_mb"]) and len(m["growth_by_process_mb"]) == 9  # + 7 stubs
     assert rc == (0 if m["flat"] else 1)
     assert "**Unexpected errors: 0**" in (tmp_path / "soak.md").read_text()
     assert (tmp_path / "soak.png").stat().st_size > 10_000
@@ -428,22 +428,23 @@ def test_answers_are_unchanged_after_faults(rel, tiny_pipeline, face_png):
 # ------------------------------------------------------------------------------------ restart
 
 def test_serve_stops_cleanly_and_restarts_over_the_same_repository(rel, tiny_pipeline, face_png):
-    from runtime.serving.server import cancel_flag_dir, port_is_free, process_stat, shm_regions
+    from runtime.serving.cancel import cancel_flag_dir
+    from runtime.serving.server import port_is_free, process_stat, shm_regions
 
     server = rel.server
     ports = (server.http_port, server.grpc_port, server.metrics_port)
-    pid, stubs = server.proc.pid, list(server.supervisor.seen)
+    stubs = list(server.supervisor.seen)
     server.stop()
 
-    def released(server_pid: int, prefix: str) -> None:
+    def released(cancel_dir, prefix: str) -> None:
         assert all(port_is_free("127.0.0.1", p) for p in ports), "a port is still taken"
         assert not shm_regions(prefix), f"shared memory left: {shm_regions(prefix)}"
-        assert not cancel_flag_dir(server_pid).exists()
+        assert not cancel_dir.exists()
         for stub in stubs:
             st = process_stat(stub)
             assert st is None or st[0] in ("Z", "X"), f"stub {stub} still running"
 
-    released(pid, server.shm_prefix)
+    released(server.cancel_dir, server.shm_prefix)
     # `facert serve` on the same repository and ports, then stopped as a user would (Ctrl-C)
     cmd = [sys.executable, "-c", "import sys; from runtime.cli import main; sys.exit(main(sys.argv[1:]))", "serve",
            "--model-repository", str(rel.repository), "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
@@ -457,7 +458,9 @@ def test_serve_stops_cleanly_and_restarts_over_the_same_repository(rel, tiny_pip
         assert proc.poll() is None, "".join(lines)
         check_same_answer(ask_remote(f"127.0.0.1:{ports[1]}", face_png, QUESTION, GREEDY, stream=True),
                           tiny_pipeline.ask(face_png, QUESTION, GREEDY))
-        (tritonserver,) = children(proc.pid)
+        procs = {c: Path(f"/proc/{c}/cmdline").read_bytes() for c in children(proc.pid)}
+        (tritonserver,) = [c for c, argv in procs.items() if b"bin/tritonserver" in argv]
+        assert any(b"runtime.serving.gateway" in argv for argv in procs.values()), procs  # and its gateway
         stubs = children(tritonserver)
         assert len(stubs) == 7, stubs  # one python-backend process per step
         # a tritonserver that dies under `facert serve` is started again; `facert serve` keeps running
@@ -474,4 +477,4 @@ def test_serve_stops_cleanly_and_restarts_over_the_same_repository(rel, tiny_pip
             proc.kill()
     reader.join(timeout=5)
     assert any("tritonserver stopped" in ln for ln in lines), "".join(lines)
-    released(tritonserver, f"facert{proc.pid}_{ports[1]}_")
+    released(cancel_flag_dir(f"{proc.pid}-{ports[1]}"), f"facert{proc.pid}_{ports[1]}_")

@@ -192,7 +192,8 @@ def test_bad_input_over_grpc_is_named(served_tiny, face_png, case):
 BAD_HTTP = {
     "invalid base64": ({"IMAGE_BASE64": "not base64!"}, "IMAGE_BASE64 is not valid base64"),
     "zero-byte image": ({"IMAGE_BASE64": ""}, "image is empty"),
-    "wrong type": ({"MAX_TOKENS": "ten"}, "Unable to parse"),
+    "wrong type": ({"MAX_TOKENS": "ten"}, "input 'MAX_TOKENS' (INT32) must be an integer"),
+    "misspelt input": ({"QESTION": "hi"}, "unknown input 'QESTION'"),
     "image over the pixel bound": ({"IMAGE_BASE64": base64.b64encode(_png_header(9000, 9000)).decode()},
                                    "over the 40000000-pixel bound"),
     "empty question": ({"QUESTION": ""}, "question is empty"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.serving.repo import RepositoryError, fill_repository, parse_config, validate_repository
+from runtime.serving.repo import RepositoryError, fill_repository, parse_config, steps_made_ready, validate_repository
 from runtime.serving.server import ServerError, TritonServer, free_ports
 
 
@@ -23,8 +23,15 @@ def test_faceinsight_repository_has_every_step_and_the_seg_branch(tiny_checkpoin
     configs = fill_repository(tmp_path / "repo", checkpoint=tiny_checkpoint, max_batch_size=4)
     ens = configs["faceinsight"]
     assert ens.platform == "ensemble"
-    assert _step_models(ens) == ["preprocessing", "vision_encoder", "face_parser", "seg_projection",
-                                 "attribute_head", "llm", "postprocessing"]
+    assert _step_models(ens) == ["preprocessing", "vision_encoder", "attribute_head", "face_parser",
+                                 "seg_projection", "llm", "postprocessing"]
+    # one step at a time: no finished step makes two ready at once (Triton 2.51 would then be able to
+    # answer a request twice, and its gRPC frontend crashes on the second answer)
+    assert steps_made_ready(ens) == [("", ["preprocessing"]), ("preprocessing", ["vision_encoder"]),
+                                     ("vision_encoder", ["attribute_head"]), ("attribute_head", ["face_parser"]),
+                                     ("face_parser", ["seg_projection"]), ("seg_projection", ["llm"]),
+                                     ("llm", ["postprocessing"]), ("postprocessing", [])]
+    assert [t.name for t in configs["face_parser"].input] == ["PARSER_PIXELS", "AFTER_MS"]
     llm = configs["llm"]
     assert llm.model_transaction_policy.decoupled
     assert {t.name for t in llm.input} >= {"INPUT_IDS", "IMAGE_TOKENS", "SEG_TOKENS", "GENERATION"}
@@ -49,6 +56,7 @@ def test_facellm_repository_has_no_seg_branch(tiny_facellm_checkpoint, tmp_path)
     configs = fill_repository(tmp_path / "repo", checkpoint=tiny_facellm_checkpoint)
     assert sorted(configs) == ["facellm", "llm", "postprocessing", "preprocessing", "vision_encoder"]
     assert _step_models(configs["facellm"]) == ["preprocessing", "vision_encoder", "llm", "postprocessing"]
+    assert all(len(made) <= 1 for _, made in steps_made_ready(configs["facellm"]))
     assert "SEG_TOKENS" not in {t.name for t in configs["llm"].input}
 
 
@@ -70,6 +78,8 @@ def test_engines_give_the_same_shapes_as_the_checkpoint(tiny_checkpoint, tmp_pat
         assert native[name].backend == "python"
         assert native[name].instance_group[0].kind == native[name].instance_group[0].KIND_GPU
         assert native[name].parameters["engines"].string_value == str(engines.resolve())
+    # native too runs one step at a time (every step is a python model)
+    assert all(len(made) <= 1 for _, made in steps_made_ready(native["faceinsight"]))
     assert native["llm"].backend == "python" and "llm_backend" not in native["llm"].parameters
 
     # a folder built for TensorRT-LLM: plans for the encoders, the tensorrtllm backend for the LLM

@@ -19,14 +19,13 @@ named by the `timing_output` parameter when the config declares one.
 from __future__ import annotations
 
 import json
-import os
-import re
 import time
 import traceback
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+from runtime.serving.cancel import CANCEL_KEY_PARAMETER, CancelFlags
 
 _PIPELINES: dict[tuple, object] = {}
 INTERNAL_ERROR = "internal error"  # how a failure that is not the request's fault begins
@@ -82,66 +81,38 @@ class RequestInfo:
                                        info["num_image_tokens"], info["num_seg_tokens"], max_images=max_images)
 
 
-class CancelFlags:
-    """Cancelled requests, told by the postprocessing step to the llm step of the same server.
+def client_errors() -> tuple[type, ...]:
+    """The exceptions whose message is for the client: facert's own request errors."""
+    from runtime.errors import RequestError
+    from runtime.preprocess import ImageError
+    from runtime.prompt import PromptError
 
-    Triton 2.51's ensemble marks only the step requests it schedules after a client cancelled (or
-    went away) as cancelled: the postprocessing requests of the tokens that follow, never the llm
-    request already generating. So postprocessing marks the llm request's key (one empty file in a
-    directory per server, under /dev/shm) and the llm checks it after every token. The llm removes
-    a request's mark when it ends; marks that arrive after that are swept once they are old.
-    """
-
-    KEY = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, made by the llm step
-
-    def __init__(self):
-        from runtime.serving.server import cancel_flag_dir
-
-        self.dir = cancel_flag_dir(os.getppid())  # every stub of a server is the tritonserver's child
-        self._swept = time.monotonic()
-
-    def _path(self, key: str) -> Path | None:
-        return self.dir / key if self.KEY.fullmatch(key or "") else None
-
-    def mark(self, key: str) -> None:
-        path = self._path(key)
-        if path is not None:
-            self.dir.mkdir(exist_ok=True)
-            path.touch()
-
-    def is_marked(self, key: str) -> bool:
-        path = self._path(key)
-        return path is not None and path.exists()
-
-    def clear(self, key: str) -> None:
-        path = self._path(key)
-        if path is not None:
-            path.unlink(missing_ok=True)
-
-    def sweep(self, max_age_s: float = 600.0, every_s: float = 60.0) -> None:
-        """Remove marks older than max_age_s (at most once every every_s)."""
-        if time.monotonic() - self._swept < every_s:
-            return
-        self._swept = time.monotonic()
-        cutoff = time.time() - max_age_s
-        for path in self.dir.glob("*") if self.dir.is_dir() else []:
-            try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-            except FileNotFoundError:
-                pass
+    return RequestError, ImageError, PromptError
 
 
-def error_response(e: BaseException) -> "pb_utils.InferenceResponse":
-    """The request's error: ours are ValueErrors that tell the caller what is wrong with its request;
-    anything else is the server's fault, said as such ("internal error", which clients tell apart:
-    runtime.client.error_kind), with its trace in the server's log."""
-    if isinstance(e, ValueError):
-        message = str(e) or type(e).__name__
-    else:
-        pb_utils.Logger.log_error(traceback.format_exc())
-        message = f"{INTERNAL_ERROR} ({type(e).__name__}): {e}"
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+def error_response(e: BaseException, step: str = "") -> "pb_utils.InferenceResponse":
+    """The response for a failed request: a request error's own message (INVALID_ARG); for anything
+    else (a fault here, or a library's exception text) a message without internals, the traceback
+    going to the server's log."""
+    if isinstance(e, client_errors()):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
+    pb_utils.Logger.log_error(f"{step or 'a step'} failed on a request:\n" + "".join(traceback.format_exception(e)))
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(
+        f"{INTERNAL_ERROR} in the {step or 'model'} step (the server's log has the details)"))
+
+
+def request_cancel_key(request) -> str:
+    """The cancel key the gateway gave the request; "" without one (runtime/serving/cancel.py)."""
+    try:
+        key = json.loads(request.parameters() or "{}").get(CANCEL_KEY_PARAMETER, "")
+    except (ValueError, AttributeError):
+        return ""
+    return key if isinstance(key, str) and CancelFlags.is_key(key) else ""
+
+
+def cancelled_response() -> "pb_utils.InferenceResponse":
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError("request cancelled by the client", pb_utils.TritonError.CANCELLED))
 
 
 def read_inputs(request, names) -> dict[str, np.ndarray]:
@@ -167,12 +138,16 @@ class Step:
 
     uses_pipeline = True  # False: the step needs no weights (postprocessing)
     parts: tuple[str, ...] | None = None  # the checkpoint components this step runs (None: all)
+    # A request whose client left (its cancel key marked) is refused instead of run. Not after the llm:
+    # while it generates, the llm's own check of the mark is what stops the request (see cancel.py).
+    skips_cancelled = True
 
     def initialize(self, args):
         self.model_config = json.loads(args["model_config"])
         self.name = args["model_name"]
         self.params = {k: v.get("string_value", "") for k, v in self.model_config.get("parameters", {}).items()}
-        self.input_names = [i["name"] for i in self.model_config.get("input", [])]
+        # AFTER_MS only orders the step inside the ensemble (see the face parser's config); never read
+        self.input_names = [i["name"] for i in self.model_config.get("input", []) if i["name"] != "AFTER_MS"]
         self.output_names = [o["name"] for o in self.model_config.get("output", [])]
         self.timing_output = self.params.get("timing_output") or None
         kind = args.get("model_instance_kind", "CPU")
@@ -181,7 +156,17 @@ class Step:
             device = f"cuda:{args.get('model_instance_device_id', '0')}"
         self.device = device
         self.pipe = open_pipeline(self.params, device, self.parts) if self.wants_pipeline() else None
+        self.cancel_flags = CancelFlags()
         self.setup()
+
+    def client_left(self, request) -> bool:
+        """The request's client cancelled or went away before this step ran it (the gateway marked it):
+        its mark is cleared, the request ends here."""
+        key = request_cancel_key(request) if self.skips_cancelled else ""
+        if key and self.cancel_flags.is_marked(key):
+            self.cancel_flags.clear(key)
+            return True
+        return False
 
     def wants_pipeline(self) -> bool:
         return self.uses_pipeline
@@ -194,20 +179,23 @@ class Step:
 
 
 class PerRequestStep(Step):
-    def compute_one(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def compute_one(self, inputs: dict[str, np.ndarray], request) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
     def execute(self, requests):
         responses = []
         for r in requests:
+            if self.client_left(r):
+                responses.append(cancelled_response())
+                continue
             try:
                 t0 = time.perf_counter()
-                out = self.compute_one(read_inputs(r, self.input_names))
+                out = self.compute_one(read_inputs(r, self.input_names), r)
                 if self.timing_output:
                     out[self.timing_output] = np.array([[(time.perf_counter() - t0) * 1e3]], np.float32)
                 responses.append(make_response(out))
             except Exception as e:  # noqa: BLE001 (the request gets the message)
-                responses.append(error_response(e))
+                responses.append(error_response(e, self.name))
         return responses
 
 
@@ -221,7 +209,11 @@ class ImageRowsStep(Step):
         raise NotImplementedError
 
     def execute(self, requests):
-        inputs = [read_inputs(r, self.input_names) for r in requests]
+        responses = [cancelled_response() if self.client_left(r) else None for r in requests]
+        live = [i for i, r in enumerate(responses) if r is None]
+        if not live:
+            return responses
+        inputs = [read_inputs(requests[i], self.input_names) for i in live]
         try:
             sizes = []
             for x in inputs:
@@ -234,15 +226,15 @@ class ImageRowsStep(Step):
             out = self.compute(rows)
             ms = (time.perf_counter() - t0) * 1e3
         except Exception as e:  # noqa: BLE001 (every request of the batch gets the error)
-            return [error_response(e) for _ in requests]
-        responses, start = [], 0
-        for n in sizes:
+            return [r or error_response(e, self.name) for r in responses]
+        start = 0
+        for i, n in zip(live, sizes):
             piece = {}
             for k, (v, merge) in out.items():
                 part = v[start:start + n]
                 piece[k] = part.reshape(1, n * part.shape[1], *part.shape[2:]) if merge else part[None]
             if self.timing_output:
                 piece[self.timing_output] = np.full((1, 1), ms, np.float32)
-            responses.append(make_response(piece))
+            responses[i] = make_response(piece)
             start += n
         return responses

@@ -103,6 +103,33 @@ def _check_ensemble(name: str, cfg, configs: dict) -> None:
                                   f"inputs {missing}")
 
 
+def steps_made_ready(ensemble) -> list[tuple[str, list[str]]]:
+    """The ensemble's schedule as Triton runs it, from its config: a step is ready once every tensor it
+    maps in exists (the ensemble's inputs exist from the start, optional ones included, and a finished
+    step's mapped outputs exist even when it did not produce them). Finishing ready steps one at a time,
+    returns (finished step, the steps that finishing made ready), the first entry being ("", the steps
+    ready from the inputs alone). A step made ready together with another is what Triton 2.51 can
+    answer twice (see the ensemble template)."""
+    steps = list(ensemble.ensemble_scheduling.step)
+    have = {t.name for t in ensemble.input}
+    scheduled: set[int] = set()
+
+    def newly_ready() -> list[int]:
+        ready = [i for i, s in enumerate(steps) if i not in scheduled and set(s.input_map.values()) <= have]
+        scheduled.update(ready)
+        return ready
+
+    queue = newly_ready()
+    order = [("", [steps[i].model_name for i in queue])]
+    while queue:
+        step = steps[queue.pop(0)]
+        have.update(step.output_map.values())
+        made = newly_ready()
+        order.append((step.model_name, [steps[i].model_name for i in made]))
+        queue.extend(made)
+    return order
+
+
 # ---------------------------------------------------------------------------------------- source
 
 def describe_checkpoint(path: str | Path) -> dict:

@@ -43,13 +43,13 @@ import collections
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import threading
 import time
 import urllib.error
@@ -57,6 +57,8 @@ import urllib.request
 import zipfile
 from pathlib import Path
 from typing import Callable
+
+from runtime.serving.cancel import CANCEL_DIR_ENV, cancel_flag_dir
 
 PYTRITON_WHEEL = "nvidia-pytriton==0.7.0"  # carries tritonserver 2.51.0
 SERVER_VERSION = "2.51.0"
@@ -303,11 +305,6 @@ def _is_our_stub(pid: int, shm_prefix: str) -> bool:
         a.startswith(shm_prefix.encode()) for a in argv[1:])
 
 
-def cancel_flag_dir(server_pid: int) -> Path:
-    """Where the postprocessing step of one server tells its llm step which requests were cancelled."""
-    return (SHM_DIR if SHM_DIR.is_dir() else Path(tempfile.gettempdir())) / f"facert-cancel-{server_pid}"
-
-
 def shm_regions(prefix: str) -> list[Path]:
     return sorted(SHM_DIR.glob(f"{prefix}*")) if SHM_DIR.is_dir() else []
 
@@ -398,6 +395,14 @@ class StubSupervisor(threading.Thread):
                 self.seen.clear()
                 last = self._scan()
                 continue
+            gateway = self.server.gateway
+            if gateway is not None and gateway.poll() is not None and self.enabled and not self._halt.is_set():
+                self.server.say(f"the gateway exited on its own (code {gateway.returncode}); restarting it")
+                try:
+                    self.server._start_gateway()
+                    self.server.gateway_restarts.append({"code": gateway.returncode})
+                except ServerError as e:
+                    self.server.say(f"the gateway could not be restarted: {e}")
             live = self._scan()
             count = collections.Counter(live.values())
             short = [m for m, n in self.expected.items() if count[m] < n
@@ -433,18 +438,29 @@ class StubSupervisor(threading.Thread):
 # ----------------------------------------------------------------------------------------- server
 
 class TritonServer:
-    """One tritonserver process serving a model repository on host:ports.
+    """One tritonserver process serving a model repository, behind facert's gateway, on host:ports.
 
-    `start()` validates the repository, checks the ports, starts the server and returns once every
-    model is ready (or raises ServerError with the server's own error lines). Log lines go to `log`
-    (default: stderr) as they arrive. `stop()` sends SIGTERM, waits, then kills.
+    Clients reach the gateway (runtime/serving/gateway.py) on host:grpc_port and host:http_port;
+    tritonserver listens on two loopback ports of its own and answers only requests that carry this
+    server's key (drawn at every start: Triton's restricted-API headers, every category), i.e. the
+    gateway's and this object's own (health, model reloads). Its metrics stay on host:metrics_port.
+    With gateway=False tritonserver takes the public ports itself, only the repository, statistics,
+    shared-memory, trace and logging APIs behind the key: for measuring what the gateway costs.
+
+    `start()` validates the repository, checks the ports, starts the server and the gateway and returns
+    once every model is ready (or raises ServerError with the server's own error lines). Log lines go
+    to `log` (default: stderr) as they arrive. `stop()` stops the gateway, then sends tritonserver
+    SIGTERM, waits, then kills.
     """
 
     def __init__(self, model_repository: str | Path, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, metrics_port: int = 8002, tools_dir: str | Path | None = None,
                  log: Callable[[str], None] | None = None, log_verbose: int = 0, exit_timeout_s: int = 10,
                  provision_log: Callable[[str], None] = print, tritonserver: str | Path | None = None,
-                 recover: bool = True, say: Callable[[str], None] | None = None):
+                 recover: bool = True, say: Callable[[str], None] | None = None, gateway: bool = True,
+                 max_request_mb: float | None = None):
+        from runtime.serving.gateway import DEFAULT_MAX_REQUEST_MB
+
         self.repository = Path(model_repository).resolve()
         self.host = host
         self.http_port, self.grpc_port, self.metrics_port = int(http_port), int(grpc_port), int(metrics_port)
@@ -466,8 +482,16 @@ class TritonServer:
         # python-backend shared-memory regions are per server (several servers can share a host) and
         # per start: a region left by a killed stub is recognised and removed by this prefix
         self.shm_prefix = f"facert{os.getpid()}_{self.grpc_port}_"
+        # where the gateway and postprocessing mark cancelled requests for the llm step (runtime/serving/cancel.py)
+        self.cancel_dir = cancel_flag_dir(f"{os.getpid()}-{self.grpc_port}")
+        self.key = secrets.token_urlsafe(24)  # what tritonserver asks of every request (see the class doc)
+        self.use_gateway = gateway
+        self.max_request_mb = float(max_request_mb or DEFAULT_MAX_REQUEST_MB)
+        self.gateway: subprocess.Popen | None = None
+        self.internal_http_port = self.internal_grpc_port = 0  # tritonserver's own, with the gateway
         self._reloads = 0
         self.restarts: list[dict] = []  # tritonserver exits the supervisor restarted from: {code, cause, seconds}
+        self.gateway_restarts: list[dict] = []  # gateway exits the supervisor restarted from: {code}
         self._launch_args: tuple[list[str], dict] | None = None
 
     # where to reach it
@@ -488,15 +512,32 @@ class TritonServer:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("::1" if self.host == "::" else self.host)
         return f"[{host}]" if ":" in host else host
 
+    @property
+    def _internal_http(self) -> str:
+        """tritonserver's own HTTP endpoint (behind the gateway: a loopback port)."""
+        return f"127.0.0.1:{self.internal_http_port}" if self.use_gateway else self.http_url
+
     def command(self, binary: Path, backends: Path | None) -> list[str]:
+        from runtime.serving.gateway import KEY_HEADER, RESTRICTED_CATEGORIES
+
+        if self.use_gateway:
+            listen = [f"--http-address=127.0.0.1", f"--http-port={self.internal_http_port}",
+                      f"--grpc-address=127.0.0.1", f"--grpc-port={self.internal_grpc_port}"]
+            restricted = ",".join(RESTRICTED_CATEGORIES)
+        else:
+            listen = [f"--http-address={self.host}", f"--http-port={self.http_port}",
+                      f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}"]
+            restricted = "model-repository,statistics,shared-memory,trace,logging"
         return [
             str(binary),
             f"--model-repository={self.repository}",
             *([f"--backend-directory={backends}"] if backends else []),
-            f"--http-address={self.host}", f"--http-port={self.http_port}",
-            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            *listen,
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
+            # only holders of the key (see the class doc); the gRPC header is triton-grpc-protocol-<name>
+            f"--http-restricted-api={restricted}:{KEY_HEADER}={self.key}",
+            f"--grpc-restricted-protocol={restricted}:{KEY_HEADER}={self.key}",
             # configs are used exactly as written (they are generated and validated by `facert repo`)
             "--disable-auto-complete-config",
             f"--exit-timeout-secs={self.exit_timeout_s}",
@@ -520,6 +561,8 @@ class TritonServer:
             if not port_is_free(self.host, port):
                 raise ServerError(f"{name} port {port} on {self.host} is taken (another server running?); "
                                   f"choose another with --{name}-port")
+        if self.use_gateway:
+            self.internal_http_port, self.internal_grpc_port = free_ports(2, "127.0.0.1")
         if self.tritonserver is not None:
             if not os.access(self.tritonserver, os.X_OK):
                 raise ServerError(f"{self.tritonserver} is not an executable tritonserver")
@@ -534,16 +577,59 @@ class TritonServer:
         if world > 1:  # a TensorRT-LLM engine split over GPUs: its model spawns one worker per rank
             env.update(ORCHESTRATOR_ENV)
             self.say(f"tensorrt_llm runs on {world} GPUs (orchestrator mode: TRTLLM_ORCHESTRATOR=1)")
+        env[CANCEL_DIR_ENV] = str(self.cancel_dir)  # the stubs inherit it
         remove_shm_regions(self.shm_prefix)  # a previous server of ours on this port died without cleaning up
         self._launch_args = (cmd, env)
         try:
             self._launch(timeout_s)
+            if self.use_gateway:
+                self._start_gateway()
         except BaseException:
             self.stop()
             raise
         self.supervisor = StubSupervisor(self, enabled=self.recover)
         self.supervisor.start()
         return self
+
+    def _start_gateway(self, timeout_s: float = 60.0) -> None:
+        """Start the gateway on the public ports; returns once it listens (ServerError if it does not)."""
+        from runtime.serving.gateway import KEY_ENV
+
+        env = dict(os.environ, **{KEY_ENV: self.key, CANCEL_DIR_ENV: str(self.cancel_dir)})
+        cmd = [sys.executable, "-m", "runtime.serving.gateway", "--model-repository", str(self.repository),
+               "--host", self.host, "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
+               "--upstream-grpc", f"127.0.0.1:{self.internal_grpc_port}",
+               "--upstream-http", f"127.0.0.1:{self.internal_http_port}", "--max-request-mb", str(self.max_request_mb)]
+        self.gateway = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                                        errors="replace", bufsize=1, start_new_session=True)
+        ready = threading.Event()
+
+        def forward(proc: subprocess.Popen) -> None:
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                self.recent.append(line)
+                self.log(line)
+                if "facert gateway: listening" in line:
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=forward, args=(self.gateway,), daemon=True).start()
+        if not ready.wait(timeout_s) or self.gateway.poll() is not None:
+            code = self.gateway.poll()
+            if code is None:
+                self.gateway.kill()
+            raise ServerError(f"the gateway did not start (exit code {self.gateway.wait()}):\n"
+                              + "\n".join(ln for ln in list(self.recent)[-10:] if "gateway" in ln))
+
+    def _stop_gateway(self, timeout_s: float = 15.0) -> None:
+        if self.gateway is None or self.gateway.poll() is not None:
+            return
+        self.gateway.send_signal(signal.SIGTERM)  # it finishes what it is reading, briefly
+        try:
+            self.gateway.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.gateway.kill()
+            self.gateway.wait()
 
     def _launch(self, timeout_s: float) -> None:
         cmd, env = self._launch_args
@@ -564,7 +650,7 @@ class TritonServer:
         cause = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
         self.say(f"tritonserver exited on its own ({cause}); restarting it over {self.repository}\n"
                  f"{self.error_summary()}")
-        self._clear_leftovers(dict(stubs or {}), old.pid)
+        self._clear_leftovers(dict(stubs or {}))
         t0 = time.monotonic()
         try:
             self._launch(timeout_s)
@@ -584,8 +670,12 @@ class TritonServer:
             self.log(line)
 
     def is_ready(self) -> bool:
+        """tritonserver answers ready (asked directly, with the key)."""
+        from runtime.serving.gateway import KEY_HEADER
+
+        req = urllib.request.Request(f"http://{self._internal_http}/v2/health/ready", headers={KEY_HEADER: self.key})
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+            with urllib.request.urlopen(req, timeout=2) as r:
                 return r.status == 200
         except (urllib.error.URLError, OSError):
             return False
@@ -619,6 +709,7 @@ class TritonServer:
                 if self.proc.poll() is None:
                     self.proc.kill()
                 self.supervisor.join(timeout=30)
+        self._stop_gateway()  # no new requests
         stubs = python_stubs(self.proc.pid, self.repository) if self.proc.poll() is None else {}
         if self.supervisor is not None:
             stubs.update(self.supervisor.seen)
@@ -631,14 +722,14 @@ class TritonServer:
                 self.proc.wait()
         if self._reader is not None:
             self._reader.join(timeout=5)
-        self._clear_leftovers(stubs, self.proc.pid)
+        self._clear_leftovers(stubs)
         return self.proc.returncode
 
-    def _clear_leftovers(self, stubs: dict[int, str], server_pid: int) -> None:
+    def _clear_leftovers(self, stubs: dict[int, str]) -> None:
         """What an ended server process can leave: its stubs, their shared memory, its cancellation marks."""
         _end_stubs(stubs, self.shm_prefix)
         remove_shm_regions(self.shm_prefix)
-        shutil.rmtree(cancel_flag_dir(server_pid), ignore_errors=True)
+        shutil.rmtree(self.cancel_dir, ignore_errors=True)
 
     def models_ready(self) -> dict[str, bool]:
         """{model: READY?} from the repository index."""
@@ -659,9 +750,11 @@ class TritonServer:
                   timeout_s)
 
     def _api(self, method: str, path: str, body: dict | None, timeout_s: float = 30.0):
-        req = urllib.request.Request(f"http://{self.http_url}{path}", method=method,
+        from runtime.serving.gateway import KEY_HEADER
+
+        req = urllib.request.Request(f"http://{self._internal_http}{path}", method=method,
                                      data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", KEY_HEADER: self.key})
         try:
             with urllib.request.urlopen(req, timeout=timeout_s) as r:
                 data = r.read()

@@ -128,7 +128,8 @@ class TritonPythonModel(Step):
         timeout_us = request.timeout()  # 0: none
         deadline = gen["received_at"] + timeout_us / 1e6 if timeout_us else None
         return Active(request.get_response_sender(), ids, torch.from_numpy(table), params, gen["stream"], timings,
-                      probs, self.cancel_flags, deadline, timeout_us / 1e3)
+                      probs, self.cancel_flags, deadline, timeout_us / 1e3,
+                      key=gen.get("cancel_key") or uuid.uuid4().hex)  # the gateway's key, when it gave one
 
     def _response(self, a: Active, text: str, token_ids, finish: str = "", timings: dict | None = None, probs=None):
         out = {"TEXT": bytes_tensor([text]), "TOKEN_IDS": np.array([token_ids], np.int64).reshape(1, -1),

@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils
 
 from runtime.models.attributes import CELEBA_ATTRIBUTES
 from runtime.pipeline import attributes_by_image
-from runtime.serving.python_backend import CancelFlags, PerRequestStep, bytes_tensor, read_inputs
+from runtime.serving.python_backend import PerRequestStep, bytes_tensor, read_inputs
 
 
 def attributes_json(probs: np.ndarray) -> str:
@@ -29,9 +29,7 @@ def attributes_json(probs: np.ndarray) -> str:
 
 class TritonPythonModel(PerRequestStep):
     uses_pipeline = False
-
-    def setup(self):
-        self.cancel_flags = CancelFlags()
+    skips_cancelled = False  # the llm, still generating, stops the request on its mark
 
     def execute(self, requests):
         live, responses = [], {}
@@ -48,7 +46,7 @@ class TritonPythonModel(PerRequestStep):
             responses[i] = response
         return [responses[i] for i in range(len(requests))]
 
-    def compute_one(self, x):
+    def compute_one(self, x, request):
         finish = bytes(x["FINISH_REASON"].reshape(-1)[0]).decode()
         attributes, timings = "", ""
         if finish:

@@ -12,10 +12,11 @@ import time
 
 import numpy as np
 
+from runtime.errors import RequestError
 from runtime.generate import SamplingParams
 from runtime.preprocess import ImageError
 from runtime.prompt import PromptError
-from runtime.serving.python_backend import PerRequestStep, RequestInfo, bytes_tensor
+from runtime.serving.python_backend import PerRequestStep, RequestInfo, bytes_tensor, request_cancel_key
 
 DEFAULTS = SamplingParams()
 
@@ -26,7 +27,7 @@ def _one(inputs, name, default=None):
         return default
     x = inputs[name]
     if x.size != 1:
-        raise ValueError(f"{name} must hold exactly one value per request, got shape {list(x.shape)}")
+        raise RequestError(f"{name} must hold exactly one value per request, got shape {list(x.shape)}")
     return x.reshape(-1)[0]
 
 
@@ -37,7 +38,7 @@ def _text(inputs, name) -> str | None:
     try:
         return bytes(value).decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{name} is not UTF-8 text: {e}") from None
+        raise RequestError(f"{name} is not UTF-8 text: {e}") from None
 
 
 def _images(inputs) -> list[bytes]:
@@ -67,7 +68,7 @@ class TritonPythonModel(PerRequestStep):
     def setup(self):
         self.info = RequestInfo(self.params)
 
-    def compute_one(self, inputs):
+    def compute_one(self, inputs, request):
         received_at = time.time()
         images = _images(inputs)
         question, messages = _text(inputs, "QUESTION"), _text(inputs, "MESSAGES")
@@ -92,6 +93,7 @@ class TritonPythonModel(PerRequestStep):
             out["PARSER_PIXELS"] = x.parser_pixels[None]
         generation = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
                       "top_p": params.top_p, "seed": params.seed, "stream": bool(_one(inputs, "STREAM", False)),
-                      "received_at": received_at, "prompt_tokens": len(ids)}
+                      "received_at": received_at, "prompt_tokens": len(ids),
+                      "cancel_key": request_cancel_key(request)}  # the llm stops on its mark (serving/cancel.py)
         out["GENERATION"] = bytes_tensor([json.dumps(generation)])
         return out
