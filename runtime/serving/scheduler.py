@@ -21,7 +21,10 @@ it directly):
   4. runs one decode step over every decoding slot at once (rows 0 .. highest decoding slot; each row
      its own position and mask), samples each request's next token with its own parameters and
      seeded generator, and hands it to the request's `on_token`; a request that stops (a stop token,
-     max_tokens) gets `on_done` at once and leaves its slot.
+     max_tokens) gets `on_done` at once and leaves its slot. A request whose `may_continue()` says
+     no sits this step out (the served step says so while its sent responses lag behind: a
+     client's cancellation reaches this step only through the responses it sends, so a request
+     must not run far ahead of them). An iteration with nothing to do waits for `wake()` (or 2 ms).
   Greedy tokens do not depend on what else runs: a row's attention reads only its own slot, its
   chunks are cut the same way, and its sampling uses only its own logits.
 - Callbacks run on the scheduler thread and must not block: the served step queues them for its
@@ -101,6 +104,9 @@ class GenRequest:
     on_token: Callable[[int], None] = _nothing  # every kept token (stop tokens are not kept)
     on_done: Callable[[Outcome], None] = _nothing  # once, at the end, whatever the end
     should_stop: Callable[[], str] = lambda: ""  # "cancelled" / "timeout" to stop it, else ""
+    # False holds the request back from this iteration's decode step (its responses are not sent
+    # yet: the served step keeps generation at most a few tokens ahead of what it has sent)
+    may_continue: Callable[[], bool] = lambda: True
     prefix_key: str | None = None  # names the first prefix_len tokens' K/V (None: no prefix caching)
     prefix_len: int = 0
     arrived: float = field(default_factory=time.time)  # wall clock at the server; TTFT counts from it
@@ -218,6 +224,11 @@ class InflightScheduler:
             if r is not None:
                 self._end(r, "error", error)
 
+    def wake(self) -> None:
+        """Something a held-back iteration waits for happened (a response went out)."""
+        with self._cv:
+            self._cv.notify()
+
     def _loop(self) -> None:
         while True:
             with self._cv:
@@ -227,11 +238,19 @@ class InflightScheduler:
                     return
             try:
                 self.step()
-            except Exception as e:  # noqa: BLE001 (a bug must not end the thread: the running requests fail)
+            except Exception as e:  # noqa: BLE001 (a bug must not end the thread: its requests fail)
                 self.log(f"llm scheduler: {traceback.format_exc()}")
+                with self._cv:
+                    waiting, self._waiting = list(self._waiting), deque()
+                for req, submitted in waiting:
+                    self._done_waiting(req, submitted, "error", e)
                 for r in list(self._running):
                     if r is not None:
                         self._end(r, "error", e)
+            if not (self.last_step["prefill_tokens"] or self.last_step["decode_rows"]):
+                with self._cv:  # held back (or only waiting for a slot): do not spin
+                    if not self._stopping:
+                        self._cv.wait(0.002)
 
     # ------------------------------------------------------------------------------ one iteration
 
@@ -243,19 +262,28 @@ class InflightScheduler:
         self._decode()
         self._report()
 
+    @staticmethod
+    def _stop_reason(req: GenRequest) -> tuple[str, BaseException | None]:
+        try:
+            return req.should_stop(), None
+        except Exception as e:  # noqa: BLE001 (a request that cannot say ends with the error)
+            return "error", e
+
     def _drop_stopped(self) -> None:
         with self._cv:
             waiting = list(self._waiting)
-        dropped = [(req, submitted, why) for req, submitted in waiting if (why := req.should_stop())]
+        dropped = [(req, submitted, why) for req, submitted in waiting if (why := self._stop_reason(req))[0]]
         if dropped:
             gone = {id(req) for req, _, _ in dropped}
             with self._cv:
                 self._waiting = deque(w for w in self._waiting if id(w[0]) not in gone)
-            for req, submitted, why in dropped:
-                self._done_waiting(req, submitted, why)
+            for req, submitted, (why, error) in dropped:
+                self._done_waiting(req, submitted, why, error)
         for r in list(self._running):
-            if r is not None and (why := r.req.should_stop()):
-                self._end(r, why)
+            if r is not None:
+                why, error = self._stop_reason(r.req)
+                if why:
+                    self._end(r, why, error)
 
     def _admit(self) -> None:
         while True:
@@ -322,14 +350,14 @@ class InflightScheduler:
         r.prefix_stored = True
 
     def _decode(self) -> None:
-        decoding = [r for r in self._running if r is not None and r.next_token is not None]
+        decoding = [r for r in self._running if r is not None and r.next_token is not None and r.req.may_continue()]
         self.last_step["decode_rows"] = len(decoding)
         if not decoding:
             return
         rows = min(self.llm.slot_rows(max(r.slot for r in decoding) + 1), self.config.slots)
         ids = torch.zeros(rows, 1, dtype=torch.long)
-        # the rows not decoding (free or prefilling slots) write only at their first unwritten
-        # position, which nothing reads before it is written again
+        # the rows not decoding (free, prefilling or held-back slots) write only at their first
+        # unwritten position, which nothing reads before it is written again
         starts = torch.tensor([0 if r is None else r.length for r in self._running[:rows]])
         for r in decoding:
             ids[r.slot, 0] = r.next_token

@@ -73,6 +73,7 @@ OUTCOMES = ("stop", "length", "cancelled", "timeout", "error", "overloaded")
 # seconds; TTFT as vLLM's buckets, reaching further for CPU prefill under load
 TTFT_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
                 80.0]
+MAX_UNSENT = 2  # in-flight: tokens a request may be generated ahead of its sent responses
 ITL_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0]
 # the tensorrt_llm model's prompt_embedding_table type (the engine's precision) -> torch dtype
 PROMPT_TABLE_DTYPES = {"TYPE_FP16": torch.float16, "TYPE_BF16": torch.bfloat16, "TYPE_FP32": torch.float32}
@@ -94,6 +95,8 @@ class Active:
     ended: str = ""  # why generation was stopped early: "cancelled" or "timeout"
     emitted: list = field(default_factory=list)
     image_key: str | None = None  # preprocessing's hash of the image bytes (IMAGE_KEY), if sent
+    queued: int = 0  # in-flight: tokens handed to the sender thread (written by the scheduler thread only)
+    sent: int = 0  # in-flight: tokens the sender thread has sent on (written by the sender thread only)
 
     def should_stop(self) -> bool:
         """Checked after every token: the client cancelled or left, or the request's deadline passed."""
@@ -107,6 +110,12 @@ class Active:
     def stop_reason(self) -> str:
         """The scheduler's should_stop: "cancelled", "timeout" or ""."""
         return self.ended if self.should_stop() else ""
+
+    def may_continue(self) -> bool:
+        """The scheduler's may_continue: at most MAX_UNSENT tokens generated ahead of those sent, so
+        that a client's cancellation, which reaches this step only through postprocessing as it
+        handles the sent responses, stops generation within a few tokens."""
+        return self.queued - self.sent < MAX_UNSENT
 
 
 class Outbox:
@@ -333,16 +342,29 @@ class TritonPythonModel(Step):
             embeds = splice_prompt_table(c.llm.embed, a.ids, a.table.to(c.llm.device), c.vocab_size)[0]
             prefix_key, prefix_len = self._prefix(a)
             stream = TextStream(self.tokenizer)
-            req = GenRequest(embeds, a.params, on_token=lambda token: self.outbox.put(self._token, a, stream, token),
+            req = GenRequest(embeds, a.params, on_token=lambda token: self._queue_token(a, stream, token),
                              on_done=lambda outcome: self.outbox.put(self._done, a, outcome),
-                             should_stop=a.stop_reason, prefix_key=prefix_key, prefix_len=prefix_len,
-                             arrived=a.timings["received_at"])
+                             should_stop=a.stop_reason, may_continue=a.may_continue, prefix_key=prefix_key,
+                             prefix_len=prefix_len, arrived=a.timings["received_at"])
             self.scheduler.submit(req)
         except Overloaded as e:  # Triton's code for a full queue: the client may retry later
             self._fail(a, pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.UNAVAILABLE)),
                        "overloaded")
         except Exception as e:  # noqa: BLE001 (this request fails alone, with the message)
             self._fail(a, error_response(e))
+
+    def _queue_token(self, a: Active, stream: TextStream, token: int) -> None:
+        """On the scheduler thread: hand the token to the sender thread."""
+        a.queued += 1
+        self.outbox.put(self._send_token, a, stream, token)
+
+    def _send_token(self, a: Active, stream: TextStream, token: int) -> None:
+        """On the sender thread."""
+        try:
+            self._token(a, stream, token)
+        finally:
+            a.sent += 1
+            self.scheduler.wake()
 
     def _prefix(self, a: Active) -> tuple[str | None, int]:
         """The prefix cache's key and length: the prompt up to its last image or seg row, named by the
