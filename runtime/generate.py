@@ -11,17 +11,21 @@ lengths share one batch by left padding; each request samples with its own seede
 its tokens do not depend on what it was batched with.
 
 KV-cache slots (what the served in-flight scheduler, runtime/serving/scheduler.py, runs on): an LLM
-that also has `new_slots(num_slots, slot_len)`, `slot_rows(rows)` and
+that also has `new_slots(num_slots, slot_len)`, `slot_rows(rows, num_slots)` and
 `forward_slots(slots, embeds, first_row, starts) -> logits` keeps S preallocated slots, per layer
 K and V buffers [S, Hkv, L, hd] (`slots.keys`, `slots.values`). A call runs the contiguous rows
 first_row .. first_row + B - 1 on embeds [B, s, D]: row b writes its s tokens at positions
 starts[b] .. starts[b] + s - 1 of its own slot (its position ids too: a slot holds one sequence
 from position 0, no padding) and attends to its own positions below starts[b] + its causal part,
 so every row has its own length, position and mask in one call. The positions a row attends to
-are set by its own start only, never by the other rows, so a row's logits do not depend on what
-it runs with. `slot_rows(rows)` is how many rows a decode over `rows` rows should run (a backend
-that captures CUDA graphs per batch-size bucket rounds up; the extra rows write only at their own
-`starts`, which the caller points at positions it does not read).
+are set by its own start only, never by the other rows. `slot_rows(rows, num_slots)` is how many
+rows a decode step over the first `rows` slots runs: the extra rows write only at their own
+`starts`, which the caller points at positions nothing reads yet. Batch invariance (a request's
+greedy tokens must not depend on what it runs with) needs a row's arithmetic to be the same
+whatever the number of rows: onnxruntime's CPU kernels compute a row the same at every batch size
+(bitwise, tests/test_inflight.py), torch's CPU matmuls do not (three kernel classes by row count,
+about 1e-7 apart), so the torch backend always decodes all slots: one shape, which is also the one
+CUDA graph it captures on a GPU, where a decode step of S rows costs about what one row does.
 """
 
 from __future__ import annotations
@@ -132,8 +136,6 @@ class TorchLLM:
 
     # ------------------------------------------------------------------ KV-cache slots (in-flight)
 
-    SLOT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
     def new_slots(self, num_slots: int, slot_len: int) -> TorchSlots:
         limit = int(getattr(self.model.config, "max_position_embeddings", slot_len))
         if slot_len > limit:
@@ -141,11 +143,9 @@ class TorchLLM:
         dtype = self.model.get_input_embeddings().weight.dtype
         return TorchSlots(self.model.config, num_slots, slot_len, self.device, dtype)
 
-    def slot_rows(self, rows: int) -> int:
-        """Rows a decode step over `rows` runs: the CUDA-graph path captures one graph per bucket."""
-        if not self.cuda_graphs:
-            return rows
-        return next((b for b in self.SLOT_BUCKETS if b >= rows), rows)
+    def slot_rows(self, rows: int, num_slots: int) -> int:
+        """Every slot, always: one shape for torch's kernels (batch invariance) and for the CUDA graph."""
+        return num_slots
 
     def _slot_step(self, embeds, mask, positions, cache):
         out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,

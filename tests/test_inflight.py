@@ -82,6 +82,25 @@ def test_slots_give_each_row_its_own_length_position_and_mask(llm, tiny_hf):
         llm.forward_slots(slots, new[:1], 0, torch.tensor([32]))
 
 
+def test_a_decoded_row_is_bitwise_the_same_whatever_runs_beside_it(llm, tiny_hf):
+    """What batch invariance rests on: in the shape the backend decodes `n` active slots in
+    (slot_rows), row 0's logits do not change with n nor with the other rows' inputs."""
+    hidden = tiny_hf.config.hidden_size
+    slots = llm.new_slots(4, 32)
+    for r, x in enumerate(prompts(hidden, (9, 4, 13, 6), seed=12)):
+        llm.forward_slots(slots, x[None], r, torch.tensor([0]))
+    starts = torch.tensor([9, 4, 13, 6])
+    g = torch.Generator().manual_seed(13)
+    token = torch.randn(1, 1, hidden, generator=g)
+    seen = []
+    for n in (1, 2, 3, 4, 4):
+        rows = llm.slot_rows(n, 4)
+        others = torch.randn(rows - 1, 1, hidden, generator=g)
+        logits = llm.forward_slots(slots, torch.cat([token, others]), 0, starts[:rows])
+        seen.append(logits[0])
+    assert all(torch.equal(seen[0], x) for x in seen[1:]), [float((seen[0] - x).abs().max()) for x in seen[1:]]
+
+
 # ------------------------------------------------------------------------------ the scheduler
 
 class Recorder(SchedulerObserver):

@@ -262,8 +262,10 @@ class OrtLLM:
     def new_slots(self, num_slots: int, slot_len: int) -> OrtKVCache:
         return self.new_cache(num_slots, slot_len)
 
-    def slot_rows(self, rows: int) -> int:
-        return rows
+    def slot_rows(self, rows: int, num_slots: int) -> int:
+        """The rows asked for on CPU (its kernels compute a row the same at every batch size, checked
+        in tests/test_inflight.py); every slot on a GPU provider, whose kernels are not known to."""
+        return rows if self.device.type == "cpu" else num_slots
 
     def _rows_step_binding(self, cache: OrtKVCache, rows: slice):
         """The one-token decode step over some contiguous rows: views of the bound buffers, by address."""

@@ -15,9 +15,10 @@ it directly):
   2. admits waiting requests first come, first served while a slot is free (a prompt's prefix found
      in the prefix cache is copied into the slot, and only the rest is prefilled);
   3. prefills, oldest admission first, in chunks cut at fixed multiples of `prefill_chunk` from each
-     prompt's start (so a prompt is cut the same way whatever else runs), at most `prefill_chunk`
-     tokens per iteration (at least one chunk), so the running requests wait at most one chunk
-     between two tokens;
+     prompt's start and at the end of its cacheable prefix, at most `prefill_chunk` tokens per
+     iteration (at least one chunk), so the running requests wait at most one chunk between two
+     tokens. A prompt is cut the same way whatever else runs and whether its prefix came from the
+     cache or not, so its rows and logits are computed the same way either way;
   4. runs one decode step over every decoding slot at once (rows 0 .. highest decoding slot; each row
      its own position and mask), samples each request's next token with its own parameters and
      seeded generator, and hands it to the request's `on_token`; a request that stops (a stop token,
@@ -26,7 +27,8 @@ it directly):
      client's cancellation reaches this step only through the responses it sends, so a request
      must not run far ahead of them). An iteration with nothing to do waits for `wake()` (or 2 ms).
   Greedy tokens do not depend on what else runs: a row's attention reads only its own slot, its
-  chunks are cut the same way, and its sampling uses only its own logits.
+  chunks are cut the same way, its sampling uses only its own logits, and the backends decode in a
+  shape whose per-row arithmetic does not change with the number of rows (runtime.generate).
 - Callbacks run on the scheduler thread and must not block: the served step queues them for its
   sender thread, which does the detokenising, sending and metrics.
 
@@ -322,6 +324,8 @@ class InflightScheduler:
             total = int(embeds.shape[0])
             while r.prefilled < total:
                 end = min(total, (r.prefilled // chunk + 1) * chunk)
+                if r.req.prefix_key is not None and r.prefilled < r.req.prefix_len:
+                    end = min(end, r.req.prefix_len)
                 n = end - r.prefilled
                 if spent and spent + n > chunk:
                     return
@@ -354,7 +358,7 @@ class InflightScheduler:
         self.last_step["decode_rows"] = len(decoding)
         if not decoding:
             return
-        rows = min(self.llm.slot_rows(max(r.slot for r in decoding) + 1), self.config.slots)
+        rows = min(self.llm.slot_rows(max(r.slot for r in decoding) + 1, self.config.slots), self.config.slots)
         ids = torch.zeros(rows, 1, dtype=torch.long)
         # the rows not decoding (free, prefilling or held-back slots) write only at their first
         # unwritten position, which nothing reads before it is written again
