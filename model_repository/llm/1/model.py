@@ -232,8 +232,10 @@ class TritonPythonModel(Step):
             self.eos_ids = tuple(x for x in ([eos] if isinstance(eos, int) else (eos or [])) if x is not None)
 
     def _start_scheduler(self) -> None:
+        from runtime.backends.base import SlotLLM
+
         llm = self.pipe.c.llm
-        if not hasattr(llm, "forward_slots"):
+        if not isinstance(llm, SlotLLM):
             pb_utils.Logger.log_warn(f"llm: the {self.pipe.c.backend} backend has no KV-cache slots; "
                                      "serving with the static scheduler")
             return
