@@ -114,7 +114,7 @@ class Streaming:
     def __init__(self, url: str, image: bytes, max_tokens: int, question: str = LONG_QUESTION):
         import tritonclient.grpc as grpcclient
 
-        from runtime.client import _grpc_inputs
+        from runtime.client import Request, _grpc_inputs
 
         self.tokens: list[int] = []
         self.finish = ""
@@ -125,7 +125,7 @@ class Streaming:
         self.done_at: float | None = None
         self.client = grpcclient.InferenceServerClient(url)
         self.client.start_stream(callback=self._on_response)
-        self.client.async_stream_infer("faceinsight", _grpc_inputs(image, question,
+        self.client.async_stream_infer("faceinsight", _grpc_inputs(Request(image, question),
                                                                    SamplingParams(max_new_tokens=max_tokens), True))
 
     def _on_response(self, result, error) -> None:
