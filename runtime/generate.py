@@ -9,10 +9,28 @@ token, including the ones being written now, 0 for left padding and not-yet-writ
 `TorchLLM` is the torch backend's, other backends bring their own. Requests of different prompt
 lengths share one batch by left padding; each request samples with its own seeded generator, so
 its tokens do not depend on what it was batched with.
+
+KV-cache slots (what the served in-flight scheduler, runtime/serving/scheduler.py, runs on): an LLM
+that also has `new_slots(num_slots, slot_len)`, `slot_rows(rows, num_slots)` and
+`forward_slots(slots, embeds, first_row, starts) -> logits` keeps S preallocated slots, per layer
+K and V buffers [S, Hkv, L, hd] (`slots.keys`, `slots.values`). A call runs the contiguous rows
+first_row .. first_row + B - 1 on embeds [B, s, D]: row b writes its s tokens at positions
+starts[b] .. starts[b] + s - 1 of its own slot (its position ids too: a slot holds one sequence
+from position 0, no padding) and attends to its own positions below starts[b] + its causal part,
+so every row has its own length, position and mask in one call. The positions a row attends to
+are set by its own start only, never by the other rows. `slot_rows(rows, num_slots)` is how many
+rows a decode step over the first `rows` slots runs: the extra rows write only at their own
+`starts`, which the caller points at positions nothing reads yet. Batch invariance (a request's
+greedy tokens must not depend on what it runs with) needs a row's arithmetic to be the same
+whatever the number of rows: onnxruntime's CPU kernels compute a row the same at every batch size
+(bitwise, tests/test_inflight.py), torch's CPU matmuls do not (three kernel classes by row count,
+about 1e-7 apart), so the torch backend always decodes all slots: one shape, which is also the one
+CUDA graph it captures on a GPU, where a decode step of S rows costs about what one row does.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -78,6 +96,7 @@ class TorchLLM:
         self._caches: dict[tuple[int, int], object] = {}
         self._compiled_shapes: set[tuple[int, int]] = set()
         self._decode = torch.compile(self._step, mode="reduce-overhead", dynamic=False) if self.cuda_graphs else None
+        self._slot_decode = None  # compiled on the first slot decode step (CUDA graphs only)
 
     @property
     def device(self):
@@ -122,6 +141,119 @@ class TorchLLM:
             torch.cuda.synchronize()
             self.compile_seconds += time.perf_counter() - t0
         return logits
+
+    # ------------------------------------------------------------------ KV-cache slots (in-flight)
+
+    def new_slots(self, num_slots: int, slot_len: int) -> TorchSlots:
+        limit = int(getattr(self.model.config, "max_position_embeddings", slot_len))
+        if slot_len > limit:
+            raise ValueError(f"a slot of {slot_len} tokens is over the model's {limit}-token context")
+        dtype = self.model.get_input_embeddings().weight.dtype
+        return TorchSlots(self.model.config, num_slots, slot_len, self.device, dtype)
+
+    def slot_rows(self, rows: int, num_slots: int) -> int:
+        """Every slot, always: one shape for torch's kernels (batch invariance) and for the CUDA graph."""
+        return num_slots
+
+    def _slot_step(self, embeds, mask, positions, cache):
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def forward_slots(self, slots: TorchSlots, embeds, first_row: int, starts) -> torch.Tensor:
+        """Last-position logits [B, V] of rows first_row.. (see the module docstring)."""
+        embeds = torch.as_tensor(embeds).to(self.device, slots.keys[0].dtype)
+        b, s = embeds.shape[0], embeds.shape[1]
+        starts = torch.as_tensor(starts, dtype=torch.long).to(self.device)
+        check_slot_call(slots.num_slots, slots.slot_len, b, s, first_row, starts)
+        positions = slot_positions(starts, s)
+        allowed = torch.arange(slots.slot_len, device=self.device).view(1, 1, -1) <= positions[:, :, None]
+        mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(embeds.dtype).min)  # additive: eager and sdpa both read it
+        slots.first_row = first_row
+        slots.row_index = torch.arange(b, device=self.device).view(-1, 1).expand(b, s)
+        slots.write_index = positions
+        if self.cuda_graphs and s == 1:
+            if self._slot_decode is None:
+                self._slot_decode = torch.compile(self._slot_step, mode="reduce-overhead", dynamic=False)
+            return self._slot_decode(embeds, mask[:, None], positions, slots.cache).clone()
+        return self._slot_step(embeds, mask[:, None], positions, slots.cache)
+
+
+def slot_positions(starts: torch.Tensor, s: int) -> torch.Tensor:
+    """Positions [B, s] of s new tokens per row, row b's from starts[b] on."""
+    return starts.view(-1, 1) + torch.arange(s, device=starts.device)
+
+
+def check_slot_call(num_slots: int, slot_len: int, b: int, s: int, first_row: int, starts: torch.Tensor) -> None:
+    if not (0 <= first_row and first_row + b <= num_slots):
+        raise ValueError(f"rows {first_row}..{first_row + b - 1} are outside the {num_slots} slots")
+    if starts.shape != (b,):
+        raise ValueError(f"starts must hold one position per row ({b}), got shape {tuple(starts.shape)}")
+    if b and (int(starts.min()) < 0 or int(starts.max()) + s > slot_len):
+        raise ValueError(f"writing {s} tokens from positions {starts.tolist()} runs past a slot's {slot_len} positions")
+
+
+@functools.cache
+def _slot_layer_class():
+    """transformers' cache-layer interface for TorchSlots (built on first use: importing
+    transformers.cache_utils costs seconds, which the client and CLI do not pay)."""
+    from transformers.cache_utils import CacheLayerMixin
+
+    class SlotLayer(CacheLayerMixin):
+        """One layer of TorchSlots: writes the new K/V rows at each row's own positions and returns the
+        rows' whole slot buffers (the 4-D mask says which positions count)."""
+
+        is_compileable = True
+        is_sliding = False
+
+        def __init__(self, owner: "TorchSlots", keys: torch.Tensor, values: torch.Tensor):
+            super().__init__()
+            self.owner, self.keys, self.values = owner, keys, values
+            self.is_initialized = True
+
+        def lazy_initialization(self, key_states, value_states) -> None:  # preallocated by TorchSlots
+            pass
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            o = self.owner
+            rows = slice(o.first_row, o.first_row + key_states.shape[0])
+            keys, values = self.keys[rows], self.values[rows]
+            keys[o.row_index, :, o.write_index] = key_states.transpose(1, 2).to(keys.dtype)
+            values[o.row_index, :, o.write_index] = value_states.transpose(1, 2).to(values.dtype)
+            return keys, values
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.keys.shape[2], 0
+
+        def get_seq_length(self) -> int:
+            return 0
+
+        def get_max_length(self) -> int:
+            return self.keys.shape[2]
+
+    return SlotLayer
+
+
+class TorchSlots:
+    """KV-cache slots for TorchLLM: per layer K and V [S, Hkv, L, hd], preallocated once."""
+
+    def __init__(self, config, num_slots: int, slot_len: int, device, dtype):
+        from transformers.cache_utils import Cache
+
+        text = config.get_text_config(decoder=True)
+        heads = text.num_key_value_heads or text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        shape = (num_slots, heads, slot_len, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(text.num_hidden_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(text.num_hidden_layers)]
+        self.num_slots, self.slot_len = num_slots, slot_len
+        # set by TorchLLM.forward_slots before each call: where the new rows go
+        self.first_row = 0
+        self.row_index = self.write_index = None
+        layer = _slot_layer_class()
+        self.cache = Cache(layers=[layer(self, k, v) for k, v in zip(self.keys, self.values)])
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -28,6 +28,15 @@ def tiny_facellm_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_engines(tiny_checkpoint, tmp_path_factory):
+    """onnxruntime engines of the tiny checkpoint (shared by the export and in-flight tests)."""
+    from export.build import Progress, build_engines
+
+    return build_engines(tiny_checkpoint, "onnxruntime", tmp_path_factory.mktemp("engines") / "tiny",
+                         progress=Progress(0, quiet=True))
+
+
+@pytest.fixture(scope="session")
 def demo_checkpoint(tmp_path_factory):
     """The demo model: real SmolLM2-135M-Instruct LLM (about 30 s to build)."""
     from runtime.checkpoint import init_checkpoint

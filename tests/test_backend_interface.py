@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.backends.base import LLM, Components, Generator, missing_members
+from runtime.backends.base import LLM, Components, Generator, SlotLLM, missing_members
 
 
 def test_torch_and_onnxruntime_components_satisfy_the_interface(tiny_checkpoint, tmp_path):
@@ -17,7 +17,7 @@ def test_torch_and_onnxruntime_components_satisfy_the_interface(tiny_checkpoint,
                                           progress=Progress(4, quiet=True)))
     for c in (torch_c, ort_c):
         assert isinstance(c, Components), type(c).__name__
-        assert isinstance(c.llm, LLM), type(c.llm).__name__
+        assert isinstance(c.llm, LLM) and isinstance(c.llm, SlotLLM), type(c.llm).__name__
         assert c.backend in ("torch", "onnxruntime")
 
 
@@ -28,6 +28,8 @@ def test_torch_and_onnxruntime_components_satisfy_the_interface(tiny_checkpoint,
     ("runtime.backends.tensorrt_backend", "TensorRTComponents", Components),  # importable without TensorRT
     ("runtime.backends.tensorrt_backend", "TrtLLM", LLM),
     ("runtime.generate", "TorchLLM", LLM),
+    ("runtime.generate", "TorchLLM", SlotLLM),
+    ("runtime.backends.onnxruntime_backend", "OrtLLM", SlotLLM),
     ("runtime.backends.trtllm_backend", "TrtLlmGenerator", Generator),
 ])
 def test_every_backend_class_defines_the_interface(module, cls, protocol):

@@ -37,11 +37,6 @@ def _build(checkpoint, out):
 
 
 @pytest.fixture(scope="session")
-def tiny_engines(tiny_checkpoint, tmp_path_factory):
-    return _build(tiny_checkpoint, tmp_path_factory.mktemp("engines") / "tiny")
-
-
-@pytest.fixture(scope="session")
 def tiny_facellm_engines(tiny_facellm_checkpoint, tmp_path_factory):
     return _build(tiny_facellm_checkpoint, tmp_path_factory.mktemp("engines") / "tiny-facellm")
 

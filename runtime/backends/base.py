@@ -2,7 +2,8 @@
 
 `FacePipeline` (runtime/pipeline.py) drives any object that satisfies `Components`; its `llm`
 satisfies `LLM` and runs inside facert's generation loop (runtime/generate.py). A backend whose
-LLM runs its own generation loop (TensorRT-LLM) gives a `Generator` instead. Shapes: R tiles of
+LLM runs its own generation loop (TensorRT-LLM) gives a `Generator` instead. An LLM with KV-cache
+slots (`SlotLLM`) can also be served by the in-flight scheduler. Shapes: R tiles of
 N images, S x S pixels, T image tokens per tile, D the LLM's width, D_vis the vision width,
 P x P parser pixels, L x L labels, K seg tokens per image.
 
@@ -37,6 +38,24 @@ class LLM(Protocol):
     def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 cache, cache_position: torch.Tensor) -> torch.Tensor:
         """Embeddings [B, T, D] at positions (the cache holds what came before) -> logits [B, T, V]."""
+
+
+@runtime_checkable
+class SlotLLM(LLM, Protocol):
+    """An LLM with KV-cache slots: what the served in-flight scheduler runs on
+    (runtime/serving/scheduler.py; the slots' layout and the batch-invariance rule are in
+    runtime/generate.py). The torch and onnxruntime LLMs have them; an LLM without them is served by
+    the static scheduler."""
+
+    def new_slots(self, num_slots: int, slot_len: int):
+        """S slots of L positions, preallocated: per layer K and V [S, Hkv, L, hd] as `.keys` / `.values`."""
+
+    def slot_rows(self, rows: int, num_slots: int) -> int:
+        """How many rows (from slot 0) a decode step over the first `rows` slots runs."""
+
+    def forward_slots(self, slots, embeds: torch.Tensor, first_row: int, starts: torch.Tensor) -> torch.Tensor:
+        """Embeddings [B, s, D] of slots first_row.., row b's written from position starts[b] -> last-position
+        logits [B, V]."""
 
 
 @runtime_checkable

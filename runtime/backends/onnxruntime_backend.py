@@ -143,6 +143,16 @@ class OrtKVCache:
         self.new_values = [torch.empty(new_shape, device=device) for _ in self.keys]
         self.logits = torch.empty(batch, vocab_size, device=device)
         self.binding = None  # made by OrtLLM on the first decode step
+        self.row_bindings: dict[tuple[int, int], object] = {}  # slots: (first row, rows) -> decode-step binding
+
+    # the KV-cache slot interface (runtime.generate): a cache of `batch` rows is `batch` slots
+    @property
+    def num_slots(self) -> int:
+        return self.batch
+
+    @property
+    def slot_len(self) -> int:
+        return self.max_len
 
 
 class OrtLLM:
@@ -244,6 +254,79 @@ class OrtLLM:
         for i in range(self.num_layers):
             cache.keys[i][:, :, start:start + s].copy_(new_keys[i])
             cache.values[i][:, :, start:start + s].copy_(new_values[i])
+        return logits
+
+
+    # ------------------------------------------------------------------ KV-cache slots (in-flight)
+
+    def new_slots(self, num_slots: int, slot_len: int) -> OrtKVCache:
+        return self.new_cache(num_slots, slot_len)
+
+    def slot_rows(self, rows: int, num_slots: int) -> int:
+        """The rows asked for on CPU (its kernels compute a row the same at every batch size, checked
+        in tests/test_inflight.py); every slot on a GPU provider, whose kernels are not known to."""
+        return rows if self.device.type == "cpu" else num_slots
+
+    def _rows_step_binding(self, cache: OrtKVCache, rows: slice):
+        """The one-token decode step over some contiguous rows: views of the bound buffers, by address."""
+        feeds = {"inputs_embeds": cache.step_embeds[rows], "attention_mask": cache.step_mask[rows],
+                 "position_ids": cache.step_position[rows]}
+        outputs = {"logits": cache.logits[rows]}
+        for i in range(self.num_layers):
+            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = cache.keys[i][rows], cache.values[i][rows]
+            outputs[f"present_key_{i}"] = cache.new_keys[i][rows]
+            outputs[f"present_value_{i}"] = cache.new_values[i][rows]
+        return self.decode.bind(feeds, outputs)
+
+    @torch.inference_mode()
+    def forward_slots(self, cache: OrtKVCache, embeds, first_row: int, starts) -> torch.Tensor:
+        """Last-position logits [B, V] of the rows first_row.. (runtime.generate's slot interface).
+
+        One token per row: the decode graph bound once per row range to the slot buffers in place. A
+        slot's first chunk of a prompt (one row from position 0): the prefill graph, as a whole
+        prompt runs in runtime.generate. A later chunk: the decode graph over the row's slot."""
+        from runtime.generate import check_slot_call, slot_positions
+
+        dev = self.device
+        embeds = torch.as_tensor(embeds).to(dev, torch.float32).contiguous()
+        b, s = embeds.shape[0], embeds.shape[1]
+        starts = torch.as_tensor(starts, dtype=torch.long).to(dev)
+        check_slot_call(cache.batch, cache.max_len, b, s, first_row, starts)
+        rows = slice(first_row, first_row + b)
+        positions = slot_positions(starts, s)
+        seen = torch.arange(cache.max_len, device=dev).view(1, -1) < starts.view(-1, 1)  # [B, L]: written before
+        if s == 1:
+            binding = cache.row_bindings.get((first_row, b))
+            if binding is None:
+                binding = cache.row_bindings[first_row, b] = self._rows_step_binding(cache, rows)
+            cache.step_embeds[rows].copy_(embeds)
+            cache.step_position[rows].copy_(positions)
+            cache.step_mask[rows, :cache.max_len].copy_(seen)
+            cache.step_mask[rows, cache.max_len:] = 1
+            self.decode.run_bound(binding)
+            new_keys = [k[rows] for k in cache.new_keys]
+            new_values = [v[rows] for v in cache.new_values]
+            logits = cache.logits[rows].clone()
+        else:
+            outputs = {"logits": torch.empty(b, self.vocab_size, device=dev), **self._kv_outputs(b, s)}
+            if b == 1 and int(starts[0]) == 0:
+                feeds = {"inputs_embeds": embeds, "attention_mask": torch.ones(1, s, dtype=torch.long, device=dev),
+                         "position_ids": positions}
+                self.prefill.run_bound(self.prefill.bind(feeds, outputs))
+            else:
+                mask = torch.ones(b, cache.max_len + s, dtype=torch.long, device=dev)
+                mask[:, :cache.max_len] = seen
+                feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions.contiguous()}
+                for i in range(self.num_layers):
+                    feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = cache.keys[i][rows], cache.values[i][rows]
+                self.decode.run_bound(self.decode.bind(feeds, outputs))
+            new_keys = [outputs[f"present_key_{i}"] for i in range(self.num_layers)]
+            new_values = [outputs[f"present_value_{i}"] for i in range(self.num_layers)]
+            logits = outputs["logits"]
+        row_index = torch.arange(b, device=dev).view(-1, 1).expand(b, s)
+        for i in range(self.num_layers):  # the new rows into each row's own slot, at its own positions
+            cache.keys[i][rows][row_index, :, positions] = new_keys[i].transpose(1, 2)
+            cache.values[i][rows][row_index, :, positions] = new_values[i].transpose(1, 2)
         return logits
 
 

@@ -33,7 +33,10 @@ def cmd_repo(args) -> int:
         configs = fill_repository(args.out, checkpoint=args.checkpoint, engines=args.engines, backend=args.backend,
                                   target=args.target, device=args.device, max_batch_size=args.max_batch,
                                   max_queue_size=args.max_queue_size, queue_timeout_ms=args.queue_timeout_ms,
-                                  overwrite=args.force, max_images=args.max_images)
+                                  overwrite=args.force, max_images=args.max_images, scheduler=args.scheduler,
+                                  kv_slots=args.kv_slots, slot_tokens=args.slot_tokens,
+                                  prefill_chunk=args.prefill_chunk, prefix_cache_mb=args.prefix_cache_mb,
+                                  encoder_cache_mb=args.encoder_cache_mb)
     except RepositoryError as e:
         return err(str(e))
     ensemble = next(n for n, c in configs.items() if c.platform == "ensemble")
@@ -86,7 +89,9 @@ def cmd_serve(args) -> int:
 
 def register(sub) -> None:
     from runtime.preprocess import MAX_IMAGES
-    from runtime.serving.repo import DEFAULT_MAX_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT_MS, TARGETS
+    from runtime.serving.repo import (DEFAULT_ENCODER_CACHE_MB, DEFAULT_MAX_QUEUE_SIZE, DEFAULT_PREFILL_CHUNK,
+                                      DEFAULT_PREFIX_CACHE_MB, DEFAULT_QUEUE_TIMEOUT_MS, DEFAULT_SLOT_TOKENS,
+                                      SCHEDULERS, TARGETS)
 
     p = sub.add_parser(
         "repo", help="fill a Triton model repository for a checkpoint or engines folder",
@@ -112,6 +117,24 @@ def register(sub) -> None:
                         f"own timeout; 0: no default (default {DEFAULT_QUEUE_TIMEOUT_MS})")
     p.add_argument("--max-images", type=int, default=MAX_IMAGES,
                    help=f"images one request may hold (default {MAX_IMAGES}); more are refused with an error naming the bound")
+    p.add_argument("--scheduler", default="inflight", choices=SCHEDULERS,
+                   help="the llm step's scheduler: inflight (default: requests join and leave the running batch "
+                        "at every token) or static (each batch runs to the end of its longest answer)")
+    p.add_argument("--kv-slots", type=int, help="inflight: requests generating at once, each in its own KV-cache "
+                                                "slot (default: --max-batch)")
+    p.add_argument("--slot-tokens", type=int,
+                   help=f"inflight: positions per KV-cache slot; prompt + max_tokens must fit (default "
+                        f"{DEFAULT_SLOT_TOKENS}, or the model's context if shorter)")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help=f"inflight: prompt tokens prefilled per iteration, the longest a running request waits "
+                        f"between two tokens (default {DEFAULT_PREFILL_CHUNK})")
+    p.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_PREFIX_CACHE_MB,
+                   help=f"inflight: the prefix cache's bound (the KV rows of a prompt up to its image; a second "
+                        f"question about the same image prefills only the question); 0 = off "
+                        f"(default {DEFAULT_PREFIX_CACHE_MB})")
+    p.add_argument("--encoder-cache-mb", type=float, default=DEFAULT_ENCODER_CACHE_MB,
+                   help=f"each image step's cache of its outputs for image bytes it has seen; 0 = off "
+                        f"(default {DEFAULT_ENCODER_CACHE_MB})")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_repo)
 

@@ -113,5 +113,5 @@ def render_native(out: Path, env, ctx: dict, engines: Path, manifest: dict) -> N
             kv_cache_fraction=KV_CACHE_FREE_GPU_MEM_FRACTION,
             gpu_device_ids=",".join(str(g) for g in range(world)) if world > 1 else "",
             executor_worker_path=EXECUTOR_WORKER))
-        ctx["llm_parameters"] = {"llm_backend": "tensorrtllm", "tensorrt_llm_model": "tensorrt_llm",
-                                 "prompt_table_type": table_type}
+        ctx["llm_parameters"] = {**ctx["llm_parameters"], "llm_backend": "tensorrtllm",
+                                 "tensorrt_llm_model": "tensorrt_llm", "prompt_table_type": table_type}

@@ -5,7 +5,11 @@ model.py subclasses one of:
 
 - `ImageRowsStep`: each request holds its images (or tiles) as [1, N, ...]; the dynamic batcher
   hands it several requests (ragged: each its own N); every row of every request goes through
-  `compute()` as one batch, and the results are handed back per request.
+  `compute()` as one batch, and the results are handed back per request. With an IMAGE_KEY input
+  (preprocessing's hash of the request's image bytes) and the parameter `encoder_cache_bytes` > 0,
+  a request whose key was computed before takes its outputs from the step's encoder cache (a
+  bytes-bounded LRU) and only the others are computed; counted in
+  `facert_encoder_cache_hits_total` / `facert_encoder_cache_misses_total` by model.
 - `PerRequestStep`: `compute_one()` runs per request, so a bad request fails alone.
 
 A step's model reaches the checkpoint or engines named in its config.pbtxt parameters
@@ -124,6 +128,15 @@ def read_inputs(request, names) -> dict[str, np.ndarray]:
     return out
 
 
+def image_key(inputs: dict[str, np.ndarray]) -> str | None:
+    """The request's IMAGE_KEY (preprocessing's content hash of its images), or None if not sent."""
+    x = inputs.get("IMAGE_KEY")
+    if x is None or not x.size:
+        return None
+    value = x.reshape(-1)[0]
+    return (bytes(value) if not isinstance(value, str) else value.encode()).decode("ascii", "replace") or None
+
+
 def make_response(outputs: dict[str, np.ndarray]) -> "pb_utils.InferenceResponse":
     return pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()])
 
@@ -201,40 +214,89 @@ class PerRequestStep(Step):
 
 class ImageRowsStep(Step):
     """A step over images: each request holds [1, N, ...] (its N images or tiles); the rows of every
-    request in the batch are computed as one batch, then handed back per request."""
+    request in the batch are computed as one batch, then handed back per request. A request found in
+    the encoder cache (by its IMAGE_KEY) is not computed: it gets the outputs kept from before."""
 
     def compute(self, rows: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, bool]]:
         """rows: each input [sum N, ...] -> each output (rows [sum N, ...], merge), where `merge` joins a
         request's rows into one sequence ([1, N*k, D]) instead of keeping them apart ([1, N, ...])."""
         raise NotImplementedError
 
-    def execute(self, requests):
-        responses = [cancelled_response() if self.client_left(r) else None for r in requests]
-        live = [i for i, r in enumerate(responses) if r is None]
-        if not live:
-            return responses
-        inputs = [read_inputs(requests[i], self.input_names) for i in live]
-        try:
-            sizes = []
-            for x in inputs:
-                shapes = {k: v.shape for k, v in x.items()}
-                if any(len(s) < 2 or s[0] != 1 for s in shapes.values()):
-                    raise ValueError(f"{self.name}: every input must be [1, N, ...] (one request's images), got {shapes}")
-                sizes.append(next(iter(x.values())).shape[1])
-            t0 = time.perf_counter()
-            rows = {k: np.concatenate([x[k][0] for x in inputs]) for k in inputs[0]}
-            out = self.compute(rows)
-            ms = (time.perf_counter() - t0) * 1e3
-        except Exception as e:  # noqa: BLE001 (every request of the batch gets the error)
-            return [r or error_response(e, self.name) for r in responses]
-        start = 0
-        for i, n in zip(live, sizes):
+    def setup(self) -> None:
+        from runtime.serving.caches import BytesLRU
+
+        self.encoder_cache = BytesLRU(int(self.params.get("encoder_cache_bytes") or 0))
+        self.cache_metrics = None
+        if self.encoder_cache.enabled and "IMAGE_KEY" in self.input_names:
+            labels = {"model": self.name}
+            self.metric_families = [
+                pb_utils.MetricFamily(name="facert_encoder_cache_hits_total", kind=pb_utils.MetricFamily.COUNTER,
+                                      description=ENCODER_CACHE_HELP["hits"]),
+                pb_utils.MetricFamily(name="facert_encoder_cache_misses_total", kind=pb_utils.MetricFamily.COUNTER,
+                                      description=ENCODER_CACHE_HELP["misses"])]
+            self.cache_metrics = [f.Metric(labels=labels) for f in self.metric_families]
+
+    def _compute_requests(self, inputs: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Each request's outputs, its rows computed with all the others' as one batch."""
+        sizes = []
+        for x in inputs:
+            shapes = {k: v.shape for k, v in x.items()}
+            if any(len(s) < 2 or s[0] != 1 for s in shapes.values()):
+                raise ValueError(f"{self.name}: every input must be [1, N, ...] (one request's images), got {shapes}")
+            sizes.append(next(iter(x.values())).shape[1])
+        out = self.compute({k: np.concatenate([x[k][0] for x in inputs]) for k in inputs[0]})
+        pieces, start = [], 0
+        for n in sizes:
             piece = {}
             for k, (v, merge) in out.items():
                 part = v[start:start + n]
                 piece[k] = part.reshape(1, n * part.shape[1], *part.shape[2:]) if merge else part[None]
-            if self.timing_output:
-                piece[self.timing_output] = np.full((1, 1), ms, np.float32)
-            responses[i] = make_response(piece)
+            pieces.append(piece)
             start += n
+        return pieces
+
+    def execute(self, requests):
+        left = [self.client_left(r) for r in requests]  # answered at once, never computed
+        inputs = [read_inputs(r, self.input_names) if not gone else {} for r, gone in zip(requests, left)]
+        keys = [image_key(x) if self.cache_metrics and not gone else None for x, gone in zip(inputs, left)]
+        for x in inputs:
+            x.pop("IMAGE_KEY", None)
+        t0 = time.perf_counter()
+        found = [self.encoder_cache.get(k) if k is not None else None for k in keys]
+        if self.cache_metrics:
+            hits = sum(f is not None for f in found)
+            for metric, n in zip(self.cache_metrics, (hits, sum(k is not None for k in keys) - hits)):
+                if n:
+                    metric.increment(n)
+        lookup_ms = (time.perf_counter() - t0) * 1e3
+        todo = [i for i, f in enumerate(found) if f is None and not left[i]]
+        computed, error = {}, None
+        if todo:
+            try:
+                computed = dict(zip(todo, self._compute_requests([inputs[i] for i in todo])))
+            except Exception as e:  # noqa: BLE001 (every computed request of the batch gets the error)
+                error = e
+        ms = (time.perf_counter() - t0) * 1e3
+        responses = []
+        for i in range(len(requests)):
+            if left[i]:
+                responses.append(cancelled_response())
+                continue
+            if found[i] is not None:
+                piece, spent = dict(found[i]), lookup_ms
+            elif error is not None:
+                responses.append(error_response(error, self.name))
+                continue
+            else:
+                piece, spent = computed[i], ms
+                if keys[i] is not None:
+                    kept = {k: np.array(v, copy=True) for k, v in piece.items()}
+                    self.encoder_cache.put(keys[i], kept, sum(v.nbytes for v in kept.values()))
+            if self.timing_output:
+                piece[self.timing_output] = np.full((1, 1), spent, np.float32)
+            responses.append(make_response(piece))
         return responses
+
+
+ENCODER_CACHE_HELP = {"hits": "Requests whose outputs of this image step came from its encoder cache",
+                      "misses": "Requests with an IMAGE_KEY whose outputs of this image step were computed"}

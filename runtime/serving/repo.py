@@ -36,6 +36,16 @@ TARGETS = ("portable", "native")
 # max_batch_size) and 60 s at most in any queue, unless the client sets its own timeout.
 DEFAULT_MAX_QUEUE_SIZE = 64
 DEFAULT_QUEUE_TIMEOUT_MS = 60_000
+# The llm step's scheduler: in-flight batching over KV-cache slots (runtime/serving/scheduler.py), or
+# static (each batch the dynamic batcher hands over runs to its end).
+SCHEDULERS = ("inflight", "static")
+# Positions per KV-cache slot (prompt + max_tokens must fit; capped at the model's context). Every
+# decode step reads each generating slot's whole buffer, so a slot far longer than the answers
+# served costs decode time: 1024 holds the demo's 290-token prompt and 700 new tokens.
+DEFAULT_SLOT_TOKENS = 1024
+DEFAULT_PREFILL_CHUNK = 256  # prompt tokens prefilled per iteration: the most a running request waits for
+DEFAULT_PREFIX_CACHE_MB = 256
+DEFAULT_ENCODER_CACHE_MB = 64  # per image step
 
 
 class RepositoryError(ValueError):
@@ -218,12 +228,20 @@ def fill_repository(out: str | Path, checkpoint: str | Path | None = None, engin
                     backend: str = "onnxruntime", target: str = "portable", device: str | None = None,
                     max_batch_size: int = 8, queue_delay_us: int = 2000, max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
                     queue_timeout_ms: int = DEFAULT_QUEUE_TIMEOUT_MS, overwrite: bool = False,
-                    max_images: int = MAX_IMAGES) -> dict:
+                    max_images: int = MAX_IMAGES, scheduler: str = "inflight", kv_slots: int | None = None,
+                    slot_tokens: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                    prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+                    encoder_cache_mb: float = DEFAULT_ENCODER_CACHE_MB) -> dict:
     """Render the repository for one model into `out`; returns {model name: ModelConfig} after validation.
 
     Back-pressure: every step's queue holds at most `max_queue_size` waiting requests (one more is
     refused at once with UNAVAILABLE), and a request that waits in a queue longer than its own
     timeout (the client's `timeout`, else `queue_timeout_ms`; 0 = no default) is refused.
+
+    The llm step's `scheduler`: "inflight" (default: `kv_slots` slots, default max_batch_size, of
+    `slot_tokens` positions, default min(DEFAULT_SLOT_TOKENS, the model's context); `prefill_chunk`
+    prompt tokens per iteration; a prefix cache of `prefix_cache_mb`) or "static". Every image step
+    keeps an encoder cache of `encoder_cache_mb`. A cache of 0 MB is off.
     """
     if target not in TARGETS:
         raise RepositoryError(f"target must be one of {TARGETS}, got {target!r}")
@@ -237,6 +255,16 @@ def fill_repository(out: str | Path, checkpoint: str | Path | None = None, engin
         raise RepositoryError(f"max_images must be in [1, 64], got {max_images}")
     if not 0 <= queue_timeout_ms <= 3_600_000:
         raise RepositoryError(f"queue_timeout_ms must be in [0, 3600000] (0: no default timeout), got {queue_timeout_ms}")
+    if scheduler not in SCHEDULERS:
+        raise RepositoryError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+    kv_slots = max_batch_size if kv_slots is None else kv_slots
+    if not 1 <= kv_slots <= 256:
+        raise RepositoryError(f"kv_slots must be in [1, 256], got {kv_slots}")
+    if prefill_chunk < 1:
+        raise RepositoryError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
+    for name, mb in (("prefix_cache_mb", prefix_cache_mb), ("encoder_cache_mb", encoder_cache_mb)):
+        if not 0 <= mb <= 1_048_576:
+            raise RepositoryError(f"{name} must be in [0, 1048576] (0: off), got {mb}")
     if target == "native" and engines is None:
         raise RepositoryError("the native target runs engine files: give --engines (built by `facert build`)")
     out = Path(out).resolve()
@@ -258,12 +286,21 @@ def fill_repository(out: str | Path, checkpoint: str | Path | None = None, engin
         source = {"checkpoint": str(checkpoint), "device": device}
 
     source["max_images"] = str(max_images)  # preprocessing refuses requests with more
+    llm_spec = info["spec"].get("llm")
+    context = int(llm_spec.get("max_position_embeddings", 4096)) if isinstance(llm_spec, dict) else 4096
+    slot_tokens = min(DEFAULT_SLOT_TOKENS, context) if slot_tokens is None else slot_tokens
+    if not 2 <= slot_tokens <= context:
+        raise RepositoryError(f"slot_tokens must be in [2, {context}] (the model's context), got {slot_tokens}")
+    llm_parameters = {"scheduler": scheduler, "kv_slots": str(kv_slots), "slot_tokens": str(slot_tokens),
+                      "prefill_chunk": str(prefill_chunk), "max_waiting": str(max_queue_size),
+                      "prefix_cache_bytes": str(int(prefix_cache_mb * 2**20))}
     has_seg = info["has_seg"]
     upstream = ["PREPROCESS_MS", "VISION_MS"] + (["PARSER_MS", "SEG_MS", "ATTRIBUTES_MS"] if has_seg else [])
     ctx = dict(info, source=source, target=target, max_batch_size=max_batch_size, queue_delay_us=queue_delay_us,
                max_queue_size=max_queue_size, queue_timeout_us=queue_timeout_ms * 1000,
                instance_kind="KIND_GPU" if device.startswith("cuda") else "KIND_CPU",
-               ensemble_name=info["family"], upstream_timings=upstream, llm_parameters={})
+               ensemble_name=info["family"], upstream_timings=upstream, llm_parameters=llm_parameters,
+               encoder_cache_bytes=str(int(encoder_cache_mb * 2**20)))
     steps = [s for s in STEPS if has_seg or s not in SEG_BRANCH_STEPS]
     env = _environment()
 

@@ -333,6 +333,19 @@ def python_instance_counts(repository: Path) -> collections.Counter:
     return counts
 
 
+def inflight_models(repository: Path) -> set[str]:
+    """The python models whose requests outlive `execute` (parameter scheduler=inflight)."""
+    from runtime.serving.repo import parse_config
+
+    out = set()
+    for config in sorted(Path(repository).glob("*/config.pbtxt")):
+        cfg = parse_config(config)
+        if cfg.backend == "python" and "scheduler" in cfg.parameters \
+                and cfg.parameters["scheduler"].string_value == "inflight":
+            out.add(config.parent.name)
+    return out
+
+
 class StubSupervisor(threading.Thread):
     """Reloads a model whose python-backend stub died (tritonserver 2.51 does not restart it), and
     restarts tritonserver itself if it exits on its own.
@@ -343,6 +356,13 @@ class StubSupervisor(threading.Thread):
     "Stub process ... is not healthy" error. A model that is not READY (unloaded on purpose, or
     loading) is left alone. A reload that fails is retried with a growing pause. Each recovery is
     said on the log and kept in `recoveries` ({model, pids, cause, seconds}).
+
+    A model whose requests outlive its `execute` (the llm step's in-flight scheduler: a decoupled
+    model that queues them and returns) cannot be recovered that way: 2.51 fails a python model's
+    requests on a stub's death only inside `execute`, so the ones the dead stub held would wait
+    forever. When such a model's stub dies, the supervisor ends tritonserver and starts it again
+    (cause "in-flight model <name> lost its process ..."), which fails every stream in flight with
+    a clear error (unavailable) and brings the model back.
 
     tritonserver itself can die of a stub's death: 2.51's python backend sometimes aborts the whole
     server (`terminate called after throwing an instance of 'boost::interprocess::lock_exception'`)
@@ -362,6 +382,7 @@ class StubSupervisor(threading.Thread):
         self.recoveries: list[dict] = []
         self.seen: dict[int, str] = {}  # every stub pid seen, for stop() to make sure they are gone
         self.expected = python_instance_counts(server.repository)
+        self.holds_requests = inflight_models(server.repository)  # restart the server when their stub dies
         self._halt = threading.Event()
         self._retry_at: dict[str, tuple[float, float]] = {}  # model -> (not before, pause) after a failed reload
         self._scan()
@@ -413,10 +434,34 @@ class StubSupervisor(threading.Thread):
                 except ServerError:
                     ready = {}
                 for model in short:
-                    if ready.get(model, False) and not self._halt.is_set():
-                        self._recover(model, [p for p, m in last.items() if m == model and p not in live])
+                    if not ready.get(model, False) or self._halt.is_set():
+                        continue
+                    dead = [p for p, m in last.items() if m == model and p not in live]
+                    if model in self.holds_requests and dead:
+                        if self._restart_for(model, dead):
+                            self.seen.clear()
+                        break
+                    self._recover(model, dead)
                 live = self._scan()
             last = live
+
+    def _restart_for(self, model: str, dead: list[int]) -> bool:
+        """End tritonserver and start it again: the only way, in 2.51, to fail the requests that an
+        in-flight model's dead stub held (see the class docstring)."""
+        cause = (f"in-flight model {model} lost its process (" + ", ".join(f"pid {p} {_describe_exit(p)}" for p in dead)
+                 + "); its requests can only be failed by a restart")
+        self.server.say(f"model {model!r}: its python-backend process died holding requests in flight; "
+                        "restarting tritonserver")
+        proc = self.server.proc
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        try:
+            self.server.restart(stubs=self.seen, cause=cause)
+        except ServerError as e:
+            self.server.say(f"tritonserver could not be restarted: {e}")
+            return False
+        return True
 
     def _recover(self, model: str, dead: list[int]) -> None:
         cause = ", ".join(f"pid {p} {_describe_exit(p)}" for p in dead) or "gone"
@@ -640,17 +685,21 @@ class TritonServer:
         self._reader.start()
         self._wait_ready(timeout_s)
 
-    def restart(self, stubs: dict[int, str] | None = None, timeout_s: float = 300.0) -> None:
-        """Start tritonserver again after it exited on its own: what the old one left (stubs, shared
-        memory, cancellation marks) is cleared first. Raises ServerError if the new one does not come up."""
+    def restart(self, stubs: dict[int, str] | None = None, timeout_s: float = 300.0, cause: str | None = None) -> None:
+        """Start tritonserver again after it exited on its own (or, with `cause`, after the supervisor
+        ended it): what the old one left (stubs, shared memory, cancellation marks) is cleared first.
+        Raises ServerError if the new one does not come up."""
         old = self.proc
         if self._reader is not None:
             self._reader.join(timeout=5)
         code = old.returncode
-        cause = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
-        self.say(f"tritonserver exited on its own ({cause}); restarting it over {self.repository}\n"
-                 f"{self.error_summary()}")
-        self._clear_leftovers(dict(stubs or {}))
+        if cause is None:
+            cause = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+            self.say(f"tritonserver exited on its own ({cause}); restarting it over {self.repository}\n"
+                     f"{self.error_summary()}")
+        else:
+            self.say(f"tritonserver ended ({cause}); restarting it over {self.repository}")
+        self._clear_leftovers(dict(stubs or {}), old.pid)
         t0 = time.monotonic()
         try:
             self._launch(timeout_s)

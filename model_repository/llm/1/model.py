@@ -1,8 +1,21 @@
 """LLM step (decoupled): prompt-table splice, then prefill + KV-cache decode, streamed.
 
-Portable (and native without a TensorRT-LLM engine): the requests the dynamic batcher hands over
-generate as one batch through runtime.generate (each with its own sampling parameters and seeded
-generator), their prompts built by runtime.prompt.splice_prompt_table exactly as in-process.
+Portable (and native without a TensorRT-LLM engine), two schedulers (config parameter `scheduler`,
+`facert repo --scheduler`), the prompts built by runtime.prompt.splice_prompt_table exactly as
+in-process:
+- `inflight` (the default): in-flight batching (runtime/serving/scheduler.py). `execute` checks
+  each request, puts it on the scheduler's bounded admission queue and returns at once (a full
+  queue is refused at once with UNAVAILABLE, "Exceeds maximum queue size"). The scheduler thread
+  owns the LLM and `kv_slots` KV-cache slots of `slot_tokens` positions; every iteration it drops
+  cancelled and timed-out requests, admits waiting ones while a slot is free, prefills at most
+  `prefill_chunk` prompt tokens and runs one decode step over every generating slot, so a request
+  joins the running batch at the next iteration and leaves it with its last token. A sender thread
+  detokenises, sends every response and updates the metrics, off the scheduler thread. A prompt's
+  prefix up to the end of its image and seg rows is kept in the prefix cache (`prefix_cache_bytes`,
+  0 = off), keyed by IMAGE_KEY (preprocessing's hash of the image bytes) and the prefix's ids.
+- `static`: the requests the dynamic batcher hands over generate as one batch through
+  runtime.generate, to the end of the longest, inside `execute` (facert's first server; kept for
+  comparison).
 
 Native with a TensorRT-LLM engine (parameter llm_backend=tensorrtllm): each request is forwarded
 through BLS to the `tensorrt_llm` model (tensorrtllm backend, in-flight batching) with the same
@@ -25,10 +38,16 @@ Reliability:
   reached the server, and fails with a message saying so (the tokens it streamed stay sent).
 - Metrics on the server's metrics endpoint: `facert_generated_tokens_total` (every token this
   step generated, cancelled requests' included) and `facert_llm_requests_total` by outcome
-  (stop, length, cancelled, timeout, error).
+  (stop, length, cancelled, timeout, error, overloaded). In-flight also: the gauges
+  `facert_waiting_requests` (admitted to this step, not yet in a slot: what an autoscaler should
+  read, as Triton's own queue stays near empty when the queue lives in the model),
+  `facert_active_slots` and `facert_free_slots`; the counters `facert_prefix_cache_hits_total` /
+  `facert_prefix_cache_misses_total`; the histograms `facert_time_to_first_token_seconds` (from
+  the request's arrival at the server) and `facert_inter_token_latency_seconds`.
 """
 
 import json
+import queue
 import threading
 import time
 import uuid
@@ -42,11 +61,20 @@ import triton_python_backend_utils as pb_utils
 from runtime.generate import SamplingParams, generate
 from runtime.pipeline import STAGES, TextStream
 from runtime.prompt import splice_prompt_table
+from runtime.serving.caches import content_key
 from runtime.serving.native import tensorrt_llm_inputs
-from runtime.serving.python_backend import (CancelFlags, Step, bytes_tensor, error_response, make_response,
-                                            read_inputs)
+from runtime.serving.python_backend import (CancelFlags, Step, bytes_tensor, error_response, image_key,
+                                            make_response, read_inputs)
+from runtime.serving.scheduler import (GenRequest, InflightScheduler, Outcome, Overloaded, SchedulerConfig,
+                                       SchedulerObserver)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+OUTCOMES = ("stop", "length", "cancelled", "timeout", "error", "overloaded")
+# seconds; TTFT as vLLM's buckets, reaching further for CPU prefill under load
+TTFT_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0]
+MAX_UNSENT = 2  # in-flight: tokens a request may be generated ahead of its sent responses
+ITL_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0]
 # the tensorrt_llm model's prompt_embedding_table type (the engine's precision) -> torch dtype
 PROMPT_TABLE_DTYPES = {"TYPE_FP16": torch.float16, "TYPE_BF16": torch.bfloat16, "TYPE_FP32": torch.float32}
 
@@ -66,6 +94,9 @@ class Active:
     key: str = field(default_factory=lambda: uuid.uuid4().hex)  # CANCEL_KEY: names this request to postprocessing
     ended: str = ""  # why generation was stopped early: "cancelled" or "timeout"
     emitted: list = field(default_factory=list)
+    image_key: str | None = None  # preprocessing's hash of the image bytes (IMAGE_KEY), if sent
+    queued: int = 0  # in-flight: tokens handed to the sender thread (written by the scheduler thread only)
+    sent: int = 0  # in-flight: tokens the sender thread has sent on (written by the sender thread only)
 
     def should_stop(self) -> bool:
         """Checked after every token: the client cancelled or left, or the request's deadline passed."""
@@ -75,6 +106,91 @@ class Active:
             elif self.deadline is not None and time.time() >= self.deadline:
                 self.ended = "timeout"
         return bool(self.ended)
+
+    def stop_reason(self) -> str:
+        """The scheduler's should_stop: "cancelled", "timeout" or ""."""
+        return self.ended if self.should_stop() else ""
+
+    def may_continue(self) -> bool:
+        """The scheduler's may_continue: at most MAX_UNSENT tokens generated ahead of those sent, so
+        that a client's cancellation, which reaches this step only through postprocessing as it
+        handles the sent responses, stops generation within a few tokens."""
+        return self.queued - self.sent < MAX_UNSENT
+
+
+class Outbox:
+    """The sender thread: runs what the scheduler hands it (send a token, finish a request, update a
+    metric) in order, so that no response or metric call ever waits on the scheduler thread."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="facert-llm-sender", daemon=True)
+        self._thread.start()
+
+    def put(self, fn, *args) -> None:
+        self._queue.put((fn, args))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, args = item
+            try:
+                fn(*args)
+            except Exception as e:  # noqa: BLE001 (one failed send must not stop the others)
+                pb_utils.Logger.log_error(f"llm sender: {type(e).__name__}: {e}")
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+
+class TritonMetrics(SchedulerObserver):
+    """The scheduler's reports as Triton metrics, set from the sender thread."""
+
+    def __init__(self, model: "TritonPythonModel"):
+        labels = {"model": model.name}
+
+        def family(name, kind, description):
+            f = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+            model.metric_families.append(f)  # the families must outlive their metrics
+            return f
+
+        gauge, counter, histogram = (pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER,
+                                     pb_utils.MetricFamily.HISTOGRAM)
+        self.waiting = family("facert_waiting_requests", gauge, "Requests admitted to the llm step, waiting for a "
+                                                                "KV-cache slot").Metric(labels=labels)
+        self.active = family("facert_active_slots", gauge, "KV-cache slots holding a request").Metric(labels=labels)
+        self.free = family("facert_free_slots", gauge, "KV-cache slots free").Metric(labels=labels)
+        self.hits = family("facert_prefix_cache_hits_total", counter,
+                           "Requests whose prompt prefix (image and seg rows) came from the prefix cache"
+                           ).Metric(labels=labels)
+        self.misses = family("facert_prefix_cache_misses_total", counter,
+                             "Requests whose prompt prefix was not in the prefix cache").Metric(labels=labels)
+        self.ttft = family("facert_time_to_first_token_seconds", histogram,
+                           "Time from a request's arrival at the server to its first token"
+                           ).Metric(labels=labels, buckets=TTFT_BUCKETS)
+        self.itl = family("facert_inter_token_latency_seconds", histogram,
+                          "Time between two consecutive tokens of a request").Metric(labels=labels, buckets=ITL_BUCKETS)
+        self.outbox = model.outbox
+
+    def gauges(self, waiting, active, free):
+        self.outbox.put(self._set, waiting, active, free)
+
+    def _set(self, waiting, active, free):
+        self.waiting.set(waiting)
+        self.active.set(active)
+        self.free.set(free)
+
+    def prefix_cache(self, hit):
+        self.outbox.put((self.hits if hit else self.misses).increment, 1)
+
+    def first_token(self, seconds):
+        self.outbox.put(self.ttft.observe, seconds)
+
+    def inter_token(self, seconds):
+        self.outbox.put(self.itl.observe, seconds)
 
 
 class TritonPythonModel(Step):
@@ -97,13 +213,15 @@ class TritonPythonModel(Step):
                                   description="Requests the llm step finished, by outcome "
                                               "(stop, length, cancelled, timeout, error)")]
         self.tokens_metric = self.metric_families[0].Metric(labels=labels)
-        self.outcome_metrics = {r: self.metric_families[1].Metric(labels=dict(labels, outcome=r))
-                                for r in ("stop", "length", "cancelled", "timeout", "error")}
+        self.outcome_metrics = {r: self.metric_families[1].Metric(labels=dict(labels, outcome=r)) for r in OUTCOMES}
         self.cancel_flags = CancelFlags()
         self.timing_inputs = [n for n in self.input_names if n.endswith("_MS")]
+        self.scheduler = None
         if self.pipe is not None:
             self.tokenizer, self.vocab_size = self.pipe.tokenizer, self.pipe.c.vocab_size
             self.eos_ids = self.pipe.eos_token_ids
+            if self.params.get("scheduler", "inflight") == "inflight":
+                self._start_scheduler()
         else:  # tensorrtllm: the tokenizer and vocabulary size come from the engines folder
             from runtime.tokenizer import load_tokenizer
 
@@ -112,6 +230,27 @@ class TritonPythonModel(Step):
             self.vocab_size = int(json.loads((engines / "manifest.json").read_text())["model"]["vocab_size"])
             eos = self.tokenizer.eos_token_id
             self.eos_ids = tuple(x for x in ([eos] if isinstance(eos, int) else (eos or [])) if x is not None)
+
+    def _start_scheduler(self) -> None:
+        from runtime.backends.base import SlotLLM
+
+        llm = self.pipe.c.llm
+        if not isinstance(llm, SlotLLM):
+            pb_utils.Logger.log_warn(f"llm: the {self.pipe.c.backend} backend has no KV-cache slots; "
+                                     "serving with the static scheduler")
+            return
+        config = SchedulerConfig(slots=int(self.params["kv_slots"]), slot_tokens=int(self.params["slot_tokens"]),
+                                 prefill_chunk=int(self.params["prefill_chunk"]),
+                                 max_waiting=int(self.params["max_waiting"]),
+                                 prefix_cache_bytes=int(self.params["prefix_cache_bytes"]))
+        self.outbox = Outbox()
+        self.scheduler = InflightScheduler(llm, self.eos_ids, config, TritonMetrics(self), pb_utils.Logger.log_error)
+        self.scheduler.start()
+
+    def finalize(self):
+        if self.scheduler is not None:
+            self.scheduler.stop()
+            self.outbox.close()
 
     def _prepare(self, request) -> Active:
         x = read_inputs(request, self.input_names)
@@ -128,7 +267,7 @@ class TritonPythonModel(Step):
         timeout_us = request.timeout()  # 0: none
         deadline = gen["received_at"] + timeout_us / 1e6 if timeout_us else None
         return Active(request.get_response_sender(), ids, torch.from_numpy(table), params, gen["stream"], timings,
-                      probs, self.cancel_flags, deadline, timeout_us / 1e3,
+                      probs, self.cancel_flags, deadline, timeout_us / 1e3, image_key=image_key(x),
                       key=gen.get("cancel_key") or uuid.uuid4().hex)  # the gateway's key, when it gave one
 
     def _response(self, a: Active, text: str, token_ids, finish: str = "", timings: dict | None = None, probs=None):
@@ -158,7 +297,8 @@ class TritonPythonModel(Step):
         except Exception:  # noqa: BLE001 (a cancelled request's client is gone: nothing is left to tell it)
             pass
 
-    def _finish(self, a: Active, tokens: list[int], reason: str, prefill_s: float, decode_s: float) -> None:
+    def _finish(self, a: Active, tokens: list[int], reason: str, prefill_s: float, decode_s: float,
+                extra: dict | None = None) -> None:
         if a.ended == "cancelled":  # with Triton's code for a cancelled request
             error = pb_utils.TritonError(f"request cancelled by the client after {len(tokens)} generated tokens",
                                          pb_utils.TritonError.CANCELLED)
@@ -173,7 +313,7 @@ class TritonPythonModel(Step):
         self.cancel_flags.clear(a.key)
         full = self.tokenizer.decode(tokens, skip_special_tokens=True)
         timings = dict(a.timings, prefill_ms=prefill_s * 1e3, decode_ms=decode_s * 1e3,
-                       decode_tokens_per_s=len(tokens) / decode_s if decode_s > 0 else 0.0)
+                       decode_tokens_per_s=len(tokens) / decode_s if decode_s > 0 else 0.0, **(extra or {}))
         if a.stream:  # what the stream held back (a character split across tokens), if anything
             text, ids = full[len("".join(a.emitted)):], []
         else:
@@ -188,7 +328,10 @@ class TritonPythonModel(Step):
             except Exception as e:  # noqa: BLE001 (this request fails alone, with the message)
                 self.outcome_metrics["error"].increment(1)
                 r.get_response_sender().send(error_response(e), flags=FINAL)
-        if self.pipe is None:
+        if self.scheduler is not None:
+            for a in active:
+                self._submit(a)
+        elif self.pipe is None:
             for a in active:  # TensorRT-LLM batches in flight: one BLS stream per request
                 threading.Thread(target=self._run_tensorrtllm, args=(a,), daemon=True).start()
         elif active:
@@ -196,7 +339,60 @@ class TritonPythonModel(Step):
         self.cancel_flags.sweep()
         return None
 
-    # ------------------------------------------------------------------ runtime.generate (portable)
+    # ------------------------------------------------------------------ in-flight (portable, default)
+
+    def _submit(self, a: Active) -> None:
+        """Onto the scheduler's admission queue (returns at once), or refused at once."""
+        try:
+            c = self.pipe.c
+            embeds = splice_prompt_table(c.llm.embed, a.ids, a.table.to(c.llm.device), c.vocab_size)[0]
+            prefix_key, prefix_len = self._prefix(a)
+            stream = TextStream(self.tokenizer)
+            req = GenRequest(embeds, a.params, on_token=lambda token: self._queue_token(a, stream, token),
+                             on_done=lambda outcome: self.outbox.put(self._done, a, outcome),
+                             should_stop=a.stop_reason, may_continue=a.may_continue, prefix_key=prefix_key,
+                             prefix_len=prefix_len, arrived=a.timings["received_at"])
+            self.scheduler.submit(req)
+        except Overloaded as e:  # Triton's code for a full queue: the client may retry later
+            self._fail(a, pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.UNAVAILABLE)),
+                       "overloaded")
+        except Exception as e:  # noqa: BLE001 (this request fails alone, with the message)
+            self._fail(a, error_response(e))
+
+    def _queue_token(self, a: Active, stream: TextStream, token: int) -> None:
+        """On the scheduler thread: hand the token to the sender thread."""
+        a.queued += 1
+        self.outbox.put(self._send_token, a, stream, token)
+
+    def _send_token(self, a: Active, stream: TextStream, token: int) -> None:
+        """On the sender thread."""
+        try:
+            self._token(a, stream, token)
+        finally:
+            a.sent += 1
+            self.scheduler.wake()
+
+    def _prefix(self, a: Active) -> tuple[str | None, int]:
+        """The prefix cache's key and length: the prompt up to its last image or seg row, named by the
+        image's content hash and those ids (never shared across images: their placeholder ids are equal)."""
+        ids = a.ids[0]
+        rows = (ids >= self.vocab_size).nonzero()
+        if a.image_key is None or rows.numel() == 0:
+            return None, 0
+        n = int(rows[-1]) + 1
+        if n >= ids.numel():
+            return None, 0
+        return content_key("prefix", a.image_key, ids[:n].numpy().astype("<i8").tobytes()), n
+
+    def _done(self, a: Active, outcome: Outcome) -> None:
+        """On the sender thread: the request's final response."""
+        if outcome.reason == "error":
+            self._fail(a, error_response(outcome.error))
+            return
+        extra = {"llm_queue_ms": outcome.queue_s * 1e3, "prefix_cached_tokens": outcome.prefix_tokens}
+        self._finish(a, outcome.tokens, outcome.reason, outcome.prefill_s, outcome.decode_s, extra)
+
+    # ------------------------------------------------------------------ runtime.generate (static)
 
     def _run_generate(self, active: list[Active]) -> None:
         c = self.pipe.c

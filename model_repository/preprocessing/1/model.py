@@ -1,4 +1,4 @@
-"""Preprocessing step: validate the request, decode the images, build the prompt ids.
+"""Preprocessing step: validate the request, decode the images, build the prompt ids, hash the images.
 
 Every check the in-process pipeline makes runs here, first, with the same code
 (runtime.pipeline.RequestBuilder, SamplingParams.validate), so a bad request fails with a message
@@ -16,6 +16,7 @@ from runtime.errors import RequestError
 from runtime.generate import SamplingParams
 from runtime.preprocess import ImageError
 from runtime.prompt import PromptError
+from runtime.serving.caches import content_key
 from runtime.serving.python_backend import PerRequestStep, RequestInfo, bytes_tensor, request_cancel_key
 
 DEFAULTS = SamplingParams()
@@ -96,4 +97,7 @@ class TritonPythonModel(PerRequestStep):
                       "received_at": received_at, "prompt_tokens": len(ids),
                       "cancel_key": request_cancel_key(request)}  # the llm stops on its mark (serving/cancel.py)
         out["GENERATION"] = bytes_tensor([json.dumps(generation)])
+        # the encoder caches' and the prefix cache's key: what the image steps' outputs depend on (the
+        # images' bytes in order and the tiles asked for; the spec and the pixel bound are the server's own)
+        out["IMAGE_KEY"] = bytes_tensor([content_key("images", str(max_tiles), *images)])
         return out
