@@ -21,8 +21,9 @@ from serving_fixtures import served_tiny, tiny_pipeline  # noqa: F401 (fixtures)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not an installed package
 
-from benchmarks.soak import (ADMIN_CALLS, Malformed, Record, _b, _gzip_bomb, rss_mb, run_load,  # noqa: E402
-                             send_malformed)
+from benchmarks.corpus import ADMIN_CALLS, Malformed, _b, _gzip_bomb, send_malformed  # noqa: E402
+from benchmarks.memory import rss_mb  # noqa: E402
+from benchmarks.soak import Record, run_load  # noqa: E402
 from runtime.client import ask_remote  # noqa: E402
 from runtime.generate import SamplingParams  # noqa: E402
 

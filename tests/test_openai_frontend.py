@@ -28,7 +28,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not an installed package
 
-from benchmarks.soak import _png_header  # noqa: E402 (the malformed corpus's builder)
+from benchmarks.corpus import _png_header  # noqa: E402 (the malformed corpus's builder)
 from runtime.cli import DEMO_IMAGE  # noqa: E402
 from runtime.client import ask_remote  # noqa: E402
 from runtime.generate import SamplingParams  # noqa: E402

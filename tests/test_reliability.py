@@ -26,7 +26,8 @@ from serving_fixtures import tiny_pipeline  # noqa: F401 (fixture)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not an installed package
 
-from benchmarks.soak import children, good_grpc_tensors, malformed_corpus, send_malformed  # noqa: E402
+from benchmarks.corpus import good_grpc_tensors, malformed_corpus, send_malformed  # noqa: E402
+from benchmarks.memory import children  # noqa: E402
 from runtime.client import RemoteError, ask_remote, error_kind  # noqa: E402
 from runtime.generate import SamplingParams  # noqa: E402
 
@@ -404,7 +405,7 @@ def test_soak_harness_runs_mixed_load_and_judges_memory_at_rest(rel, tmp_path):
 
 
 def test_memory_verdict_judges_rest_not_load():
-    from benchmarks.soak import memory_verdict
+    from benchmarks.memory import memory_verdict
 
     def sample(t, server_mb, stub_mb=400.0):
         return {"t": t, "done": 0, "rss_mb": {"tritonserver": server_mb, "llm": stub_mb},

@@ -19,7 +19,7 @@ from serving_fixtures import served_tiny, tiny_pipeline  # noqa: F401 (fixtures)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not an installed package
 
-from benchmarks.soak import _b, _png, _png_header  # noqa: E402 (the malformed corpus's builders)
+from benchmarks.corpus import _b, _png, _png_header  # noqa: E402 (the malformed corpus's builders)
 from runtime.client import RemoteError, ask_remote  # noqa: E402
 from runtime.generate import SamplingParams  # noqa: E402
 
