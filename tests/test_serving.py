@@ -166,7 +166,7 @@ BAD_GRPC = {
     "missing image": ([("IMAGE", None, None)], "the image is missing"),
     "missing question": ([("QUESTION", None, None)], "the question is missing"),
     "empty question": ([("QUESTION", _b(b"   "), "BYTES")], "question is empty"),
-    "over-long question": ([("QUESTION", _b(b"x" * 600), "BYTES")], "prompt is 653 tokens, over the model's"),
+    "over-long question": ([("QUESTION", _b(b"x" * 600), "BYTES")], "prompt is 652 tokens, over the model's"),
     "max_tokens zero": ([("MAX_TOKENS", np.array([[0]], np.int32), "INT32")], "max_tokens must be in [1, 4096], got 0"),
     "max_tokens too large": ([("MAX_TOKENS", np.array([[5000]], np.int32), "INT32")], "max_tokens must be in [1, 4096]"),
     "top_p zero": ([("TOP_P", np.array([[0.0]], np.float32), "FP32")], "top_p must be in (0, 1]"),
@@ -190,7 +190,7 @@ def test_bad_input_over_grpc_is_named(served_tiny, face_png, case):
 
 
 BAD_HTTP = {
-    "invalid base64": ({"IMAGE_BASE64": "not base64!"}, "IMAGE_BASE64 is not valid base64"),
+    "invalid base64": ({"IMAGE_BASE64": "not base64!"}, "IMAGE_BASE64 item 1 is not valid base64"),
     "zero-byte image": ({"IMAGE_BASE64": ""}, "image is empty"),
     "wrong type": ({"MAX_TOKENS": "ten"}, "input 'MAX_TOKENS' (INT32) must be an integer"),
     "misspelt input": ({"QESTION": "hi"}, "unknown input 'QESTION'"),
