@@ -699,7 +699,7 @@ class TritonServer:
                      f"{self.error_summary()}")
         else:
             self.say(f"tritonserver ended ({cause}); restarting it over {self.repository}")
-        self._clear_leftovers(dict(stubs or {}), old.pid)
+        self._clear_leftovers(dict(stubs or {}))
         t0 = time.monotonic()
         try:
             self._launch(timeout_s)
