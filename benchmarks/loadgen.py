@@ -24,6 +24,14 @@ Bounded: a level stops handing out requests after --requests or after --max-seco
 comes first, and gives the requests in flight --grace-seconds more before cancelling them (they
 are counted as timed out). Loopback only: the URL must name this machine.
 
+Open loop (`--rate R --duration S`): requests arrive as a Poisson process of R requests per second
+for S seconds, each sent at its time on its own stream whatever is still in flight (so a server
+slower than the offered load builds a queue, as it does under real traffic), with MAX_TOKENS drawn
+log-uniformly from --max-tokens-range; the summary uses genai-perf's metric names
+(time_to_first_token, inter_token_latency, request_latency, output_sequence_length,
+request_throughput, output_token_throughput: `genai_perf_metrics`). benchmarks/inflight.py runs it
+against the static and the in-flight scheduler.
+
 Several replicas (`--url A,B,...`, the same model behind each): virtual user i keeps its stream to
 replica i mod R, as a client behind a connection-balancing Service does, so the users spread evenly
 over the replicas. Each row then also says how many requests each replica answered
@@ -69,6 +77,7 @@ class RequestRecord:
     url: str = ""
     token_ids: list[int] = field(default_factory=list)
     text: str = ""  # over OpenAI (whose chunks carry text, not token ids)
+    tag: str = ""  # open loop: what the request was (its workload's label)
 
     @property
     def ok(self) -> bool:
@@ -318,6 +327,126 @@ async def run_level(url: str | list[str], concurrency: int, max_requests: int, m
     return row
 
 
+# ------------------------------------------------------------------------- open loop (Poisson)
+
+@dataclass
+class Planned:
+    """One request of an open-loop run: when it is sent (seconds from the start) and what it asks."""
+
+    at: float
+    images: list[bytes]
+    question: str
+    max_tokens: int
+    tag: str = ""
+
+
+def poisson_times(rate: float, duration_s: float, rng: np.random.Generator) -> list[float]:
+    """Arrival times (s) of a Poisson process of `rate` per second over [0, duration_s)."""
+    if rate <= 0 or duration_s <= 0:
+        raise LoadError(f"an open loop needs a rate and a duration > 0, got {rate} /s for {duration_s} s")
+    t, out = 0.0, []
+    while True:
+        t += float(rng.exponential(1.0 / rate))
+        if t >= duration_s:
+            return out
+        out.append(t)
+
+
+def log_uniform_tokens(n: int, low: int, high: int, rng: np.random.Generator) -> list[int]:
+    """n answer lengths between low and high, uniform in log scale (as many short as long ones)."""
+    return [int(round(x)) for x in np.exp(rng.uniform(np.log(low), np.log(high), n))]
+
+
+async def _one_request(client, model: str, inputs, record: RequestRecord) -> None:
+    """One request on its own stream, recorded as it streams."""
+    async def requests():
+        yield {"model_name": model, "inputs": inputs, "request_id": str(id(record))}
+
+    record.sent = time.perf_counter()
+    responses = client.stream_infer(requests())
+    try:
+        async for result, error in responses:
+            now = time.perf_counter()
+            if error is not None:
+                record.error, record.done = str(error), now
+                return
+            ids = result.as_numpy("TOKEN_IDS")
+            if ids is not None and ids.size:
+                record.token_times.append(now)
+                record.tokens += int(ids.size)
+                record.token_ids.extend(int(t) for t in ids.reshape(-1))
+            if _bytes_str(result.as_numpy("FINISH_REASON")):
+                record.done = now
+                timings = _bytes_str(result.as_numpy("TIMINGS"))
+                record.server_timings = json.loads(timings) if timings else {}
+                return
+    finally:
+        responses.cancel()
+
+
+async def run_open_loop(url: str, plan: list[Planned], model: str | None = None,
+                        grace_seconds: float = 120.0) -> list[RequestRecord]:
+    """Send every planned request at its time (open loop), then give those in flight grace_seconds;
+    returns one record per planned request, in plan order (unfinished ones: done None)."""
+    import tritonclient.grpc.aio as aioclient
+
+    from runtime.client import Request, _grpc_inputs, find_model
+    from runtime.generate import SamplingParams
+
+    url = check_loopback(url)
+    model = model or find_model(url, "grpc")
+    records = [RequestRecord(url=url, tag=p.tag) for p in plan]
+    client = aioclient.InferenceServerClient(url)
+    tasks = []
+    try:
+        start = time.perf_counter()
+        for p, record in zip(plan, records):
+            delay = start + p.at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            inputs = _grpc_inputs(Request(p.images, p.question), SamplingParams(max_new_tokens=p.max_tokens), True)
+            tasks.append(asyncio.ensure_future(_one_request(client, model, inputs, record)))  # sent now
+        if tasks:  # the last arrival is sent: the ones in flight get grace_seconds more
+            await run_bounded(tasks, grace_seconds, "a request")
+    finally:
+        await client.close()
+    return records
+
+
+def _stats(values: list[float], unit: str) -> dict:
+    if not values:
+        return {"unit": unit, "avg": None, **{f"p{p}": None for p in PERCENTILES}}
+    arr = np.asarray(values, dtype=np.float64)
+    return {"unit": unit, "avg": round(float(arr.mean()), 3), "min": round(float(arr.min()), 3),
+            "max": round(float(arr.max()), 3), **{f"p{p}": round(float(np.percentile(arr, p)), 3) for p in PERCENTILES}}
+
+
+def genai_perf_metrics(records: list[RequestRecord]) -> dict:
+    """The completed requests' figures under genai-perf's names and definitions:
+    time_to_first_token (sent -> first token), inter_token_latency per request ((request_latency -
+    time_to_first_token) / (output_sequence_length - 1)), request_latency, output_sequence_length,
+    request_throughput and output_token_throughput over the run's wall time (first request sent ->
+    last answer done). Also `token_gap` (every gap between two tokens, not in genai-perf: it shows
+    stalls such as a prefill chunk that per-request averages hide)."""
+    ok = [r for r in records if r.ok and r.token_times]
+    out = {"request_count": {"unit": "count", "avg": len(ok)},
+           "error_count": {"unit": "count", "avg": sum(r.error is not None for r in records)},
+           "unfinished_count": {"unit": "count", "avg": sum(r.done is None and r.error is None for r in records)}}
+    ttft = [(r.token_times[0] - r.sent) * 1e3 for r in ok]
+    latency = [(r.done - r.sent) * 1e3 for r in ok]
+    itl = [(lat - t) / (r.tokens - 1) for r, lat, t in zip(ok, latency, ttft) if r.tokens > 1]
+    out.update(time_to_first_token=_stats(ttft, "ms"), inter_token_latency=_stats(itl, "ms"),
+               request_latency=_stats(latency, "ms"),
+               output_sequence_length=_stats([float(r.tokens) for r in ok], "tokens"),
+               token_gap=_stats([(b - a) * 1e3 for r in ok for a, b in zip(r.token_times, r.token_times[1:])], "ms"))
+    wall = (max(r.done for r in ok) - min(r.sent for r in ok)) if ok else 0.0
+    out["request_throughput"] = {"unit": "requests/sec", "avg": round(len(ok) / wall, 4) if wall else 0.0}
+    out["output_token_throughput"] = {"unit": "tokens/sec",
+                                      "avg": round(sum(r.tokens for r in ok) / wall, 3) if wall else 0.0}
+    out["duration"] = {"unit": "sec", "avg": round(wall, 3)}
+    return out
+
+
 def sweep(url: str | list[str], concurrencies: list[int], image: bytes, question: str, max_tokens: int = 16,
           requests_per_level: int | None = None, max_seconds: float = 60.0, warmup: int = 1,
           stop_at: float | None = None, log=lambda m: None, protocol: str = "grpc") -> list[dict]:
@@ -366,9 +495,16 @@ def main(argv=None) -> int:
     ap.add_argument("--image", default=str(DEMO_IMAGE), help="image file (default: the astronaut photo)")
     ap.add_argument("--question", default=DEMO_QUESTION)
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured requests first, to each replica (default 1)")
+    ap.add_argument("--rate", type=float, help="open loop: Poisson arrivals of this many requests per second")
+    ap.add_argument("--duration", type=float, default=60.0, help="open loop: seconds of arrivals (default 60)")
+    ap.add_argument("--max-tokens-range", help="open loop: LOW,HIGH: MAX_TOKENS drawn log-uniformly (default: "
+                                               "--max-tokens for every request)")
+    ap.add_argument("--seed", type=int, default=0, help="open loop: seed of the arrivals and lengths (default 0)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args(argv)
     urls = [u.strip() for u in args.url.split(",") if u.strip()]
+    if args.rate is not None:
+        return open_loop_main(args, urls)
     try:
         rows = sweep(urls[0] if len(urls) == 1 else urls, parse_list(args.concurrency, "--concurrency"),
                      Path(args.image).read_bytes(), args.question, args.max_tokens, args.requests, args.max_seconds,
@@ -381,6 +517,30 @@ def main(argv=None) -> int:
         print(json.dumps(rows, indent=2))
     else:
         print(serve_table(rows))
+    return 0
+
+
+def open_loop_main(args, urls: list[str]) -> int:
+    from runtime.client import RemoteError
+
+    if len(urls) != 1:
+        print("loadgen: error: the open loop loads one server", file=sys.stderr)
+        return 2
+    rng = np.random.default_rng(args.seed)
+    image = Path(args.image).read_bytes()
+    try:
+        times = poisson_times(args.rate, args.duration, rng)
+        if args.max_tokens_range:
+            low, high = (int(x) for x in args.max_tokens_range.split(","))
+            lengths = log_uniform_tokens(len(times), low, high, rng)
+        else:
+            lengths = [args.max_tokens] * len(times)
+        plan = [Planned(t, [image], args.question, n) for t, n in zip(times, lengths)]
+        records = asyncio.run(run_open_loop(urls[0], plan))
+    except (LoadError, RemoteError, ValueError) as e:
+        print(f"loadgen: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"rate": args.rate, "duration": args.duration, **genai_perf_metrics(records)}, indent=2))
     return 0
 
 

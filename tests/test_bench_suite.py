@@ -70,6 +70,44 @@ def test_summary_arithmetic_on_known_timestamps():
     assert row["first_error"] == "refused"
 
 
+def test_open_loop_arrivals_and_genai_perf_metrics():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    times = loadgen.poisson_times(4.0, 500.0, rng)
+    assert len(times) == pytest.approx(2000, rel=0.05) and times == sorted(times) and times[-1] < 500
+    gaps = np.diff([0.0] + times)
+    assert gaps.mean() == pytest.approx(0.25, rel=0.05) and gaps.std() == pytest.approx(0.25, rel=0.1)  # exponential
+    lengths = loadgen.log_uniform_tokens(4000, 8, 256, rng)
+    assert min(lengths) >= 8 and max(lengths) <= 256 and np.median(lengths) == pytest.approx(np.sqrt(8 * 256), rel=0.1)
+    with pytest.raises(loadgen.LoadError, match="rate and a duration"):
+        loadgen.poisson_times(0.0, 10.0, rng)
+    # genai-perf's definitions on known timestamps: ITL per request = (latency - TTFT) / (tokens - 1)
+    a = loadgen.RequestRecord(sent=0.0, token_times=[0.1, 0.2, 0.5], tokens=3, done=0.5)
+    b = loadgen.RequestRecord(sent=1.0, token_times=[1.3], tokens=1, done=1.3)
+    lost = loadgen.RequestRecord(sent=1.2)
+    m = loadgen.genai_perf_metrics([a, b, lost])
+    assert (m["request_count"]["avg"], m["unfinished_count"]["avg"], m["error_count"]["avg"]) == (2, 1, 0)
+    assert m["time_to_first_token"]["p50"] == pytest.approx(200.0) and m["time_to_first_token"]["unit"] == "ms"
+    assert m["inter_token_latency"]["avg"] == pytest.approx(200.0)  # (500 - 100) / 2; b has one token
+    assert m["token_gap"]["max"] == pytest.approx(300.0)
+    assert m["request_throughput"]["avg"] == pytest.approx(2 / 1.3, abs=1e-3)
+    assert m["output_token_throughput"]["avg"] == pytest.approx(4 / 1.3, abs=1e-2)
+
+
+def test_open_loop_sends_on_schedule_whatever_is_in_flight(served_tiny, tiny_pipeline, face_png):
+    expected = tiny_pipeline.ask(face_png, QUESTION, SamplingParams(max_new_tokens=4))
+    plan = [loadgen.Planned(t, [face_png], QUESTION, 4, tag="t") for t in (0.0, 0.05, 0.1, 0.15, 0.6)]
+    records = asyncio.run(loadgen.run_open_loop(served_tiny.grpc_url, plan))
+    assert all(r.ok for r in records), [r.error for r in records]
+    assert all(r.token_ids == expected.token_ids for r in records)
+    # sent at its time, not after the one before had its answer
+    assert records[1].sent < records[0].done and records[3].sent < records[0].done
+    for r, p in zip(records, plan):
+        assert r.sent - records[0].sent == pytest.approx(p.at, abs=0.5)  # a loaded machine's timer slack
+    assert loadgen.genai_perf_metrics(records)["request_count"]["avg"] == 5
+
+
 def test_stages_on_the_tiny_model_next_to_transformers(tiny_pipeline, face_png):
     res = run_stages(None, tiny_pipeline, face_png, batches=[1, 2], n=3, repeats=1, peers=("transformers",))
     assert res["peer_errors"] == {}
