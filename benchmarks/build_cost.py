@@ -12,9 +12,10 @@ For one checkpoint (written with `facert init` into --work unless it is there al
   wall s         the child's wall time
   folder bytes   the engines folder's size (every file), and peak RSS / folder bytes
 
-With --ask it then times `facert ask --engines` (load + a 4-token answer) three times: with
-`--verify full` (every byte of the folder hashed, as every load did before hashes were recorded),
-then twice with the default `--verify cached` (the build recorded the hashes of what it wrote).
+With --ask it then times, each in a fresh process, the folder's verification alone
+(runtime.engines.verify_engines) with `full` (every byte hashed, as every load did before hashes
+were recorded) and `cached` (the build recorded the hashes of what it wrote), three times each,
+alternating; and `facert ask --engines` (load + a 4-token answer) with --verify full, then cached.
 
 --code DIR runs another checkout's facert (e.g. main, to measure the previous build at the same
 size). Results are appended to DIR/results.json (one record per run) and DIR/README.md is
@@ -154,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         record["peak_over_folder"] = round(record["peak_rss_bytes"] / record["folder_bytes"], 2)
         record["peak_over_checkpoint"] = round(record["peak_rss_bytes"] / record["checkpoint_bytes"], 2)
         if args.ask:
-            record["ask"] = [_time_ask(facert, env, engines, mode) for mode in ("full", "cached", "cached")]
+            record["verify_s"] = {"full": [], "cached": []}
+            for _ in range(3):
+                for mode in ("full", "cached"):
+                    record["verify_s"][mode].append(_time_verify(env, engines, mode))
+            record["ask"] = [_time_ask(facert, env, engines, mode) for mode in ("full", "cached")]
     print(json.dumps({k: v for k, v in record.items() if not k.endswith("_tail")}, indent=2))
 
     path = results / "results.json"
@@ -167,6 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.clean_checkpoint:
         shutil.rmtree(ckpt, ignore_errors=True)
     return measured["returncode"]
+
+
+def _time_verify(env: dict, engines: Path, mode: str) -> float:
+    """Seconds verify_engines takes on the folder in a fresh process (imports not counted)."""
+    code = ("import sys, time; from runtime.engines import verify_engines; t0 = time.perf_counter(); "
+            f"verify_engines(sys.argv[1], verify_mode={mode!r}); print(time.perf_counter() - t0)")
+    done = subprocess.run([sys.executable, "-c", code, str(engines)], env=env, capture_output=True, text=True,
+                          check=True)
+    return round(float(done.stdout.strip().splitlines()[-1]), 2)
 
 
 def _time_ask(facert: list[str], env: dict, engines: Path, verify: str) -> dict:
@@ -192,14 +206,15 @@ def write_readme(results: Path, records: list[dict]) -> None:
     rows = []
     for r in records:
         ask = " / ".join(f"{a.get('verify', 'cached')} {a['wall_s']}" for a in r.get("ask", [])) or "-"
+        verify = " / ".join(f"{mode} {min(v)}-{max(v)}" for mode, v in r.get("verify_s", {}).items()) or "-"
         rows.append(f"| {r['date'][:16]} | {r['spec']}{' --layers ' + str(r['layers']) if r['layers'] else ''} | "
                     f"{r['precision']} | {r['commit']} | {gib(r['checkpoint_bytes'])} | "
                     f"{gib(r['folder_bytes']) if 'folder_bytes' in r else 'failed'} | {gib(r['peak_rss_bytes'])} | "
-                    f"{r.get('peak_over_folder', '-')} | {r['wall_s']} | {r['peak_sampled_step'][:60]} | {ask} | "
+                    f"{r.get('peak_over_folder', '-')} | {r['wall_s']} | {r['peak_sampled_step'][:60]} | {verify} | {ask} | "
                     f"{' '.join(r['machine']['load_average_before'])} |")
     text = (HEADER + "\n| date (UTC) | model | precision | commit | checkpoint GiB | folder GiB | peak RSS GiB | "
-            "peak / folder | wall s | step at the sampled peak | ask --engines s (--verify) | load avg before |\n"
-            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |\n" + "\n".join(rows) + "\n")
+            "peak / folder | wall s | step at the sampled peak | verify s (3 runs) | ask --engines s (--verify) | "
+            "load avg before |\n| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- |\n" + "\n".join(rows) + "\n")
     notes = results / "NOTES.md"
     if notes.exists():
         text += "\n" + notes.read_text()

@@ -12,6 +12,8 @@ Graphs (file -> inputs -> outputs):
                     past_key_i / past_value_i [B,Hkv,P,hd]
                     -> logits [B,V], present_key_i / present_value_i [B,Hkv,S,hd]
   llm.onnx.data     the LLM weights, stored once and shared by both LLM graphs (external data)
+  vision.onnx.data  (and so on) the weights of a graph that has 64 MiB of them or more; smaller
+                    graphs keep theirs inside
   embed_tokens.npy  the token-embedding matrix [V,D]: the prompt-table splice stays outside the
                     graphs, so the runtime gathers token rows itself (numpy, memory-mapped)
 
@@ -44,7 +46,17 @@ also needs the onnxscript package) took 108 s for the prefill graph against 15 s
 5402 for prefill) but onnxslim brings the TorchScript ones to 2284 in about 10 s, so the faster,
 dependency-free exporter is the one used. Every graph passes `onnx.checker`. With the fused
 projections and constant-shape reshapes of the current KVCacheLLM the demo's decode graph is
-3372 nodes as exported, 1572 after onnxslim (was 5951 / 2505).
+3281 nodes as exported, 1572 after onnxslim (was 5951 / 2505).
+
+Memory: the build holds each weight once. The exporter would hold several copies of every weight
+(its graph-level shape inference, the ModelProto, its serialised bytes, the graph loaded back):
+facellm-1b's 3 GB checkpoint peaked at 19.7 GB. Here `_trace` takes the weights from the exporter
+and leaves them out of its graph (`_exporter_without_weights`), onnxslim runs on that weightless
+graph, and `WeightFile` streams each tensor into the external data file; the vision side and the
+LLM are loaded and exported one after the other (`export_onnx(load, ...)`), and KVCacheLLM takes
+over the weights it fuses. Measured (benchmarks/results/2026-11-30-build-cost): peak RSS about
+1.05x the engines folder for facellm-1b and facellm-8b --layers 2; what bounds it is the LLM's
+fp32 weights, held whole in torch while its graphs are traced.
 """
 
 from __future__ import annotations
