@@ -167,6 +167,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run stops its server and endpoint too
     say = lambda m: print(f"[openai-overhead] {m}", file=sys.stderr, flush=True)  # noqa: E731
     image = DEMO_IMAGE.read_bytes()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
     load_before = os.getloadavg()
     runs = []
     with tempfile.TemporaryDirectory(prefix="facert-openai-") as tmp:
@@ -188,8 +190,6 @@ def main(argv=None) -> int:
                 say(json.dumps(row))
                 runs.append(row)
     load_after = os.getloadavg()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
     result = {"what": "added latency of the OpenAI-compatible endpoint against gRPC, same workload",
               "command": "python benchmarks/openai_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,

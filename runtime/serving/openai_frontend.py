@@ -52,6 +52,7 @@ import pybase64
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 DEFAULT_MAX_BODY_MB = 64
 MAX_STOP_STRINGS = 4  # as OpenAI's API
@@ -467,6 +468,16 @@ def create_app(grpc_url: str, model: str | None = None, max_body_mb: float = DEF
     async def _api_error(_request, e: APIError):
         headers = {"Retry-After": "1"} if e.status in (429, 503) else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):  # no such route, wrong method
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def _bug(_request, e: Exception):  # uvicorn logs the trace; the client gets OpenAI's error JSON
+        return JSONResponse(APIError(500, f"internal error in the OpenAI endpoint ({type(e).__name__}): {e}").body(),
+                            status_code=500)
 
     def model_card() -> dict:
         return {"id": state["model"], "object": "model", "created": state["created"], "owned_by": OWNED_BY}
