@@ -527,24 +527,30 @@ def create_app(grpc_url: str, model: str | None = None, max_body_mb: float = DEF
             usage_field = {"usage": None} if include_usage else {}
 
             async def events():
+                # what is ready at once goes out in one write: the role chunk with the first piece, the
+                # last piece with the finish, the usage and [DONE]
+                out = [_chunk(cid, created, model, {"role": "assistant", "content": ""}, **usage_field)]
                 try:
-                    yield _chunk(cid, created, model, {"role": "assistant", "content": ""}, **usage_field)
                     piece = first
                     while piece is not None:
                         if piece.text:
-                            yield _chunk(cid, created, model, {"content": piece.text}, **usage_field)
+                            out.append(_chunk(cid, created, model, {"content": piece.text}, **usage_field))
                         if piece.finish:
                             extra = {"facert": piece.extras} if piece.extras is not None else {}
-                            yield _chunk(cid, created, model, {}, piece.finish, **usage_field, **extra)
+                            out.append(_chunk(cid, created, model, {}, piece.finish, **usage_field, **extra))
                             break
+                        if out:
+                            yield b"".join(out)
+                            out = []
                         try:
                             piece = await call.next()
                         except APIError as e:
-                            yield b"data: " + json.dumps(e.body()).encode() + b"\n\n"
+                            out.append(b"data: " + json.dumps(e.body()).encode() + b"\n\n")
                             break
                     if include_usage:
-                        yield _chunk(cid, created, model, None, usage=call.usage())
-                    yield b"data: [DONE]\n\n"
+                        out.append(_chunk(cid, created, model, None, usage=call.usage()))
+                    out.append(b"data: [DONE]\n\n")
+                    yield b"".join(out)
                 finally:  # the client went away (or the stream ended): stop the generation if it still runs
                     call.cancel()
 
