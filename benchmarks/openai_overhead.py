@@ -190,8 +190,9 @@ def main(argv=None) -> int:
         fill_repository(Path(tmp) / "repo", checkpoint=ckpt)
         http_port, grpc_port, metrics_port, openai_port = free_ports(4)
         say(f"starting tritonserver on the {args.spec} checkpoint")
-        with TritonServer(Path(tmp) / "repo", http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                          log=lambda _l: None, provision_log=say) as server, \
+        server = TritonServer(Path(tmp) / "repo", http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                              log=lambda _l: None, provision_log=say)
+        with server.start(timeout_s=600), \
                 FrontendProcess(server.grpc_url, port=openai_port, log=lambda _l: None) as frontend:
             from runtime.client import find_model
 
