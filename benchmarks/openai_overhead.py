@@ -14,7 +14,10 @@ aiohttp). Both clients are benchmarks/loadgen.py's.
 
 Reported per run: request latency and TTFT p50/p99 per protocol; the added latency as the
 difference of the p50s and of the p99s, and as the p50/p99 of the paired differences (each OpenAI
-request against the gRPC request next to it); and the endpoint process's CPU time per request
+request against the gRPC request next to it); the same for the time each request spends outside
+the server's own account of it (latency less the server's total_ms, which both protocols report):
+on a busy machine the generation's variance swamps the first, not the second; and the endpoint
+process's CPU time per request
 (its main thread's, from /proc, less what it spends idle, measured for 20 s before and after each
 run); the other load on the machine disturbs it much less than the latencies. Writes results.json
 and README.md under --out.
@@ -112,9 +115,14 @@ async def paired_run(grpc_url: str, openai_url: str, model: str, image: bytes, q
     if bad:
         raise RuntimeError(f"{len(bad)} requests failed; first: {bad[0]}")
     lat = {p: [(r.done - r.sent) * 1e3 for r in rs] for p, rs in records.items()}
+    # what a request spends outside the server's own account of it (its total_ms: from preprocessing
+    # to the last response): the clients, the transport and, for OpenAI, the endpoint. Taking the
+    # server's time out leaves what the generation's own variance (large on a busy machine) hides.
+    outside = {p: [(r.done - r.sent) * 1e3 - r.server_timings["total_ms"] for r in rs] for p, rs in records.items()}
     ttft = {p: [(r.token_times[0] - r.sent) * 1e3 for r in rs] for p, rs in records.items()}
     tokens = {p: sorted({r.tokens for r in rs}) for p, rs in records.items()}
     diffs = [o - g for o, g in zip(lat["openai"], lat["grpc"])]
+    outside_diffs = [o - g for o, g in zip(outside["openai"], outside["grpc"])]
     row = {"pairs": requests, "wall_s": round(wall_s, 1), "output_tokens": tokens}
     for p in ("grpc", "openai"):
         row[f"{p}_latency_p50_ms"], row[f"{p}_latency_p99_ms"] = pct(lat[p], 50), pct(lat[p], 99)
@@ -122,6 +130,12 @@ async def paired_run(grpc_url: str, openai_url: str, model: str, image: bytes, q
     row["added_p50_ms"] = round(row["openai_latency_p50_ms"] - row["grpc_latency_p50_ms"], 2)
     row["added_p99_ms"] = round(row["openai_latency_p99_ms"] - row["grpc_latency_p99_ms"], 2)
     row["paired_diff_p50_ms"], row["paired_diff_p99_ms"] = pct(diffs, 50), pct(diffs, 99)
+    for p in ("grpc", "openai"):
+        row[f"{p}_outside_p50_ms"], row[f"{p}_outside_p99_ms"] = pct(outside[p], 50), pct(outside[p], 99)
+    row["added_outside_p50_ms"] = round(row["openai_outside_p50_ms"] - row["grpc_outside_p50_ms"], 2)
+    row["added_outside_p99_ms"] = round(row["openai_outside_p99_ms"] - row["grpc_outside_p99_ms"], 2)
+    row["paired_outside_diff_p50_ms"] = pct(outside_diffs, 50)
+    row["paired_outside_diff_p99_ms"] = pct(outside_diffs, 99)
     # the endpoint's own work per request: its CPU time in the run less what it spends idle (uvicorn's
     # and gRPC's timers) over as long, at the idle rate measured before and after the run
     idle_per_s = (idle_before + idle_after) / 2
@@ -167,6 +181,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run stops its server and endpoint too
     say = lambda m: print(f"[openai-overhead] {m}", file=sys.stderr, flush=True)  # noqa: E731
     image = DEMO_IMAGE.read_bytes()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
     load_before = os.getloadavg()
     runs = []
     with tempfile.TemporaryDirectory(prefix="facert-openai-") as tmp:
@@ -174,8 +190,9 @@ def main(argv=None) -> int:
         fill_repository(Path(tmp) / "repo", checkpoint=ckpt)
         http_port, grpc_port, metrics_port, openai_port = free_ports(4)
         say(f"starting tritonserver on the {args.spec} checkpoint")
-        with TritonServer(Path(tmp) / "repo", http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                          log=lambda _l: None, provision_log=say) as server, \
+        server = TritonServer(Path(tmp) / "repo", http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                              log=lambda _l: None, provision_log=say)
+        with server.start(timeout_s=600), \
                 FrontendProcess(server.grpc_url, port=openai_port, log=lambda _l: None) as frontend:
             from runtime.client import find_model
 
@@ -188,8 +205,6 @@ def main(argv=None) -> int:
                 say(json.dumps(row))
                 runs.append(row)
     load_after = os.getloadavg()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
     result = {"what": "added latency of the OpenAI-compatible endpoint against gRPC, same workload",
               "command": "python benchmarks/openai_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
@@ -211,11 +226,17 @@ def report(r: dict) -> str:
     from benchmarks.report import md_table
 
     header = ["run", "pairs", "gRPC latency p50 / p99 ms", "OpenAI latency p50 / p99 ms", "added p50 ms",
-              "added p99 ms", "paired difference p50 / p99 ms", "TTFT p50 gRPC / OpenAI ms",
+              "added p99 ms", "paired difference p50 / p99 ms", "outside the server, gRPC p50 / p99 ms",
+              "outside the server, OpenAI p50 / p99 ms", "added outside p50 / p99 ms",
+              "paired outside difference p50 / p99 ms", "TTFT p50 gRPC / OpenAI ms",
               "endpoint CPU ms/request, net of idle (gross)", "endpoint idle CPU ms/s before / after"]
     rows = [[x["run"], x["pairs"], f"{x['grpc_latency_p50_ms']} / {x['grpc_latency_p99_ms']}",
              f"{x['openai_latency_p50_ms']} / {x['openai_latency_p99_ms']}", x["added_p50_ms"], x["added_p99_ms"],
              f"{x['paired_diff_p50_ms']} / {x['paired_diff_p99_ms']}",
+             f"{x['grpc_outside_p50_ms']} / {x['grpc_outside_p99_ms']}",
+             f"{x['openai_outside_p50_ms']} / {x['openai_outside_p99_ms']}",
+             f"{x['added_outside_p50_ms']} / {x['added_outside_p99_ms']}",
+             f"{x['paired_outside_diff_p50_ms']} / {x['paired_outside_diff_p99_ms']}",
              f"{x['grpc_ttft_p50_ms']} / {x['openai_ttft_p50_ms']}",
              f"{x['frontend_cpu_ms_per_request']} ({x['frontend_cpu_ms_per_request_gross']})",
              " / ".join(str(v) for v in x["frontend_idle_cpu_ms_per_s"])] for x in r["runs"]]

@@ -366,6 +366,13 @@ def test_bad_request_gets_openai_error_json(ep, face_png, case):
     assert error.status_code == status and words in error.body["message"], case
 
 
+def test_unknown_route_is_openai_error_json(ep):
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(ep.frontend.base_url + "/completions", data=b"{}", timeout=30)
+    assert e.value.code == 404
+    assert "POST /v1/completions: Not Found" in json.loads(e.value.read())["error"]["message"]
+
+
 def test_malformed_json_is_refused(ep):
     req = urllib.request.Request(ep.frontend.base_url + "/chat/completions", data=b'{"model": "faceinsight", ',
                                  headers={"Content-Type": "application/json"})

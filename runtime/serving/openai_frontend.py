@@ -52,6 +52,7 @@ import pybase64
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 DEFAULT_MAX_BODY_MB = 64
 MAX_STOP_STRINGS = 4  # as OpenAI's API
@@ -468,6 +469,16 @@ def create_app(grpc_url: str, model: str | None = None, max_body_mb: float = DEF
         headers = {"Retry-After": "1"} if e.status in (429, 503) else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):  # no such route, wrong method
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def _bug(_request, e: Exception):  # uvicorn logs the trace; the client gets OpenAI's error JSON
+        return JSONResponse(APIError(500, f"internal error in the OpenAI endpoint ({type(e).__name__}): {e}").body(),
+                            status_code=500)
+
     def model_card() -> dict:
         return {"id": state["model"], "object": "model", "created": state["created"], "owned_by": OWNED_BY}
 
@@ -516,24 +527,30 @@ def create_app(grpc_url: str, model: str | None = None, max_body_mb: float = DEF
             usage_field = {"usage": None} if include_usage else {}
 
             async def events():
+                # what is ready at once goes out in one write: the role chunk with the first piece, the
+                # last piece with the finish, the usage and [DONE]
+                out = [_chunk(cid, created, model, {"role": "assistant", "content": ""}, **usage_field)]
                 try:
-                    yield _chunk(cid, created, model, {"role": "assistant", "content": ""}, **usage_field)
                     piece = first
                     while piece is not None:
                         if piece.text:
-                            yield _chunk(cid, created, model, {"content": piece.text}, **usage_field)
+                            out.append(_chunk(cid, created, model, {"content": piece.text}, **usage_field))
                         if piece.finish:
                             extra = {"facert": piece.extras} if piece.extras is not None else {}
-                            yield _chunk(cid, created, model, {}, piece.finish, **usage_field, **extra)
+                            out.append(_chunk(cid, created, model, {}, piece.finish, **usage_field, **extra))
                             break
+                        if out:
+                            yield b"".join(out)
+                            out = []
                         try:
                             piece = await call.next()
                         except APIError as e:
-                            yield b"data: " + json.dumps(e.body()).encode() + b"\n\n"
+                            out.append(b"data: " + json.dumps(e.body()).encode() + b"\n\n")
                             break
                     if include_usage:
-                        yield _chunk(cid, created, model, None, usage=call.usage())
-                    yield b"data: [DONE]\n\n"
+                        out.append(_chunk(cid, created, model, None, usage=call.usage()))
+                    out.append(b"data: [DONE]\n\n")
+                    yield b"".join(out)
                 finally:  # the client went away (or the stream ended): stop the generation if it still runs
                     call.cancel()
 
