@@ -31,7 +31,7 @@ def test_faceinsight_repository_has_every_step_and_the_seg_branch(tiny_checkpoin
                                      ("vision_encoder", ["attribute_head"]), ("attribute_head", ["face_parser"]),
                                      ("face_parser", ["seg_projection"]), ("seg_projection", ["llm"]),
                                      ("llm", ["postprocessing"]), ("postprocessing", [])]
-    assert [t.name for t in configs["face_parser"].input] == ["PARSER_PIXELS", "AFTER_MS"]
+    assert [t.name for t in configs["face_parser"].input] == ["PARSER_PIXELS", "AFTER_MS", "IMAGE_KEY"]
     llm = configs["llm"]
     assert llm.model_transaction_policy.decoupled
     assert {t.name for t in llm.input} >= {"INPUT_IDS", "IMAGE_TOKENS", "SEG_TOKENS", "GENERATION"}
