@@ -444,6 +444,9 @@ def genai_perf_metrics(records: list[RequestRecord]) -> dict:
     out["output_token_throughput"] = {"unit": "tokens/sec",
                                       "avg": round(sum(r.tokens for r in ok) / wall, 3) if wall else 0.0}
     out["duration"] = {"unit": "sec", "avg": round(wall, 3)}
+    errors = sorted({r.error[:200] for r in records if r.error})
+    if errors:
+        out["errors"] = {"unit": "messages", "avg": errors[:5]}
     return out
 
 

@@ -9,6 +9,7 @@ shared across keys. The served tests are in test_serving_inflight.py.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -232,6 +233,53 @@ def test_cancellation_and_timeouts_free_their_slots(llm, tiny_hf):
     jobs[1].stop_reason = "cancelled"
     s.step()
     assert (s.waiting, s.active, s.free) == (0, 0, 2) and rec.gauge_history[-1] == (0, 0, 2)
+
+
+def test_a_request_waits_for_a_slot_no_longer_than_its_bound(llm, tiny_hf):
+    p = prompts(tiny_hf.config.hidden_size, (6, 6), seed=14)
+    s = scheduler(llm, slots=1)
+    busy, late = Job(p[0], SamplingParams(max_new_tokens=30)), Job(p[1], SamplingParams(max_new_tokens=3),
+                                                                     max_wait_s=0.05)
+    s.submit(busy.req)
+    s.step()
+    s.submit(late.req)
+    time.sleep(0.1)
+    s.step()
+    assert late.outcome.reason == "timeout" and late.outcome.tokens == []
+    assert "waited" in str(late.outcome.error) and "over the 50 ms queue timeout" in str(late.outcome.error)
+    assert busy.outcome is None and s.waiting == 0
+
+
+def test_held_back_requests_sit_out_and_a_failing_check_ends_only_its_request(llm, tiny_hf):
+    """may_continue() False keeps a request out of the decode step (its tokens stay the same), and a
+    request whose should_stop() raises ends with that error while the others go on."""
+    p = prompts(tiny_hf.config.hidden_size, (7, 9, 5), seed=15)
+    params = SamplingParams(max_new_tokens=10)
+    expected = [generate(llm, [x], params).tokens[0] for x in p]
+    s = scheduler(llm)
+    allowed = {"go": True}
+    held = Job(p[0], params, may_continue=lambda: allowed["go"])
+    free = Job(p[1], params)
+
+    def broken():
+        raise RuntimeError("the flag store is gone")
+
+    failing = Job(p[2], params)
+    failing.req.should_stop = broken
+    for j in (held, free):
+        s.submit(j.req)
+    s.step()
+    allowed["go"] = False
+    before = len(held.tokens)
+    for _ in range(3):
+        s.step()
+    assert len(held.tokens) == before and len(free.tokens) == before + 3
+    s.submit(failing.req)
+    s.step()
+    assert failing.outcome.reason == "error" and "flag store is gone" in str(failing.outcome.error)
+    allowed["go"] = True
+    run_until(s, [held, free])
+    assert [held.tokens, free.tokens] == expected[:2]
 
 
 def test_a_full_admission_queue_is_refused_at_once(llm, tiny_hf):

@@ -11,7 +11,7 @@ it directly):
   refused there too, with a message saying so.
 - One scheduler thread owns the LLM and the slots. Each iteration (`step()`):
   1. drops the waiting and running requests whose `should_stop()` says cancelled or timed out,
-     freeing their slots at once;
+     and the waiting ones that waited longer than their `max_wait_s`, freeing their slots at once;
   2. admits waiting requests first come, first served while a slot is free (a prompt's prefix found
      in the prefix cache is copied into the slot, and only the rest is prefilled);
   3. prefills, oldest admission first, in chunks cut at fixed multiples of `prefill_chunk` from each
@@ -112,6 +112,7 @@ class GenRequest:
     prefix_key: str | None = None  # names the first prefix_len tokens' K/V (None: no prefix caching)
     prefix_len: int = 0
     arrived: float = field(default_factory=time.time)  # wall clock at the server; TTFT counts from it
+    max_wait_s: float | None = None  # refused as timed out if still waiting for a slot after this long
 
 
 class SchedulerObserver:
@@ -265,6 +266,13 @@ class InflightScheduler:
         self._report()
 
     @staticmethod
+    def _waited_too_long(req: GenRequest, submitted: float, now: float) -> tuple[str, BaseException] | None:
+        if req.max_wait_s is None or now - submitted <= req.max_wait_s:
+            return None
+        return "timeout", TimeoutError(f"request timed out: it waited {(now - submitted) * 1e3:.0f} ms for a KV-cache "
+                                       f"slot, over the {req.max_wait_s * 1e3:.0f} ms queue timeout")
+
+    @staticmethod
     def _stop_reason(req: GenRequest) -> tuple[str, BaseException | None]:
         try:
             return req.should_stop(), None
@@ -274,7 +282,9 @@ class InflightScheduler:
     def _drop_stopped(self) -> None:
         with self._cv:
             waiting = list(self._waiting)
-        dropped = [(req, submitted, why) for req, submitted in waiting if (why := self._stop_reason(req))[0]]
+        now = time.perf_counter()
+        dropped = [(req, submitted, why) for req, submitted in waiting
+                   if (why := self._waited_too_long(req, submitted, now) or self._stop_reason(req))[0]]
         if dropped:
             gone = {id(req) for req, _, _ in dropped}
             with self._cv:

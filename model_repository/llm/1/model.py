@@ -243,6 +243,10 @@ class TritonPythonModel(Step):
                                  prefill_chunk=int(self.params["prefill_chunk"]),
                                  max_waiting=int(self.params["max_waiting"]),
                                  prefix_cache_bytes=int(self.params["prefix_cache_bytes"]))
+        # a request that sets no timeout of its own waits for a slot at most the queue's default
+        # (facert repo --queue-timeout-ms), as it would in Triton's queue; 0: no bound
+        policy = self.model_config.get("dynamic_batching", {}).get("default_queue_policy", {})
+        self.queue_timeout_s = int(policy.get("default_timeout_microseconds", 0)) / 1e6 or None
         self.outbox = Outbox()
         self.scheduler = InflightScheduler(llm, self.eos_ids, config, TritonMetrics(self), pb_utils.Logger.log_error)
         self.scheduler.start()
@@ -351,7 +355,8 @@ class TritonPythonModel(Step):
             req = GenRequest(embeds, a.params, on_token=lambda token: self._queue_token(a, stream, token),
                              on_done=lambda outcome: self.outbox.put(self._done, a, outcome),
                              should_stop=a.stop_reason, may_continue=a.may_continue, prefix_key=prefix_key,
-                             prefix_len=prefix_len, arrived=a.timings["received_at"])
+                             prefix_len=prefix_len, arrived=a.timings["received_at"],
+                             max_wait_s=None if a.deadline is not None else self.queue_timeout_s)
             self.scheduler.submit(req)
         except Overloaded as e:  # Triton's code for a full queue: the client may retry later
             self._fail(a, pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.UNAVAILABLE)),
@@ -388,6 +393,9 @@ class TritonPythonModel(Step):
         """On the sender thread: the request's final response."""
         if outcome.reason == "error":
             self._fail(a, error_response(outcome.error))
+            return
+        if outcome.reason == "timeout" and not a.ended:  # waited longer than the queue timeout for a slot
+            self._fail(a, pb_utils.InferenceResponse(error=pb_utils.TritonError(str(outcome.error))), "timeout")
             return
         extra = {"llm_queue_ms": outcome.queue_s * 1e3, "prefix_cached_tokens": outcome.prefix_tokens}
         self._finish(a, outcome.tokens, outcome.reason, outcome.prefill_s, outcome.decode_s, extra)
