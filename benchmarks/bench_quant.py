@@ -126,15 +126,14 @@ def quantized_gemv_bandwidth(rows: int, cols: int, threads: int, bits: int, repe
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.quantize import quantize_graph
+    from export.quantize import quantize_matmul
 
     w = np.random.default_rng(0).standard_normal((cols, rows), dtype=np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="gemv")], "gemv",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cols])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows])],
-                              [numpy_helper.from_array(w, "w")])
-    model, _ = quantize_graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), bits)
-    nbytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    node, weights = quantize_matmul(helper.make_node("MatMul", ["x", "w"], ["y"], name="gemv"), w, "w", bits)
+    graph = helper.make_graph([node], "gemv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cols])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    nbytes = sum(numpy_helper.to_array(t).nbytes for t in weights)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])

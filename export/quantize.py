@@ -19,9 +19,12 @@ What stays fp32, and why:
 * the vision tower, face parser, seg branch and attribute head (their graphs are left as built:
   they run once per request, and prefill, not them, is what a quantized LLM speeds up).
 
-The quantized weights are again written once into llm.onnx.data and shared by both graphs
-(export.onnx_export.save_sharing_weights: the quantizer is deterministic, so the two graphs'
-copies of a weight quantize to the same bytes).
+The pass streams, like the export (export/onnx_export.py): the graphs are read without their
+weights, and one weight at a time is read from llm.onnx.data, quantized by onnxruntime's
+MatMulNBitsQuantizer (run on a one-node graph holding just that MatMul) and written to the new
+data file, so peak memory is one fp32 weight plus the graphs' structure, not the model. A weight
+both graphs share (the same bytes in the fp32 file) is quantized and written once, and both
+graphs point at it; the weights that stay fp32 are copied over the same way.
 
 accuracy_level (MatMulNBits' compute type) is chosen by measurement on the demo model (see
 ACCURACY_LEVEL): 4 lets onnxruntime's CPU kernels quantize the activations of each block to int8
@@ -65,22 +68,6 @@ def _is_signed_permutation(w: np.ndarray) -> bool:
             and (np.count_nonzero(w, axis=1) == 1).all())
 
 
-def _weight_matmuls(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    """(names of the MatMuls to quantize, names of the constant-weight MatMuls kept fp32)."""
-    from onnx import numpy_helper
-
-    inits = {t.name: t for t in model.graph.initializer}
-    quantize, keep = [], []
-    for node in model.graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in inits:
-            continue  # q @ k^T and probs @ v multiply activations
-        if not node.name:
-            raise EngineError("an LLM graph has an unnamed MatMul: the quantizer excludes nodes by name")
-        w = numpy_helper.to_array(inits[node.input[1]])
-        (keep if w.ndim != 2 or _is_signed_permutation(w) else quantize).append(node.name)
-    return quantize, keep
-
-
 def _quantizer_class():
     import logging
 
@@ -97,28 +84,186 @@ def _quantizer_class():
     return MatMulNBitsQuantizer
 
 
-def quantize_graph(model: onnx.ModelProto, bits: int, block_size: int = DEFAULT_BLOCK_SIZE,
-                   accuracy_level: int = ACCURACY_LEVEL) -> tuple[onnx.ModelProto, dict]:
-    """One graph's weight MatMuls -> MatMulNBits; returns the graph and what was done to it."""
-    quantize, keep = _weight_matmuls(model)
+def quantize_matmul(node: onnx.NodeProto, weight: np.ndarray, weight_name: str, bits: int,
+                    block_size: int = DEFAULT_BLOCK_SIZE,
+                    accuracy_level: int = ACCURACY_LEVEL) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """One MatMul with its weight [K, N] -> (the MatMulNBits node, its initializers: packed weight,
+    scales, zero points), by onnxruntime's MatMulNBitsQuantizer run on a graph of just that node."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph([node], "matmul", [helper.make_tensor_value_info(node.input[0], TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.ascontiguousarray(weight, dtype=np.float32), weight_name)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     quantizer = _quantizer_class()(model, bits=bits, block_size=block_size, is_symmetric=False,
-                                   accuracy_level=accuracy_level, nodes_to_exclude=keep,
-                                   op_types_to_quantize=("MatMul",))
+                                   accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
     quantizer.process()
-    model = quantizer.model.model
-    done = sum(1 for n in model.graph.node if n.op_type == QUANTIZED_OP)
-    if done != len(quantize):
-        raise EngineError(f"the quantizer rewrote {done} of the {len(quantize)} weight MatMuls")
-    return model, {"bits": bits, "block_size": block_size, "accuracy_level": accuracy_level,
-                   "quantized_matmuls": done, "fp32_matmuls": len(keep)}
+    out = quantizer.model.model.graph
+    if [n.op_type for n in out.node] != [QUANTIZED_OP]:
+        raise EngineError(f"onnxruntime's quantizer did not rewrite {node.name} as one {QUANTIZED_OP} "
+                          f"(got {[n.op_type for n in out.node]})")
+    return out.node[0], list(out.initializer)
+
+
+def _is_quantizable(weight: np.ndarray) -> bool:
+    """A linear layer's weight [K, N]; not the RoPE rotate_half matrix (square, entries in {-1, 0, 1},
+    one non-zero per row), which stays exact."""
+    if weight.ndim != 2:
+        return False
+    rotation = (weight.shape[0] == weight.shape[1] and np.isin(weight, (-1.0, 0.0, 1.0)).all()
+                and (np.count_nonzero(weight, axis=1) == 1).all())
+    return not rotation
+
+
+def _external(tensor: onnx.TensorProto) -> dict | None:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return {e.key: e.value for e in tensor.external_data}
+
+
+class _WeightFiles:
+    """Reads initializers from the fp32 folder (inline or external) and writes the new data file,
+    each distinct tensor once (keyed by where its bytes came from)."""
+
+    def __init__(self, root: Path, target: Path, location: str):
+        self.root, self.location = root, location
+        self.target = open(target, "wb")
+        self.sources: dict[str, object] = {}
+        self.copied: dict[tuple, tuple[int, int]] = {}
+
+    def close(self) -> None:
+        self.target.close()
+        for f in self.sources.values():
+            f.close()
+
+    def key(self, tensor: onnx.TensorProto) -> tuple:
+        ext = _external(tensor)
+        if ext is None:
+            import hashlib
+
+            return ("inline", hashlib.sha256(tensor.raw_data).hexdigest()) if tensor.raw_data else ("proto", id(tensor))
+        return (ext["location"], int(ext.get("offset", 0)), int(ext["length"]))
+
+    def array(self, tensor: onnx.TensorProto) -> np.ndarray:
+        from onnx import helper, numpy_helper
+
+        ext = _external(tensor)
+        if ext is None:
+            return numpy_helper.to_array(tensor)
+        f = self.sources.get(ext["location"])
+        if f is None:
+            f = self.sources[ext["location"]] = open(self.root / ext["location"], "rb")
+        f.seek(int(ext.get("offset", 0)))
+        raw = f.read(int(ext["length"]))
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+
+    def _write(self, raw: bytes) -> tuple[int, int]:
+        self.target.write(b"\0" * ((-self.target.tell()) % 64))  # aligned, as the export writes them
+        offset = self.target.tell()
+        self.target.write(raw)
+        return offset, len(raw)
+
+    def externalise(self, tensor: onnx.TensorProto, place: tuple[int, int] | None = None) -> tuple[int, int]:
+        """Point `tensor` at its bytes in the new file (written now unless `place` says where they are)."""
+        from onnx import numpy_helper
+
+        if place is None:
+            raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.from_array(
+                numpy_helper.to_array(tensor)).raw_data
+            place = self._write(raw)
+        tensor.ClearField("raw_data")
+        for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            tensor.ClearField(field)
+        del tensor.external_data[:]
+        for k, v in (("location", self.location), ("offset", str(place[0])), ("length", str(place[1]))):
+            tensor.external_data.add(key=k, value=v)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        return place
+
+    def copy(self, tensor: onnx.TensorProto) -> None:
+        """An fp32 weight that stays: its bytes into the new file (once), the tensor pointed there."""
+        key = self.key(tensor)
+        if key not in self.copied:
+            self.copied[key] = self._write(self.array(tensor).tobytes())
+        self.externalise(tensor, self.copied[key])
+
+
+def _rename(proto, old: str, new: str):
+    """A copy of a quantized node or initializer made for weight `old`, for weight `new` (the other graph's
+    name for the same weight)."""
+    def renamed(name: str) -> str:
+        if not name.startswith(old):
+            raise EngineError(f"onnxruntime's quantizer named {name!r}, not after its weight {old!r}")
+        return new + name[len(old):]
+
+    out = type(proto)()
+    out.CopyFrom(proto)
+    if isinstance(out, onnx.TensorProto):
+        out.name = renamed(out.name)
+    else:
+        out.input[1:] = [renamed(i) for i in out.input[1:]]
+    return out
+
+
+def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done: dict, bits: int, block_size: int,
+                              accuracy_level: int) -> dict:
+    """Rewrite one graph (loaded without its weights) in place; `done` maps a source weight to its
+    quantized node and initializers, shared across graphs."""
+    inits = {t.name: t for t in graph.graph.initializer}
+    nodes, added, quantized, kept = [], [], 0, 0
+    for node in graph.graph.node:
+        weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if weight is None:  # not a MatMul, or q @ k^T / probs @ v (activations on both sides)
+            nodes.append(node)
+            continue
+        key = files.key(weight)
+        if key not in done:
+            w = files.array(weight)
+            if not _is_quantizable(w):
+                done[key] = None
+            else:
+                qnode, qinits = quantize_matmul(node, w, weight.name, bits, block_size, accuracy_level)
+                for t in qinits:
+                    files.externalise(t)
+                done[key] = (weight.name, qnode, qinits)
+            del w
+        if done[key] is None:
+            kept += 1
+            nodes.append(node)
+            continue
+        source_name, qnode, qinits = done[key]
+        qnode = _rename(qnode, source_name, weight.name)
+        del qnode.input[0], qnode.output[:]
+        qnode.input.insert(0, node.input[0])
+        qnode.output.extend(node.output)
+        qnode.name = node.name + f"_Q{bits}"
+        nodes.append(qnode)
+        added += [_rename(t, source_name, weight.name) for t in qinits]
+        quantized += 1
+    del graph.graph.node[:]
+    graph.graph.node.extend(nodes)
+    used = {i for n in graph.graph.node for i in n.input}
+    keep = [t for t in graph.graph.initializer if t.name in used]
+    for t in keep:
+        if _external(t) is not None:
+            files.copy(t)
+    del graph.graph.initializer[:]
+    graph.graph.initializer.extend(keep + added)
+    if not any(o.domain == "com.microsoft" for o in graph.opset_import):
+        graph.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return {"bits": bits, "block_size": block_size, "accuracy_level": accuracy_level,
+            "quantized_matmuls": quantized, "fp32_matmuls": kept}
 
 
 def quantize_llm(out_dir: Path, components: dict[str, dict], precision: str, block_size: int = DEFAULT_BLOCK_SIZE,
                  accuracy_level: int = ACCURACY_LEVEL,
                  progress: Callable[[str], None] = lambda _m: None) -> dict:
-    """Rewrite the exported LLM graphs in out_dir in `precision`; updates their component entries in
-    place and returns the manifest's `quantization` record."""
-    from export.onnx_export import LLM_DATA_FILE, save_sharing_weights
+    """Rewrite the exported LLM graphs in out_dir in `precision`, streaming their weights; updates their
+    component entries in place and returns the manifest's `quantization` record."""
+    import os
+
+    from export.onnx_export import LLM_DATA_FILE
     from runtime.manifest import io_signature
 
     if precision not in BITS:
@@ -126,18 +271,27 @@ def quantize_llm(out_dir: Path, components: dict[str, dict], precision: str, blo
     check_block_size(block_size)
     bits = BITS[precision]
     out_dir = Path(out_dir)
-    graphs, per_graph = {}, {}
-    t0 = time.perf_counter()
-    for name in LLM_GRAPHS:  # one fp32 graph in memory at a time; the quantized ones are 4-8x smaller
-        progress(f"quantizing {name} to {precision} (MatMulNBits, block {block_size})")
-        fp32 = onnx.load(str(out_dir / components[name]["file"]))
-        graphs[name], per_graph[name] = quantize_graph(fp32, bits, block_size, accuracy_level)
-        del fp32
-        if io_signature(graphs[name]) != {k: components[name][k] for k in ("inputs", "outputs")}:
-            raise EngineError(f"quantizing {name} changed its inputs or outputs")
     fp32_bytes = (out_dir / LLM_DATA_FILE).stat().st_size
-    save_sharing_weights({components[k]["file"]: g for k, g in graphs.items()}, out_dir, LLM_DATA_FILE)
-    for name in LLM_GRAPHS:
+    staging = out_dir / (LLM_DATA_FILE + ".quantizing")
+    graphs, per_graph, done = {}, {}, {}
+    t0 = time.perf_counter()
+    files = _WeightFiles(out_dir, staging, LLM_DATA_FILE)
+    try:
+        for name in LLM_GRAPHS:
+            progress(f"quantizing {name} to {precision} (MatMulNBits, block {block_size})")
+            graph = onnx.load(str(out_dir / components[name]["file"]), load_external_data=False)
+            per_graph[name] = _quantize_graph_streaming(graph, files, done, bits, block_size, accuracy_level)
+            if io_signature(graph) != {k: components[name][k] for k in ("inputs", "outputs")}:
+                raise EngineError(f"quantizing {name} changed its inputs or outputs")
+            graphs[name] = graph
+    finally:
+        files.close()
+    del done
+    os.replace(staging, out_dir / LLM_DATA_FILE)
+    for name, graph in graphs.items():
+        path = out_dir / components[name]["file"]
+        path.write_bytes(graph.SerializeToString())
+        onnx.checker.check_model(str(path))  # by path: follows the external data references
         components[name].update(precision=precision, quantization=per_graph[name])
     return {"scheme": "block-wise weight-only, asymmetric (uint, zero point per block), round to nearest",
             "operator": f"com.microsoft.{QUANTIZED_OP}", "bits": bits, "block_size": block_size,
