@@ -148,6 +148,49 @@ def quantized_gemv_bandwidth(rows: int, cols: int, threads: int, bits: int, repe
     return round(nbytes / min(times) / 1e9, 1)
 
 
+def decode_profile(engines: Path, past: int, steps: int, threads: int) -> dict:
+    """Where a decode step's time goes: onnxruntime's profiler over `steps` runs of the decode graph
+    (one token on a `past`-row cache, batch 1), node time summed per operator type, ms per step."""
+    import onnxruntime as ort
+
+    from runtime.backends.onnxruntime_backend import session_options
+
+    manifest = json.loads((engines / "manifest.json").read_text())
+    layout = manifest["model"]["llm"]
+    so = session_options(threads)
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"facert-decode-profile-{os.getpid()}")
+    sess = ort.InferenceSession(str(engines / manifest["components"]["llm_decode"]["file"]), so,
+                                providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    kv = (1, layout["num_kv_heads"], past, layout["head_dim"])
+    feeds = {"inputs_embeds": rng.standard_normal((1, 1, layout["hidden_size"]), dtype=np.float32) * 0.02,
+             "attention_mask": np.ones((1, past + 1), dtype=np.int64),
+             "position_ids": np.array([[past]], dtype=np.int64)}
+    for i in range(layout["num_layers"]):
+        feeds[f"past_key_{i}"] = rng.standard_normal(kv, dtype=np.float32)
+        feeds[f"past_value_{i}"] = rng.standard_normal(kv, dtype=np.float32)
+    sess.run(None, feeds)  # warm-up (profiled too, subtracted below)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        sess.run(None, feeds)
+    wall = (time.perf_counter() - t0) / steps
+    trace = Path(sess.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    per_op: dict[str, float] = {}
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    first_run_end = runs[0]["ts"] + runs[0]["dur"] if runs else 0
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first_run_end:
+            op = e.get("args", {}).get("op_name", "?")
+            per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1e3 / steps
+    nodes = sum(per_op.values())
+    return {"steps": steps, "past": past, "wall_ms_per_step": round(wall * 1e3, 2),
+            "node_ms_per_step": round(nodes, 2),
+            "ops_ms_per_step": {k: round(v, 3) for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])}}
+
+
 def face_variants(png: bytes) -> list[bytes]:
     """The demo photo and three crops of it (the test suite's face_images)."""
     from PIL import Image
@@ -276,6 +319,10 @@ def main(argv=None) -> int:
     gemv = gemv_bandwidth(rows, cols, args.threads)
     gemv.update({f"int{b}_MatMulNBits_GB_per_s": quantized_gemv_bandwidth(rows, cols, args.threads, b) for b in (8, 4)})
 
+    prompt_tokens = speed["onnxruntime fp32"]["prompt_tokens"]
+    profiles = {name: decode_profile(path, prompt_tokens + n, 16, args.threads) for name, path in engines.items()
+                if "level 1" not in name}
+
     acc = None
     if not args.no_accuracy:
         print(f"[bench] accuracy over {len(TEXT_QUESTIONS) + len(IMAGE_QUESTIONS)} prompts", file=sys.stderr,
@@ -309,7 +356,7 @@ def main(argv=None) -> int:
         "settings": {"max_new_tokens": n, "rounds": args.rounds, "threads": args.threads, "question": QUESTION,
                      "image": DEMO_IMAGE.name, "block_size": args.block_size, "accuracy_level": ACCURACY_LEVEL,
                      "gguf": smollm2_gguf().name, "accuracy_new_tokens": args.accuracy_new_tokens},
-        "speed": speed, "gemv_probe": gemv, "goals": GOALS, "verdicts": verdicts,
+        "speed": speed, "gemv_probe": gemv, "decode_profile": profiles, "goals": GOALS, "verdicts": verdicts,
         "accuracy": acc, "accuracy_goals": ACCURACY_GOALS,
         "quantization": {name: json.loads((path / "manifest.json").read_text()).get("quantization")
                          for name, path in engines.items() if name != "fp32"},
@@ -361,6 +408,16 @@ def markdown(r: dict) -> str:
                      f"{_spread(x['end_to_end_ms'], 0)} | {x['weight_bytes_per_token'] / 1e6:.0f} | "
                      f"{x['weights_GB_per_s']} | {x['prompt_tokens']} |")
     g = r["gemv_probe"]
+    if r.get("decode_profile"):
+        lines += ["", "Where a decode step goes (onnxruntime profiler, batch 1, one token on a "
+                  f"{next(iter(r['decode_profile'].values()))['past']}-row cache, ms per step):", "",
+                  "| engine | wall | in nodes | MatMulNBits | MatMul | other ops (top 3) |", "|---|---:|---:|---:|---:|---|"]
+        for name, p in r["decode_profile"].items():
+            ops = p["ops_ms_per_step"]
+            others = ", ".join(f"{k} {v:.2f}" for k, v in ops.items() if k not in ("MatMulNBits", "MatMul"))
+            others = ", ".join(others.split(", ")[:3])
+            lines.append(f"| onnxruntime {name} | {p['wall_ms_per_step']} | {p['node_ms_per_step']} | "
+                         f"{ops.get('MatMulNBits', 0):.2f} | {ops.get('MatMul', 0):.2f} | {others} |")
     lines += ["", f"GEMV probe, one matrix-vector product of the lm_head's shape {g['shape']}: fp32 MatMul "
               f"{g['onnxruntime_GB_per_s']} GB/s (torch {g['torch_GB_per_s']}), int8 MatMulNBits "
               f"{g['int8_MatMulNBits_GB_per_s']} GB/s, int4 MatMulNBits {g['int4_MatMulNBits_GB_per_s']} GB/s "
