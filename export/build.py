@@ -1,6 +1,8 @@
 """`facert build`: a checkpoint -> an engines folder for one backend, with its manifest.
 
-  onnxruntime   the ONNX graphs (export/onnx_export.py), fp32
+  onnxruntime   the ONNX graphs (export/onnx_export.py), fp32; with --precision int8|int4 the LLM
+                graphs' matmuls become block-quantized MatMulNBits (export/quantize.py), measured
+                against the fp32 model before the folder is written (export/quant_accuracy.py)
   tensorrt      the same ONNX graphs built into TensorRT plans (export/tensorrt_build.py)
   tensorrt-llm  the vision/parser/seg/attribute graphs as TensorRT plans, and the LLM as a
                 TensorRT-LLM checkpoint + engine (export/trtllm_convert.py) whose prompt table
@@ -27,9 +29,11 @@ from runtime.manifest import FORMAT, FORMAT_VERSION, EngineError
 
 BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-llm")
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
-# What each backend builds: TensorRT plans take float types and Q/DQ (fp8) graphs; TensorRT-LLM adds
-# its weight-only int8/int4 (W8A16/W4A16) and ModelOpt-calibrated fp8 (export/trtllm_convert.py).
-BACKEND_PRECISIONS = {"onnxruntime": ("fp32",), "tensorrt": ("fp32", "fp16", "bf16", "fp8"),
+# What each backend builds: onnxruntime fp32 graphs, with int8/int4 weight-only LLM matmuls as an
+# option (MatMulNBits, export/quantize.py); TensorRT plans take float types and Q/DQ (fp8) graphs;
+# TensorRT-LLM adds its weight-only int8/int4 (W8A16/W4A16) and ModelOpt-calibrated fp8
+# (export/trtllm_convert.py).
+BACKEND_PRECISIONS = {"onnxruntime": ("fp32", "int8", "int4"), "tensorrt": ("fp32", "fp16", "bf16", "fp8"),
                       "tensorrt-llm": ("fp32", "fp16", "bf16", "fp8", "int8", "int4")}
 HALF_PRECISIONS = ("fp16", "bf16")
 DEFAULT_MAX_BATCH = 8
@@ -71,10 +75,11 @@ class Progress:
 
 
 def build_command(checkpoint, backend, out, precision, max_batch, max_new_tokens, max_images=DEFAULT_MAX_IMAGES,
-                  max_tiles=DEFAULT_MAX_TILES, tp_size=1, pp_size=1) -> str:
+                  max_tiles=DEFAULT_MAX_TILES, tp_size=1, pp_size=1, block_size=None) -> str:
     parallel = [*(["--tp", str(tp_size)] if tp_size != 1 else []), *(["--pp", str(pp_size)] if pp_size != 1 else [])]
+    quantized = ["--block-size", str(block_size)] if block_size is not None else []
     return shlex.join(["facert", "build", "--checkpoint", str(checkpoint), "--backend", backend,
-                       "--precision", precision, "--max-batch", str(max_batch), "--max-images", str(max_images),
+                       "--precision", precision, *quantized, "--max-batch", str(max_batch), "--max-images", str(max_images),
                        "--max-tiles", str(max_tiles), "--max-new-tokens", str(max_new_tokens), *parallel,
                        "--out", str(out)])
 
@@ -103,11 +108,13 @@ def _check_args(backend: str, precision: str, max_batch: int, out: Path, force: 
     if precision not in BACKEND_PRECISIONS[backend]:
         if backend == "onnxruntime":
             # fp16 graphs need onnxruntime-gpu's CUDA provider (the CPU provider lacks fp16 kernels for
-            # most of these ops), bf16/fp8 are TensorRT's: the onnxruntime engines stay fp32.
-            raise EngineError(f"--backend onnxruntime builds fp32 graphs only; {precision} is for "
-                              "--backend tensorrt or tensorrt-llm")
+            # most of these ops), bf16/fp8 are TensorRT's: the onnxruntime engines stay fp32 (with
+            # int8/int4 weight-only LLM matmuls as an option).
+            raise EngineError(f"--backend onnxruntime builds fp32 graphs only (int8/int4: with weight-only "
+                              f"quantized LLM matmuls); {precision} is for --backend tensorrt or tensorrt-llm")
+        others = [b for b in BACKENDS if precision in BACKEND_PRECISIONS[b]]
         raise EngineError(f"--backend {backend} builds {', '.join(BACKEND_PRECISIONS[backend])}; {precision} is "
-                          "TensorRT-LLM's (--backend tensorrt-llm)")
+                          f"for --backend {' or '.join(others)}")
     if max_batch < 1:
         raise EngineError(f"--max-batch must be >= 1, got {max_batch}")
     if max_images < 1:
@@ -144,22 +151,33 @@ def build_engines(checkpoint: str | Path, backend: str, out: str | Path, precisi
                   simplify: bool = True, force: bool = False, command: str | None = None,
                   progress: Progress | None = None, max_images: int = DEFAULT_MAX_IMAGES,
                   max_tiles: int = DEFAULT_MAX_TILES, expect_spec: str | None = None, tp_size: int = 1,
-                  pp_size: int = 1) -> Path:
+                  pp_size: int = 1, block_size: int | None = None, check_accuracy: bool = True) -> Path:
     """Build an engines folder at `out`; returns its path. `precision` defaults to default_precision(backend).
 
     max_images / max_tiles: the most images a request holds and (InternVL) tiles per image, which size
     the TensorRT-LLM prompt table and input length and the vision plans' batch profiles.
     expect_spec: refuse a checkpoint of another model (a recipe's model.spec).
-    tp_size / pp_size (tensorrt-llm): split the LLM's engine over tp_size x pp_size GPUs."""
+    tp_size / pp_size (tensorrt-llm): split the LLM's engine over tp_size x pp_size GPUs.
+    block_size (onnxruntime int8/int4): weights per quantization block (default 32).
+    check_accuracy (onnxruntime int8/int4): measure the quantized LLM against the fp32 model on a few
+    fixed text prompts and record it in the manifest (export.quant_accuracy.build_check)."""
     from runtime.checkpoint import checkpoint_hash, load_checkpoint
 
     checkpoint, out = Path(checkpoint), Path(out)
     if precision is None:
         precision = default_precision(backend)
     _check_args(backend, precision, max_batch, out, force, max_images, max_tiles, tp_size, pp_size)
+    quantized = backend == "onnxruntime" and precision in ("int8", "int4")
+    if quantized:
+        from export.quantize import DEFAULT_BLOCK_SIZE, check_block_size
+
+        block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+        check_block_size(block_size)
+    elif block_size is not None:
+        raise EngineError("--block-size is for --backend onnxruntime --precision int8|int4")
     if backend != "onnxruntime":
         _require_gpu_toolchain(backend, precision)  # before minutes of export that could not be built
-    steps = {"onnxruntime": 4, "tensorrt": 5, "tensorrt-llm": 6}[backend]
+    steps = {"onnxruntime": 4 + 2 * quantized, "tensorrt": 5, "tensorrt-llm": 6}[backend]
     progress = progress or Progress(steps)
     t0 = time.perf_counter()
     try:
@@ -182,7 +200,7 @@ def build_engines(checkpoint: str | Path, backend: str, out: str | Path, precisi
         _build_into(out, skeleton, load, tokenizer, config, checkpoint=checkpoint, source=source, backend=backend,
                     precision=precision, max_batch=max_batch, max_new_tokens=max_new_tokens, simplify=simplify,
                     command=command, progress=progress, t0=t0, max_images=max_images, max_tiles=max_tiles,
-                    tp_size=tp_size, pp_size=pp_size)
+                    tp_size=tp_size, pp_size=pp_size, block_size=block_size, check_accuracy=check_accuracy)
     except BaseException:
         if out.is_dir() and not (out / "manifest.json").exists():
             shutil.rmtree(out, ignore_errors=True)  # no half-built folder left behind
@@ -195,7 +213,8 @@ def build_engines(checkpoint: str | Path, backend: str, out: str | Path, precisi
 def _build_into(out: Path, model, load: Callable, tokenizer, config: dict, *, checkpoint: Path, source: dict,
                 backend: str, precision: str, max_batch: int, max_new_tokens: int, simplify: bool,
                 command: str | None, progress: Progress, t0: float, max_images: int = DEFAULT_MAX_IMAGES,
-                max_tiles: int = DEFAULT_MAX_TILES, tp_size: int = 1, pp_size: int = 1) -> None:
+                max_tiles: int = DEFAULT_MAX_TILES, tp_size: int = 1, pp_size: int = 1,
+                block_size: int | None = None, check_accuracy: bool = True) -> None:
     """The build proper, into the fresh folder `out`. `model` is the checkpoint's structure without
     weights; `load(parts)` loads those parts' weights (runtime.checkpoint.load_checkpoint; None: all)."""
     from export.onnx_export import export_onnx, llm_layout
@@ -218,7 +237,8 @@ def _build_into(out: Path, model, load: Callable, tokenizer, config: dict, *, ch
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "backend": backend, "target": "cpu",
                 "precision": precision, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "build_command": command or build_command(checkpoint, backend, out, precision, max_batch,
-                                                          max_new_tokens, max_images, max_tiles, tp_size, pp_size),
+                                                          max_new_tokens, max_images, max_tiles, tp_size, pp_size,
+                                                          block_size),
                 "source": source, "tools": tool_versions(), "exporter": "torch.onnx.export(dynamo=False)",
                 "spec": config, "model": spec_model}
     onnx_manifest = {**manifest, "backend": "onnxruntime", "components": components}
@@ -241,6 +261,9 @@ def _build_into(out: Path, model, load: Callable, tokenizer, config: dict, *, ch
                                                        pp_size)
     else:
         manifest["components"] = components
+        if precision in ("int8", "int4"):
+            manifest["quantization"] = _quantize(load, tokenizer, out, components, spec_model["llm"], precision,
+                                                 block_size, check_accuracy, progress)
     if work != out:
         shutil.rmtree(work)
     if backend != "onnxruntime":
@@ -253,6 +276,27 @@ def _build_into(out: Path, model, load: Callable, tokenizer, config: dict, *, ch
     manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
     write_manifest(out, manifest)
     progress(f"wrote {out} in {manifest['build_seconds']} s")
+
+
+def _quantize(load: Callable, tokenizer, out: Path, components: dict, layout: dict, precision: str,
+              block_size: int, check_accuracy: bool, progress: Progress) -> dict:
+    """int8/int4 LLM graphs in place of the fp32 ones, and what they cost in accuracy; the manifest's
+    `quantization` record. The check loads the fp32 LLM (torch) once the quantized graphs are written:
+    its weights are then in memory next to the quantized session (--no-accuracy-check where they do not fit)."""
+    from export.quant_accuracy import build_check
+    from export.quantize import quantize_llm
+
+    progress.step(f"quantizing the LLM's matmuls to {precision} (onnxruntime MatMulNBits, block {block_size})")
+    record = quantize_llm(out, components, precision, block_size, progress=progress)
+    if check_accuracy:
+        progress.step(f"measuring the {precision} LLM against the fp32 model (teacher-forced next-token agreement)")
+        check = record["accuracy_check"] = build_check(load(("llm",)), tokenizer, out, components, layout, precision)
+        progress(f"{precision}: top-1 agreement {check['top1_agreement']:.1%} over {check['positions']} positions "
+                 f"(goal {check['goal_top1']:.0%}), mean KL {check['mean_kl']:.4f}, identical answers "
+                 f"{check['identical_answers']:.0%} of {check['prompts']}")
+    else:
+        progress.step("accuracy check skipped (--no-accuracy-check)")
+    return record
 
 
 def vision_batch_limits(model, max_batch: int, max_images: int, max_tiles: int) -> dict[str, int]:

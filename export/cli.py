@@ -19,6 +19,12 @@ from pathlib import Path
 from runtime.cli.ask import ask_local, cmd_init, print_answer
 from runtime.cli.common import DEMO_IMAGE, DEMO_QUESTION, add_sampling, err, progress, sampling
 
+# The demo serves the fastest CPU engines whose accuracy on the demo model meets its goal
+# (export.quant_accuracy.GOALS: top-1 agreement with fp32), as benchmarks/bench_quant.py measured it
+# (README, "Quantized engines"). A quantized build whose own accuracy check misses the goal is
+# replaced by fp32 engines at run time.
+DEMO_PRECISION = "fp32"
+
 
 def build_arguments(args) -> dict:
     """build_engines keyword arguments: the recipe's values (--recipe), then every option given on the
@@ -32,7 +38,8 @@ def build_arguments(args) -> dict:
         recipe = load_recipe(args.recipe)
         kw = recipe_build_args(recipe)
         kw["expect_spec"] = recipe["model"]["spec"]
-    for key in ("checkpoint", "backend", "out", "precision", "max_batch", "max_images", "max_tiles", "max_new_tokens"):
+    for key in ("checkpoint", "backend", "out", "precision", "max_batch", "max_images", "max_tiles", "max_new_tokens",
+                "block_size"):
         value = getattr(args, key)
         if value is not None:
             kw[key] = value
@@ -54,7 +61,8 @@ def cmd_build(args) -> int:
     command = shlex.join(["facert", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("facert") else None
     try:
         kw = build_arguments(args)
-        out = build_engines(simplify=not args.no_simplify, force=args.force, command=command, **kw)
+        out = build_engines(simplify=not args.no_simplify, force=args.force, command=command,
+                            check_accuracy=not args.no_accuracy_check, **kw)
     except EngineError as e:  # a bad recipe or option: the message says which
         return err(str(e))
     except (TensorRTError, TrtLlmError) as e:  # TensorRT missing, no GPU, or a failed build: no traceback
@@ -76,8 +84,34 @@ def cmd_demo(args) -> int:
     return ask_local([Path(args.image)], args.question, args)
 
 
+def demo_engines(out: Path, ckpt: Path, precision: str = DEMO_PRECISION) -> tuple[Path, str]:
+    """The demo's onnxruntime engines in `precision` (built once), falling back to fp32 where the
+    quantized build's accuracy check misses its goal; returns the folder and a line saying what it is."""
+    from export.build import build_engines
+    from runtime.manifest import read_manifest
+
+    engines = out / "engines" / ("demo-onnxruntime" if precision == "fp32" else f"demo-onnxruntime-{precision}")
+    if not (engines / "manifest.json").exists():
+        progress(f"building onnxruntime {precision} engines into {engines}")
+        build_engines(str(ckpt), "onnxruntime", str(engines), precision=precision, force=True)
+    else:
+        progress(f"reusing {engines} (delete it to rebuild)")
+    quantization = read_manifest(engines).get("quantization")
+    if quantization is None:
+        return engines, "onnxruntime engines, fp32"
+    check = quantization.get("accuracy_check") or {}
+    if not check.get("passes"):
+        measured = (f"top-1 agreement {check['top1_agreement']:.1%}, goal {check['goal_top1']:.0%}" if check
+                    else "not measured")
+        progress(f"{precision} engines miss their accuracy goal ({measured}): using fp32 engines")
+        return demo_engines(out, ckpt, "fp32")
+    return engines, (f"onnxruntime engines, {precision} (LLM matmuls {quantization['bits']}-bit MatMulNBits, "
+                     f"block {quantization['block_size']}; top-1 agreement with fp32 {check['top1_agreement']:.1%} "
+                     f"at build)")
+
+
 def served_demo(out: str | Path, image: str | Path, question: str, params, use_engines: bool = True,
-                host: str = "127.0.0.1", echo=print) -> int:
+                host: str = "127.0.0.1", echo=print, precision: str = DEMO_PRECISION) -> int:
     """init the demo checkpoint, build onnxruntime engines, fill the repository, serve, ask over gRPC, stop."""
     from runtime.checkpoint import init_checkpoint
     from runtime.client import ask_remote, model_card
@@ -92,19 +126,13 @@ def served_demo(out: str | Path, image: str | Path, question: str, params, use_e
     else:
         progress(f"reusing {ckpt} (delete it to rebuild)")
     source = {"checkpoint": ckpt}
+    engines_note = "torch checkpoint"
     if use_engines:
-        engines = out / "engines" / "demo-onnxruntime"
-        if not (engines / "manifest.json").exists():
-            from export.build import build_engines
-
-            progress(f"building onnxruntime engines into {engines}")
-            build_engines(str(ckpt), "onnxruntime", str(engines), force=True)
-        else:
-            progress(f"reusing {engines} (delete it to rebuild)")
+        engines, engines_note = demo_engines(out, ckpt, precision)
         source = {"engines": engines, "backend": "onnxruntime"}
     repo = out / "model_repository"
     fill_repository(repo, overwrite=True, **source)
-    progress(f"model repository {repo} ({'onnxruntime engines' if use_engines else 'torch checkpoint'})")
+    progress(f"model repository {repo} ({engines_note})")
 
     ports = [8000, 8001, 8002]
     if not all(port_is_free(host, p) for p in ports):
@@ -116,7 +144,8 @@ def served_demo(out: str | Path, image: str | Path, question: str, params, use_e
         progress(f"starting tritonserver (log: {log_path})")
         with server:
             progress(f"ready: gRPC {server.grpc_url}, HTTP {server.http_url}")
-            echo(f"Q: {question}\n(image: {image}, asked over gRPC at {server.grpc_url}, streamed)\nA: ", end="")
+            echo(f"Q: {question}\n(image: {image}, asked over gRPC at {server.grpc_url}, streamed; served by "
+                 f"{engines_note})\nA: ", end="")
             result = ask_remote(server.grpc_url, Path(image).read_bytes(), question, params, stream=True,
                                 on_text=lambda piece: echo(piece, end="", flush=True))
             card = model_card(server.grpc_url, result["model"])
@@ -158,9 +187,15 @@ def register(sub) -> None:
     p.add_argument("--backend", choices=BACKENDS, help="what the engines are for")
     p.add_argument("--out", help="engines folder to write, e.g. engines/demo")
     p.add_argument("--precision", choices=PRECISIONS,
-                   help="onnxruntime: fp32 (default). tensorrt: fp32/fp16/bf16/fp8 (Q/DQ graphs). tensorrt-llm: "
+                   help="onnxruntime: fp32 (default), int8/int4 (the LLM's matmuls weight-only quantized, "
+                        "MatMulNBits; measured against fp32 at build time). tensorrt: fp32/fp16/bf16/fp8 (Q/DQ graphs). tensorrt-llm: "
                         "fp32/fp16/bf16, int8/int4 weight-only (W8A16/W4A16), fp8 (ModelOpt-calibrated). The GPU "
                         "backends default to bf16 (fp16 before sm_80)")
+    p.add_argument("--block-size", type=int,
+                   help="onnxruntime int8/int4: weights per quantization block, a power of two >= 16 (default 32)")
+    p.add_argument("--no-accuracy-check", action="store_true",
+                   help="onnxruntime int8/int4: skip measuring the quantized LLM against the fp32 model "
+                        "(recorded in manifest.json otherwise)")
     p.add_argument("--max-batch", type=int,
                    help=f"largest batch the engines serve (TensorRT profiles, prompt table; default {DEFAULT_MAX_BATCH})")
     p.add_argument("--max-images", type=int, help="most images in one request (default 1)")

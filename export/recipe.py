@@ -14,6 +14,7 @@ build and a reviewer can see the limits they serve (tracked in git; the built fo
     max_images = 2                        # images per request
     max_tiles = 6                         # InternVL tiles per image (1 for LLaVA)
     max_new_tokens = 512
+    block_size = 32                       # onnxruntime int8/int4 only: weights per quantization block
     out = "engines/facellm-1b-tensorrt-llm"
 
     [container]                           # where the GPU engines are built and served (README: GPU)
@@ -39,7 +40,7 @@ else:  # Python 3.10: the same parser, as the tomli package
 SECTIONS = {
     "model": {"spec": str, "checkpoint": str},
     "build": {"backend": str, "precision": str, "max_batch": int, "max_images": int, "max_tiles": int,
-              "max_new_tokens": int, "out": str},
+              "max_new_tokens": int, "block_size": int, "out": str},
     "container": {"image": str, "tensorrt_llm": str, "tensorrt": str},
 }
 REQUIRED = {"model": ("spec",), "build": ("backend", "precision", "max_batch", "max_images", "max_tiles")}
@@ -85,6 +86,13 @@ def load_recipe(path: str | Path) -> dict:
     for key in ("max_batch", "max_images", "max_tiles", "max_new_tokens"):
         if key in build and build[key] < 1:
             raise EngineError(f"recipe {path}: build.{key} must be >= 1, got {build[key]}")
+    if "block_size" in build:
+        from export.quantize import check_block_size
+
+        try:
+            check_block_size(build["block_size"])
+        except EngineError as e:
+            raise EngineError(f"recipe {path}: build.block_size: {e}") from None
     from runtime.specs import SPEC_NAMES
 
     if data["model"]["spec"] not in SPEC_NAMES:
@@ -97,7 +105,7 @@ def recipe_build_args(recipe: dict) -> dict:
     """build_engines keyword arguments from a loaded recipe (checkpoint and out included when it has them)."""
     build = recipe["build"]
     out = {k: build[k] for k in ("backend", "precision", "max_batch", "max_images", "max_tiles", "max_new_tokens",
-                                 "out") if k in build}
+                                 "block_size", "out") if k in build}
     if "checkpoint" in recipe["model"]:
         out["checkpoint"] = recipe["model"]["checkpoint"]
     return out

@@ -21,7 +21,11 @@ manifest's format; the backend and target it was built for against the ones aske
 sha256 of every file (runtime.file_hashes: a file unchanged since its last full hash, by device,
 inode, size, mtime and ctime, is not read again unless FACERT_VERIFY=full); and, for ONNX graphs
 and npy tables, that the file's own input/output names, shapes and dtypes are the ones the
-manifest records.
+manifest records, and that a graph holds quantized matmuls (MatMulNBits of the recorded bits and
+block size) exactly where the manifest says its precision is int8/int4.
+
+int8/int4 onnxruntime folders also carry `quantization`: scheme, bits, block size, accuracy level,
+the quantizer and its version, and the build's accuracy check against fp32 (export/quantize.py).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from runtime.file_hashes import file_sha256, verify_mode as _verify_mode
 FORMAT = "facert-engines"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+QUANTIZED_BITS = {"int8": 8, "int4": 4}  # onnxruntime precisions whose LLM matmuls are MatMulNBits
+QUANTIZED_OP = "MatMulNBits"
 
 
 class EngineError(ValueError):
@@ -73,14 +79,38 @@ def _check_hash(root: Path, rel: str, expected: str | None, what: str, mode: str
                           f"{str(expected)[:16]}...: the file is corrupt or was edited (rebuild the engines)")
 
 
-def _onnx_signature(path: Path) -> dict:
+def _load_onnx(path: Path):
     import onnx
 
     try:
-        graph = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises its own DecodeError types
         raise EngineError(f"{path} cannot be read as an ONNX graph: {e}") from None
-    return io_signature(graph)
+
+
+def _check_quantization(name: str, path: Path, graph, entry: dict) -> None:
+    """A graph the manifest calls int8/int4 holds MatMulNBits nodes of those bits and block size, as
+    many as recorded, and any other graph none: graphs swapped (with their hashes) for ones of another
+    precision are refused."""
+    from onnx.helper import get_attribute_value
+
+    precision = entry.get("precision", "fp32")
+    nodes = [n for n in graph.graph.node if n.op_type == QUANTIZED_OP]
+    if precision not in QUANTIZED_BITS:
+        if nodes:
+            raise EngineError(f"component {name!r}: {path.name} holds {len(nodes)} {QUANTIZED_OP} nodes, but the "
+                              f"manifest says {precision} (mismatched manifest or file)")
+        return
+    want = entry.get("quantization", {})
+    if len(nodes) != want.get("quantized_matmuls"):
+        raise EngineError(f"component {name!r}: {path.name} holds {len(nodes)} {QUANTIZED_OP} nodes, the manifest "
+                          f"says {want.get('quantized_matmuls')} (mismatched manifest or file)")
+    for node in nodes:
+        attrs = {a.name: get_attribute_value(a) for a in node.attribute}
+        for key in ("bits", "block_size"):
+            if attrs.get(key) != want.get(key):
+                raise EngineError(f"component {name!r}: {QUANTIZED_OP} {node.name} in {path.name} has {key} "
+                                  f"{attrs.get(key)}, the manifest says {want.get(key)} (mismatched manifest or file)")
 
 
 def _npy_signature(path: Path) -> dict:
@@ -141,7 +171,9 @@ def verify(root: str | Path, backend: str | None = None, target: str | None = No
             raise EngineError(f"component {name!r}: {path} is missing")
         kind = entry.get("kind")
         if kind == "onnx":
-            _compare_signature(name, path, entry, _onnx_signature(path))
+            graph = _load_onnx(path)
+            _compare_signature(name, path, entry, io_signature(graph))
+            _check_quantization(name, path, graph, entry)
         elif kind == "npy":
             _compare_signature(name, path, entry, _npy_signature(path))
         # TensorRT plans and TensorRT-LLM engines: their shapes are checked by their backend when it

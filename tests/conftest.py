@@ -45,6 +45,15 @@ def demo_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_engines(demo_checkpoint, tmp_path_factory):
+    """The demo model's fp32 onnxruntime engines (about 1-2 minutes to build on 2 cores)."""
+    from export.build import Progress, build_engines
+
+    return build_engines(demo_checkpoint, "onnxruntime", tmp_path_factory.mktemp("engines") / "demo",
+                         progress=Progress(0, quiet=True))
+
+
+@pytest.fixture(scope="session")
 def face_png() -> bytes:
     from runtime.cli import DEMO_IMAGE
 

@@ -82,8 +82,10 @@ def test_recipe_drives_a_build_and_options_override_it(tiny_checkpoint, tmp_path
     ("[model]\nspec = 'tiny'\n[build]\nbackend = 'onnxruntime'\n", "build.precision is missing"),
     ("[model]\nspec = 'tiny'\n[build]\nbackend = 'cuda'\nprecision = 'fp32'\nmax_batch = 1\nmax_images = 1\n"
      "max_tiles = 1\n", "build.backend must be one of"),
-    ("[model]\nspec = 'tiny'\n[build]\nbackend = 'onnxruntime'\nprecision = 'int4'\nmax_batch = 1\nmax_images = 1\n"
+    ("[model]\nspec = 'tiny'\n[build]\nbackend = 'onnxruntime'\nprecision = 'fp8'\nmax_batch = 1\nmax_images = 1\n"
      "max_tiles = 1\n", "is not one --backend onnxruntime builds"),
+    ("[model]\nspec = 'tiny'\n[build]\nbackend = 'onnxruntime'\nprecision = 'int4'\nmax_batch = 1\nmax_images = 1\n"
+     "max_tiles = 1\nblock_size = 24\n", "power of two"),
     ("[model]\nspec = 'tiny'\n[build]\nbackend = 'tensorrt'\nprecision = 'bf16'\nmax_batch = 0\nmax_images = 1\n"
      "max_tiles = 1\n", "build.max_batch must be >= 1"),
     ("[model]\nspec = 'tiny'\n[bild]\n", "unknown section"),
@@ -115,7 +117,7 @@ def test_precisions_per_backend(tiny_checkpoint, tmp_path):
     assert default_precision("onnxruntime") == "fp32"
     assert default_precision("tensorrt", (9, 0)) == default_precision("tensorrt-llm", (8, 0)) == "bf16"
     assert default_precision("tensorrt-llm", (7, 5)) == half_precision((7, 5)) == "fp16"  # no bf16 before sm_80
-    with pytest.raises(EngineError, match="is TensorRT-LLM's"):
+    with pytest.raises(EngineError, match="int8 is for --backend onnxruntime or tensorrt-llm"):
         build_engines(tiny_checkpoint, "tensorrt", tmp_path / "x", precision="int8")
     with pytest.raises(EngineError, match="--max-images"):
         build_engines(tiny_checkpoint, "onnxruntime", tmp_path / "x", max_images=0)

@@ -268,10 +268,9 @@ def test_onnxruntime_threads_and_providers(tiny_engines):
 
 
 @pytest.mark.slow
-def test_demo_greedy_tokens_match_torch(demo_checkpoint, face_images, tmp_path_factory):
+def test_demo_greedy_tokens_match_torch(demo_checkpoint, demo_engines, face_images):
     """The real SmolLM2-135M: onnxruntime and torch give the same greedy answers on several pairs."""
-    engines = _build(demo_checkpoint, tmp_path_factory.mktemp("engines") / "demo")
-    ort_pipe = open_pipeline(engines)
+    ort_pipe = open_pipeline(demo_engines)
     torch_pipe = FacePipeline.from_checkpoint(demo_checkpoint)
     questions = ["Is this person smiling?", "What is this person wearing?", "Describe the hair."]
     params = SamplingParams(max_new_tokens=16)

@@ -1,0 +1,328 @@
+"""Weight-only block quantization of the LLM graphs with onnxruntime's own quantizer (MatMulNBits).
+
+`facert build --backend onnxruntime --precision int8|int4 [--block-size 32]` exports the fp32
+graphs (export/onnx_export.py) and then rewrites the two LLM graphs here. In both the prefill and
+the decode graph every MatMul whose right-hand side is a weight [K, N] -- per layer the fused
+q/k/v, o_proj, the fused gate/up and down_proj, and the lm_head -- becomes one `MatMulNBits`
+(com.microsoft) node: the weight is cut along K into blocks of `block_size` values, each block
+stored as 8- or 4-bit unsigned integers with its own fp32 scale and zero point (round to
+nearest from the block's min and max, onnxruntime's default scheme). Activations stay fp32.
+
+What stays fp32, and why:
+* the RoPE rotation (a [head_dim, head_dim] signed permutation that KVCacheLLM applies as a
+  MatMul): quantizing -1/0/+1 on an asymmetric grid would move every rotated value by ~7 %;
+* the token-embedding table (embed_tokens.npy, gathered row by row outside the graphs): a step
+  reads one row of it, so its size costs nothing per token, while its precision enters every
+  input. With tied embeddings (SmolLM2, Qwen2.5-0.5B) the lm_head's graph weight is its own
+  [D, V] copy, quantized like every other matmul, while the table the runtime gathers from keeps
+  the exact fp32 rows;
+* the vision tower, face parser, seg branch and attribute head (their graphs are left as built:
+  they run once per request, and prefill, not them, is what a quantized LLM speeds up).
+
+The pass streams, like the export (export/onnx_export.py): the graphs are read without their
+weights, and one weight at a time is read from llm.onnx.data, quantized by onnxruntime's
+MatMulNBitsQuantizer (run on a one-node graph holding just that MatMul) and written to the new
+data file, so peak memory is one fp32 weight plus the graphs' structure, not the model. A weight
+both graphs share (the same bytes in the fp32 file) is quantized and written once, and both
+graphs point at it; the weights that stay fp32 are copied over the same way.
+
+accuracy_level (MatMulNBits' compute type) is chosen by measurement on the demo model (see
+ACCURACY_LEVEL): 4 lets onnxruntime's CPU kernels quantize the activations of each block to int8
+and multiply in int8 (AVX512-VNNI / AVX2), 1 dequantizes the weights to fp32 first.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from runtime.manifest import QUANTIZED_BITS as BITS
+from runtime.manifest import QUANTIZED_OP, EngineError
+
+DEFAULT_BLOCK_SIZE = 32
+# Measured on the demo model, 2-core AMD EPYC with AVX512-VNNI (benchmarks/results/<date>-quant-*):
+# accuracy level 4 (int8 compute) against 1 (fp32 compute): see README's quantization section.
+ACCURACY_LEVEL = 4
+LLM_GRAPHS = ("llm_prefill", "llm_decode")
+
+
+def check_block_size(block_size: int) -> None:
+    # MatMulNBits' CPU kernels take power-of-two blocks of at least 16 values
+    if block_size < 16 or block_size & (block_size - 1):
+        raise EngineError(f"--block-size must be a power of two >= 16, got {block_size}")
+
+
+def quantizer_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def _is_signed_permutation(w: np.ndarray) -> bool:
+    """The RoPE rotate_half matrix: square, entries in {-1, 0, 1}, one non-zero per row."""
+    return (w.ndim == 2 and w.shape[0] == w.shape[1] and np.isin(w, (-1.0, 0.0, 1.0)).all()
+            and (np.count_nonzero(w, axis=1) == 1).all())
+
+
+def _quantizer_class():
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as e:  # it imports onnx_ir, which onnxruntime does not require
+        raise EngineError(f"--precision int8/int4 needs onnxruntime's quantizer and its dependencies "
+                          f"(pip install 'facert[onnx]'): {e}") from None
+    finally:
+        root.handlers[:] = handlers  # the module calls logging.basicConfig(level=INFO) on import
+        root.setLevel(level)
+    return MatMulNBitsQuantizer
+
+
+def quantize_matmul(node: onnx.NodeProto, weight: np.ndarray, weight_name: str, bits: int,
+                    block_size: int = DEFAULT_BLOCK_SIZE,
+                    accuracy_level: int = ACCURACY_LEVEL) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """One MatMul with its weight [K, N] -> (the MatMulNBits node, its initializers: packed weight,
+    scales, zero points), by onnxruntime's MatMulNBitsQuantizer run on a graph of just that node."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph([node], "matmul", [helper.make_tensor_value_info(node.input[0], TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.ascontiguousarray(weight, dtype=np.float32), weight_name)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    quantizer = _quantizer_class()(model, bits=bits, block_size=block_size, is_symmetric=False,
+                                   accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
+    quantizer.process()
+    out = quantizer.model.model.graph
+    if [n.op_type for n in out.node] != [QUANTIZED_OP]:
+        raise EngineError(f"onnxruntime's quantizer did not rewrite {node.name} as one {QUANTIZED_OP} "
+                          f"(got {[n.op_type for n in out.node]})")
+    return out.node[0], list(out.initializer)
+
+
+def _is_quantizable(weight: np.ndarray) -> bool:
+    """A linear layer's weight [K, N]; not the RoPE rotate_half matrix (square, entries in {-1, 0, 1},
+    one non-zero per row), which stays exact."""
+    if weight.ndim != 2:
+        return False
+    rotation = (weight.shape[0] == weight.shape[1] and np.isin(weight, (-1.0, 0.0, 1.0)).all()
+                and (np.count_nonzero(weight, axis=1) == 1).all())
+    return not rotation
+
+
+def _external(tensor: onnx.TensorProto) -> dict | None:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return {e.key: e.value for e in tensor.external_data}
+
+
+class _WeightFiles:
+    """Reads initializers from the fp32 folder (inline or external) and writes the new data file,
+    each distinct tensor once (keyed by where its bytes came from)."""
+
+    def __init__(self, root: Path, target: Path, location: str):
+        self.root, self.location = root, location
+        self.target = open(target, "wb")
+        self.sources: dict[str, object] = {}
+        self.copied: dict[tuple, tuple[int, int]] = {}
+
+    def close(self) -> None:
+        self.target.close()
+        for f in self.sources.values():
+            f.close()
+
+    def key(self, tensor: onnx.TensorProto) -> tuple:
+        ext = _external(tensor)
+        if ext is None:
+            import hashlib
+
+            return ("inline", hashlib.sha256(tensor.raw_data).hexdigest()) if tensor.raw_data else ("proto", id(tensor))
+        return (ext["location"], int(ext.get("offset", 0)), int(ext["length"]))
+
+    def array(self, tensor: onnx.TensorProto) -> np.ndarray:
+        from onnx import helper, numpy_helper
+
+        ext = _external(tensor)
+        if ext is None:
+            return numpy_helper.to_array(tensor)
+        f = self.sources.get(ext["location"])
+        if f is None:
+            f = self.sources[ext["location"]] = open(self.root / ext["location"], "rb")
+        f.seek(int(ext.get("offset", 0)))
+        raw = f.read(int(ext["length"]))
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+
+    def _write(self, raw: bytes) -> tuple[int, int]:
+        self.target.write(b"\0" * ((-self.target.tell()) % 64))  # aligned, as the export writes them
+        offset = self.target.tell()
+        self.target.write(raw)
+        return offset, len(raw)
+
+    def externalise(self, tensor: onnx.TensorProto, place: tuple[int, int] | None = None) -> tuple[int, int]:
+        """Point `tensor` at its bytes in the new file (written now unless `place` says where they are)."""
+        from onnx import numpy_helper
+
+        if place is None:
+            raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.from_array(
+                numpy_helper.to_array(tensor)).raw_data
+            place = self._write(raw)
+        tensor.ClearField("raw_data")
+        for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            tensor.ClearField(field)
+        del tensor.external_data[:]
+        for k, v in (("location", self.location), ("offset", str(place[0])), ("length", str(place[1]))):
+            tensor.external_data.add(key=k, value=v)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        return place
+
+    def copy(self, tensor: onnx.TensorProto) -> None:
+        """An fp32 weight that stays: its bytes into the new file (once), the tensor pointed there."""
+        key = self.key(tensor)
+        if key not in self.copied:
+            self.copied[key] = self._write(self.array(tensor).tobytes())
+        self.externalise(tensor, self.copied[key])
+
+
+def _rename(proto, old: str, new: str):
+    """A copy of a quantized node or initializer made for weight `old`, for weight `new` (the other graph's
+    name for the same weight)."""
+    def renamed(name: str) -> str:
+        if not name.startswith(old):
+            raise EngineError(f"onnxruntime's quantizer named {name!r}, not after its weight {old!r}")
+        return new + name[len(old):]
+
+    out = type(proto)()
+    out.CopyFrom(proto)
+    if isinstance(out, onnx.TensorProto):
+        out.name = renamed(out.name)
+    else:
+        out.input[1:] = [renamed(i) for i in out.input[1:]]
+    return out
+
+
+def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done: dict, bits: int, block_size: int,
+                              accuracy_level: int) -> dict:
+    """Rewrite one graph (loaded without its weights) in place; `done` maps a source weight to its
+    quantized node and initializers, shared across graphs."""
+    inits = {t.name: t for t in graph.graph.initializer}
+    nodes, added, quantized, kept = [], [], 0, 0
+    for node in graph.graph.node:
+        weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if weight is None:  # not a MatMul, or q @ k^T / probs @ v (activations on both sides)
+            nodes.append(node)
+            continue
+        key = files.key(weight)
+        if key not in done:
+            w = files.array(weight)
+            if not _is_quantizable(w):
+                done[key] = None
+            else:
+                qnode, qinits = quantize_matmul(node, w, weight.name, bits, block_size, accuracy_level)
+                for t in qinits:
+                    files.externalise(t)
+                done[key] = (weight.name, qnode, qinits)
+            del w
+        if done[key] is None:
+            kept += 1
+            nodes.append(node)
+            continue
+        source_name, qnode, qinits = done[key]
+        qnode = _rename(qnode, source_name, weight.name)
+        del qnode.input[0], qnode.output[:]
+        qnode.input.insert(0, node.input[0])
+        qnode.output.extend(node.output)
+        qnode.name = node.name + f"_Q{bits}"
+        nodes.append(qnode)
+        added += [_rename(t, source_name, weight.name) for t in qinits]
+        quantized += 1
+    del graph.graph.node[:]
+    graph.graph.node.extend(nodes)
+    used = {i for n in graph.graph.node for i in n.input}
+    keep = [t for t in graph.graph.initializer if t.name in used]
+    for t in keep:
+        if _external(t) is not None:
+            files.copy(t)
+    del graph.graph.initializer[:]
+    graph.graph.initializer.extend(keep + added)
+    if not any(o.domain == "com.microsoft" for o in graph.opset_import):
+        graph.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return {"bits": bits, "block_size": block_size, "accuracy_level": accuracy_level,
+            "quantized_matmuls": quantized, "fp32_matmuls": kept}
+
+
+def quantize_llm(out_dir: Path, components: dict[str, dict], precision: str, block_size: int = DEFAULT_BLOCK_SIZE,
+                 accuracy_level: int = ACCURACY_LEVEL,
+                 progress: Callable[[str], None] = lambda _m: None) -> dict:
+    """Rewrite the exported LLM graphs in out_dir in `precision`, streaming their weights; updates their
+    component entries in place and returns the manifest's `quantization` record."""
+    import os
+
+    from export.onnx_export import LLM_DATA_FILE
+    from runtime.manifest import io_signature
+
+    if precision not in BITS:
+        raise EngineError(f"quantization precision must be one of {', '.join(BITS)}, got {precision!r}")
+    check_block_size(block_size)
+    bits = BITS[precision]
+    out_dir = Path(out_dir)
+    fp32_bytes = (out_dir / LLM_DATA_FILE).stat().st_size
+    staging = out_dir / (LLM_DATA_FILE + ".quantizing")
+    graphs, per_graph, done = {}, {}, {}
+    t0 = time.perf_counter()
+    files = _WeightFiles(out_dir, staging, LLM_DATA_FILE)
+    try:
+        for name in LLM_GRAPHS:
+            progress(f"quantizing {name} to {precision} (MatMulNBits, block {block_size})")
+            graph = onnx.load(str(out_dir / components[name]["file"]), load_external_data=False)
+            per_graph[name] = _quantize_graph_streaming(graph, files, done, bits, block_size, accuracy_level)
+            if io_signature(graph) != {k: components[name][k] for k in ("inputs", "outputs")}:
+                raise EngineError(f"quantizing {name} changed its inputs or outputs")
+            graphs[name] = graph
+    finally:
+        files.close()
+    del done
+    os.replace(staging, out_dir / LLM_DATA_FILE)
+    for name, graph in graphs.items():
+        path = out_dir / components[name]["file"]
+        path.write_bytes(graph.SerializeToString())
+        onnx.checker.check_model(str(path))  # by path: follows the external data references
+        components[name].update(precision=precision, quantization=per_graph[name])
+    return {"scheme": "block-wise weight-only, asymmetric (uint, zero point per block), round to nearest",
+            "operator": f"com.microsoft.{QUANTIZED_OP}", "bits": bits, "block_size": block_size,
+            "accuracy_level": accuracy_level, "components": list(LLM_GRAPHS),
+            "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
+            "quantizer_version": quantizer_version(),
+            "kept_fp32": ["embed_tokens (gathered, not multiplied)", "RoPE rotation", "vision", "parser", "seg",
+                          "attributes"],
+            "llm_data_bytes": {"fp32": fp32_bytes, precision: (out_dir / LLM_DATA_FILE).stat().st_size},
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def quantized_copy(fp32_engines: Path, out: Path, precision: str, block_size: int = DEFAULT_BLOCK_SIZE,
+                   accuracy_level: int = ACCURACY_LEVEL) -> Path:
+    """An int8/int4 engines folder made from an fp32 onnxruntime one, without exporting again: the
+    same quantize_llm pass `facert build --precision` runs after its export (no accuracy check;
+    `quantization` says so). For benchmarks and tests that compare precisions of one export."""
+    import shutil
+
+    from export.manifest import write_manifest
+    from runtime.manifest import read_manifest
+
+    manifest = read_manifest(fp32_engines)
+    if manifest["backend"] != "onnxruntime" or manifest.get("precision", "fp32") != "fp32":
+        raise EngineError(f"{fp32_engines} is not an fp32 onnxruntime engines folder")
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(fp32_engines, out)
+    manifest["quantization"] = quantize_llm(out, manifest["components"], precision, block_size, accuracy_level)
+    manifest["quantization"]["derived_from"] = str(Path(fp32_engines).resolve())
+    manifest["precision"] = precision
+    write_manifest(out, manifest)
+    return out
