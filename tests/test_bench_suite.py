@@ -97,10 +97,11 @@ def test_open_loop_arrivals_and_genai_perf_metrics():
 
 def test_open_loop_sends_on_schedule_whatever_is_in_flight(served_tiny, tiny_pipeline, face_png):
     expected = tiny_pipeline.ask(face_png, QUESTION, SamplingParams(max_new_tokens=4))
-    plan = [loadgen.Planned(t, [face_png], QUESTION, 4, tag="t") for t in (0.0, 0.05, 0.1, 0.15, 0.6)]
+    # the first answer is long, so the next sends fall while it is still in flight
+    plan = [loadgen.Planned(t, [face_png], QUESTION, 4 if t else 256, tag="t") for t in (0.0, 0.05, 0.1, 0.15, 0.6)]
     records = asyncio.run(loadgen.run_open_loop(served_tiny.grpc_url, plan))
     assert all(r.ok for r in records), [r.error for r in records]
-    assert all(r.token_ids == expected.token_ids for r in records)
+    assert all(r.token_ids[:4] == expected.token_ids for r in records)
     # sent at its time, not after the one before had its answer
     assert records[1].sent < records[0].done and records[3].sent < records[0].done
     for r, p in zip(records, plan):
