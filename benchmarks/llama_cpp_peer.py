@@ -29,6 +29,13 @@ def main() -> int:
 
     llm = llama_cpp.Llama(model_path=args.model, n_ctx=args.n_ctx, n_batch=args.n_ctx, n_threads=args.threads,
                           n_threads_batch=args.threads, verbose=False)
+    vocab = llm.n_vocab()
+
+    def next_token() -> int:
+        # greedy from the last evaluated position's logits (without logits_all, Llama.scores is not filled)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+        return int(np.argmax(logits))
+
     print(json.dumps({"llama_cpp_python": llama_cpp.__version__, "system_info":
                       llama_cpp.llama_print_system_info().decode(errors="replace").strip()}), flush=True)
     for line in sys.stdin:
@@ -38,11 +45,11 @@ def main() -> int:
         llm.reset()
         llm.eval(prompt)
         prefill = time.perf_counter() - t_start
-        tokens = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        tokens = [next_token()]
         t0 = time.perf_counter()
         while len(tokens) < n:
             llm.eval([tokens[-1]])
-            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            tokens.append(next_token())
         decode = time.perf_counter() - t0
         total = time.perf_counter() - t_start
         print(json.dumps({"prefill_ms": round(prefill * 1e3, 2), "decode_tokens_per_s": (n - 1) / decode,
