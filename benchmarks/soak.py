@@ -104,7 +104,7 @@ def soak_images() -> list[bytes]:
 
 
 def plan_requests(n: int, corpus: list[Malformed], seed: int, max_tokens: int, p_malformed: float,
-                  p_cancel: float, n_images: int) -> list[tuple[Record, dict]]:
+                  p_cancel: float, n_images: int, p_at_once: float = 0.5) -> list[tuple[Record, dict]]:
     """(record, request settings) for each of n requests, drawn from a seeded generator."""
     rng = random.Random(seed)
     grpc_cases = [c for c in corpus if c.protocol == "grpc" and not c.admin]
@@ -118,10 +118,10 @@ def plan_requests(n: int, corpus: list[Malformed], seed: int, max_tokens: int, p
             rec = Record(i, "malformed", case.name, case.expect, max_tokens=4)
             settings["case"] = case
         elif r < p_malformed + p_cancel:
-            # long enough that the server is still generating when the cancellation reaches it; half of
-            # them cancelled at once, 0-50 ms after sending (while the request is in the first steps)
+            # long enough that the server is still generating when the cancellation reaches it; a share
+            # p_at_once of them cancelled at once, 0-50 ms after sending (the request in the first steps)
             rec = Record(i, "cancel", max_tokens=max(64, 4 * max_tokens), cancel_after=rng.randint(1, 3))
-            if rng.random() < 0.5:
+            if rng.random() < p_at_once:
                 rec.cancel_after, rec.cancel_at_s = 0, round(rng.uniform(0.0, 0.05), 4)
         else:
             rec = Record(i, "valid", max_tokens=rng.randint(1, max_tokens))
@@ -310,6 +310,7 @@ def summarize(records: list[Record], before: dict, after: dict, memory: dict, se
         "requests": len(records), "planned": settings["requests"], "wall_s": round(wall, 1),
         "requests_per_s": round(len(records) / wall, 2) if wall else None,
         "mix": {k: len(by(k)) for k in ("valid", "malformed", "cancel")},
+        "cancelled_at_once": sum(r.cancel_at_s is not None for r in records),
         "outcomes": {o: sum(r.outcome == o for r in records) for o in ("ok", "refused", "cancelled", "unexpected")},
         "unexpected_by_kind": kinds,
         "unexpected_examples": [{"index": r.index, "kind": r.kind, "case": r.case, "error_kind": r.error_kind,
@@ -396,7 +397,9 @@ def markdown(record: dict, s: dict) -> str:
              f"{st['max_batch']}, max_queue_size {st['max_queue_size']}, queue timeout {st['queue_timeout_ms']} ms",
              f"- mix: {s['mix']['valid']} valid (1..{st['max_tokens']} tokens), {s['mix']['malformed']} malformed "
              f"(the {st['corpus_grpc_cases']} gRPC cases of the corpus in turn), {s['mix']['cancel']} cancelled by the "
-             f"client after 1-3 tokens; seed {st['seed']}",
+             f"client ({s.get('cancelled_at_once', 0)} of them 0-50 ms after sending, the others after 1-3 tokens); "
+             f"seed {st['seed']}",
+             f"- tritonserver restarted during the run: {s.get('server_restarts', '?')} times",
              f"- wall time {s['wall_s']} s, {s['requests_per_s']} requests/s", "",
              "## Outcomes", "",
              md_table(["outcome", "requests"], [[k, v] for k, v in s["outcomes"].items()]), "",
@@ -679,6 +682,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=24, help="valid requests ask for 1..this many tokens")
     ap.add_argument("--malformed", type=float, default=0.2, help="share of malformed requests (default 0.2)")
     ap.add_argument("--cancel", type=float, default=0.1, help="share of requests cancelled by the client (0.1)")
+    ap.add_argument("--cancel-at-once", type=float, default=0.5,
+                    help="share of the cancelled requests cancelled 0-50 ms after sending instead of after 1-3 tokens "
+                         "(0.5)")
     ap.add_argument("--warmup", type=int, default=100, help="requests before memory is judged (default 100)")
     ap.add_argument("--rest-seconds", type=float, default=6.0,
                     help="each rest with nothing in flight (start, after the warm-up, end), when memory is judged")
@@ -749,14 +755,15 @@ def main(argv=None) -> int:
 
         model = find_model(url)
         plan = plan_requests(args.requests, corpus, args.seed, args.max_tokens, args.malformed, args.cancel,
-                             len(images))
+                             len(images), args.cancel_at_once)
         settings = {"requests": args.requests, "concurrency": args.concurrency, "max_seconds": args.max_seconds,
                     "max_tokens": args.max_tokens, "malformed_share": args.malformed, "cancel_share": args.cancel,
+                    "cancel_at_once_share": args.cancel_at_once,
                     "warmup": args.warmup, "rest_seconds": args.rest_seconds, "seed": args.seed,
                     "max_batch": args.max_batch,
                     "stream_per_request": args.stream_per_request,
                     "max_queue_size": args.max_queue_size, "queue_timeout_ms": args.queue_timeout_ms,
-                    "corpus_grpc_cases": sum(c.protocol == "grpc" and c.model is None for c in corpus),
+                    "corpus_grpc_cases": sum(c.protocol == "grpc" and not c.admin for c in corpus),
                     "model": model, "model_note": model_note}
         if args.malformed_only:
             settings.update(malformed_only=args.malformed_only)
@@ -835,6 +842,11 @@ def main(argv=None) -> int:
     t_offset = sampler.t0
     memory = memory_verdict(sampler.samples, rests)
     summary = summarize(records, before, after, memory, settings)
+    from runtime.serving.server import process_stat
+
+    # restarts of tritonserver under the load (a crash): counted by our server, or seen as its pid gone
+    summary["server_restarts"] = (len(server.restarts) if server is not None
+                                  else 0 if process_stat(server_pid) else "1 or more (its pid is gone)")
     record.update(summary=summary, sampler_t0=sampler.t0, memory_samples=sampler.samples,
                   requests=[{k: v for k, v in r.__dict__.items()} for r in records])
     out = Path(args.out) if args.out else results_dir("cpu")

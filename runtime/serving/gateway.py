@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import itertools
 import json
 import os
@@ -86,6 +87,8 @@ class PublicModel:
     decoupled: bool
     inputs: dict[str, tuple[str, tuple[int, ...]]]  # name -> (wire data type, dims without the batch axis)
     outputs: tuple[str, ...]
+    steps: tuple[str, ...] = ()  # the models it runs
+    capacity: int = 0  # requests in flight at once: its first step's max_queue_size + max_batch_size (0: no bound)
 
     @classmethod
     def from_config(cls, cfg, versions, decoupled: bool) -> "PublicModel":
@@ -97,7 +100,7 @@ class PublicModel:
 
         return cls(cfg.name, tuple(versions), cfg.max_batch_size, decoupled,
                    {t.name: (wire(t.data_type), tuple(t.dims)) for t in cfg.input},
-                   tuple(t.name for t in cfg.output))
+                   tuple(t.name for t in cfg.output), tuple(s.model_name for s in cfg.ensemble_scheduling.step))
 
     def input_list(self) -> str:
         return ", ".join(self.inputs)
@@ -116,7 +119,11 @@ def load_public_models(repository: str | Path) -> dict[str, PublicModel]:
             # an ensemble with a decoupled step is decoupled itself (Triton answers it by streaming only)
             decoupled = any(configs[s.model_name].model_transaction_policy.decoupled
                             for s in cfg.ensemble_scheduling.step)
-            models[name] = PublicModel.from_config(cfg, versions, decoupled)
+            model = PublicModel.from_config(cfg, versions, decoupled)
+            first = configs[cfg.ensemble_scheduling.step[0].model_name]
+            queue = first.dynamic_batching.default_queue_policy.max_queue_size
+            model.capacity = queue + max(first.max_batch_size, 1) if queue else 0
+            models[name] = model
     return models
 
 
@@ -281,6 +288,9 @@ class Gateway:
         from runtime.serving.cancel import CancelFlags
 
         self.models = load_public_models(repository)
+        # their steps: only their configs are read from outside (without parameters), by tools that
+        # look into an ensemble (perf_analyzer); nothing else of theirs is reachable
+        self.steps = {step for m in self.models.values() for step in m.steps} - set(self.models)
         self.upstream_grpc, self.upstream_http = upstream_grpc, upstream_http
         self.key = key
         self.max_request_bytes = max_request_bytes
@@ -289,7 +299,25 @@ class Gateway:
         self.cancel_flags = CancelFlags()
         self.background: set[asyncio.Task] = set()  # requests read to their end after the client left
         self._ids = itertools.count()
-        self.counts = {"refused": 0, "forwarded": 0, "drained": 0}
+        self.counts = {"refused": 0, "overloaded": 0, "forwarded": 0, "drained": 0}
+        self.in_flight = collections.Counter()  # model -> requests forwarded and not ended (see admit)
+
+    def admit(self, model: str) -> str | None:
+        """Take a place for one more request of `model`, or say why there is none: a model holds at most
+        its capacity in flight (its first step's queue and batch), requests of clients that left
+        included until they have ended. One more is refused here, at once, as Triton's full queue would
+        refuse it, but before tritonserver allocates for it (2.51 keeps memory for every request its
+        full queue refuses), and a client cannot pile up requests by cancelling and sending again."""
+        capacity = self.models[model].capacity
+        if capacity and self.in_flight[model] >= capacity:
+            self.counts["overloaded"] += 1
+            return (f"Exceeds maximum queue size: model '{model}' has {capacity} requests in flight, its bound "
+                    f"(its first step's max_queue_size + max_batch_size)")
+        self.in_flight[model] += 1
+        return None
+
+    def release(self, model: str) -> None:
+        self.in_flight[model] -= 1
 
     def new_request_id(self) -> str:
         return f"facert-{next(self._ids)}"
@@ -377,6 +405,8 @@ class _Stream:
                 error = check_infer_request(req, self.gw.models)
                 if error:
                     self.gw.counts["refused"] += 1
+                error = error or self.gw.admit(req.model_name)
+                if error:
                     self.out.put_nowait(_error_response(req.model_name, req.id, error))
                 else:
                     self.forward(req)
@@ -419,14 +449,16 @@ class _Stream:
         except grpc.aio.AioRpcError as e:
             # tritonserver went away (the supervisor restarts it): every request still open fails
             message = f"{e.code()}: {e.details()} (the model server stopped while serving this request)"
-            for iid, pending in list(self.inflight.items()):
-                self.inflight.pop(iid)
+            for iid in list(self.inflight):
+                pending = self.ended(iid)
                 if not self.gone:
                     self.out.put_nowait(_error_response(pending.model, pending.client_id, message))
         except TimeoutError:
             self.gw.log(f"{len(self.inflight)} requests of a client that left did not end within "
                         f"{self.gw.drain_timeout_s:.0f} s; their stream to tritonserver is cancelled")
             call.cancel()
+            for iid in list(self.inflight):
+                self.ended(iid)
         finally:
             if self.up is up:
                 self.up = None
@@ -442,7 +474,7 @@ class _Stream:
         final = bool(resp.error_message) or ("triton_final_response" in params
                                              and params["triton_final_response"].bool_param)
         if final:
-            del self.inflight[iid]
+            self.ended(iid)
             if self.gone:
                 self.gw.counts["drained"] += 1
                 self.gw.cancel_flags.clear(pending.key)  # it ended: its mark has done its work
@@ -458,6 +490,12 @@ class _Stream:
         if not (final and empty and not pending.empty_final):
             self.out.put_nowait(resp)
         self.maybe_done()
+
+    def ended(self, iid: str) -> _Pending:
+        """Request `iid` has had its last response: its place is free again."""
+        pending = self.inflight.pop(iid)
+        self.gw.release(pending.model)
+        return pending
 
     def maybe_done(self) -> None:
         if self.client_done and not self.inflight:
@@ -528,8 +566,20 @@ class GrpcFront:
         return await self._forward("ModelMetadata", request, context)
 
     async def ModelConfig(self, request, context):
+        if request.name in self.gw.steps:  # a step's, without its parameters (see Gateway.steps)
+            response = await self._forward("ModelConfig", request, context)
+            response.config.parameters.clear()
+            return response
         await self._public(request.name, request.version, context)
         return await self._forward("ModelConfig", request, context)
+
+    async def ModelStatistics(self, request, context):
+        """Counts and times of the ensembles and their steps (perf_analyzer reads them)."""
+        import grpc
+
+        if request.name and request.name not in self.gw.models and request.name not in self.gw.steps:
+            await context.abort(grpc.StatusCode.NOT_FOUND, unknown_model(request.name, request.version))
+        return await self._forward("ModelStatistics", request, context)
 
     async def RepositoryIndex(self, request, context):
         index = await self._forward("RepositoryIndex", request, context)
@@ -548,7 +598,13 @@ class GrpcFront:
         if error:
             self.gw.counts["refused"] += 1
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
-        return await self._forward("ModelInfer", request, context)
+        overloaded = self.gw.admit(request.model_name)
+        if overloaded:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, overloaded)
+        try:
+            return await self._forward("ModelInfer", request, context)
+        finally:
+            self.gw.release(request.model_name)
 
     async def ModelStreamInfer(self, request_iterator, context):
         stream = _Stream(self.gw)
@@ -568,7 +624,7 @@ class HttpFront:
     """The HTTP API (KServe v2 + Triton's generate extension) clients call."""
 
     ROUTE = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
-                       r"(?:/(?P<action>ready|config|infer|generate|generate_stream))?")
+                       r"(?:/(?P<action>ready|config|stats|infer|generate|generate_stream))?")
 
     def __init__(self, gw: Gateway):
         self.gw = gw
@@ -605,7 +661,7 @@ class HttpFront:
             self.gw.counts["refused"] += 1
             return self.error(413, f"the request body is {request.content_length} bytes, over the bound of "
                                    f"{self.gw.max_request_bytes}")
-        if path in ("/v2/health/live", "/v2/health/ready", "/v2") and request.method == "GET":
+        if path in ("/v2/health/live", "/v2/health/ready", "/v2", "/v2/models/stats") and request.method == "GET":
             return await self.forward(request)
         if path == "/v2/repository/index" and request.method == "POST":
             async with self.gw.session.post(path, json={}) as r:
@@ -616,6 +672,17 @@ class HttpFront:
 
             return web.json_response([m for m in index if m.get("name") in self.gw.models])
         m = self.ROUTE.fullmatch(path)
+        if m is not None and m["action"] == "stats" and request.method == "GET" and (
+                m["model"] in self.gw.models or m["model"] in self.gw.steps):
+            return await self.forward(request)  # counts and times (perf_analyzer reads them)
+        if m is not None and m["model"] in self.gw.steps and m["action"] == "config" and request.method == "GET":
+            from aiohttp import web
+
+            async with self.gw.session.get(path) as r:  # a step's, without its parameters (see Gateway.steps)
+                config = await r.json(content_type=None)
+            if isinstance(config, dict):
+                config.pop("parameters", None)
+            return web.json_response(config, status=r.status)
         if m is None:
             return self.error(403, f"{request.method} {path} is not available on this server (it answers inference, "
                                    f"health and metadata requests for {', '.join(self.gw.models)} only)")
@@ -641,7 +708,13 @@ class HttpFront:
                 self.gw.counts["refused"] += 1
                 return self.error(400, f"model '{name}' streams its answers: use POST /v2/models/{name}/generate "
                                        f"or /generate_stream (or gRPC streaming)")
-            return await self.forward(request, raw)
+            overloaded = self.gw.admit(name)
+            if overloaded:
+                return self.error(503, overloaded)
+            try:
+                return await self.forward(request, raw)
+            finally:
+                self.gw.release(name)
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
@@ -661,6 +734,10 @@ class HttpFront:
 
         from runtime.serving.cancel import CANCEL_KEY_PARAMETER
 
+        name = path.split("/")[3]
+        overloaded = self.gw.admit(name)
+        if overloaded:
+            return self.error(503, overloaded)
         key = uuid.uuid4().hex
         self.gw.counts["forwarded"] += 1
         chunks: asyncio.Queue = asyncio.Queue()  # (status, content type) first, then bytes; None at the end
@@ -677,6 +754,7 @@ class HttpFront:
                             elif deadline.when() is None:  # the client left: read the rest, for a while at most
                                 deadline.reschedule(asyncio.get_running_loop().time() + self.gw.drain_timeout_s)
             finally:
+                self.gw.release(name)
                 chunks.put_nowait(None)
                 if left.is_set():
                     self.gw.counts["drained"] += 1

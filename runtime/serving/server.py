@@ -290,6 +290,9 @@ def _end_stubs(stubs: dict[int, str], shm_prefix: str, timeout_s: float = 5.0) -
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    deadline = time.monotonic() + timeout_s  # a killed process takes a moment to go (on a busy machine)
+    while any(_is_our_stub(p, shm_prefix) for p in alive) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _is_our_stub(pid: int, shm_prefix: str) -> bool:
