@@ -159,7 +159,10 @@ def run_config(name: str, engines: Path, work: Path, args, photo: bytes, faces: 
                 records = asyncio.run(run_open_loop(server.grpc_url, plan, grace_seconds=args.grace))
                 m = genai_perf_metrics(records)
                 row = {"config": name, "round": round_no, "rate": rate, "planned": len(plan),
-                       "wall_s": round(time.monotonic() - t0, 1), **flatten(m), "server": server_means(records)}
+                       "wall_s": round(time.monotonic() - t0, 1), **flatten(m), "server": server_means(records),
+                       # faults of tritonserver 2.51 during the run (a stub or the server restarted)
+                       "server_restarts": len(server.restarts),
+                       "stub_recoveries": len(server.supervisor.recoveries) if server.supervisor else 0}
                 out["open_loop"].append(row)
                 log(f"round {round_no}: {name} at {rate}/s: {m['request_count']['avg']}/{len(plan)} done, TTFT p90 "
                     f"{m['time_to_first_token']['p90']} ms, {m['output_token_throughput']['avg']} tok/s")
@@ -356,7 +359,7 @@ def main(argv=None) -> int:
                                   "max_tokens": [MIN_TOKENS, MAX_TOKENS], "face_tokens": FACE_TOKENS,
                                   "seed": args.seed, "configs": CONFIGS})
     runs = []
-    with open(out / "tritonserver.log", "w") as log_file:
+    with open(work / "inflight-tritonserver.log", "w") as log_file:  # the servers' log: not a result
         for round_no in range(1, args.rounds + 1):
             order = ["static", "inflight", "inflight-nocache"]
             if round_no % 2 == 0:

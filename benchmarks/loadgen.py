@@ -358,14 +358,17 @@ def log_uniform_tokens(n: int, low: int, high: int, rng: np.random.Generator) ->
 
 
 async def _one_request(client, model: str, inputs, record: RequestRecord) -> None:
-    """One request on its own stream, recorded as it streams."""
+    """One request on its own stream, recorded as it streams; a transport failure (the server went
+    away) is the request's error, not the run's."""
+    import grpc
+
     async def requests():
         yield {"model_name": model, "inputs": inputs, "request_id": str(id(record))}
 
     record.sent = time.perf_counter()
     responses = client.stream_infer(requests())
     try:
-        async for result, error in responses:
+        async for result, error in _responses_or_failure(responses, grpc.aio.AioRpcError):
             now = time.perf_counter()
             if error is not None:
                 record.error, record.done = str(error), now
@@ -382,6 +385,15 @@ async def _one_request(client, model: str, inputs, record: RequestRecord) -> Non
                 return
     finally:
         responses.cancel()
+
+
+async def _responses_or_failure(responses, failure):
+    """The stream's (result, error) pairs; a `failure` raised by the stream ends it as an error."""
+    try:
+        async for item in responses:
+            yield item
+    except failure as e:
+        yield None, f"{e.code()}: {e.details()}"
 
 
 async def run_open_loop(url: str, plan: list[Planned], model: str | None = None,

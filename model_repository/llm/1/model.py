@@ -73,8 +73,8 @@ OUTCOMES = ("stop", "length", "cancelled", "timeout", "error", "overloaded")
 # seconds; TTFT as vLLM's buckets, reaching further for CPU prefill under load
 TTFT_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
                 80.0]
-MAX_UNSENT = 2  # in-flight: tokens a request may be generated ahead of its sent responses
 ITL_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0]
+MAX_UNSENT = 2  # in-flight: tokens a request may be generated ahead of its sent responses
 # the tensorrt_llm model's prompt_embedding_table type (the engine's precision) -> torch dtype
 PROMPT_TABLE_DTYPES = {"TYPE_FP16": torch.float16, "TYPE_BF16": torch.bfloat16, "TYPE_FP32": torch.float32}
 
