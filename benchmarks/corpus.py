@@ -77,7 +77,6 @@ ADMIN_CALLS = {
     "unload": lambda c: c.unload_model("llm"),
     "load": lambda c: c.load_model("evil", config='{"backend": "python"}', files={"file:1/model.py": b"import os"}),
     "shared memory": lambda c: c.register_system_shared_memory("evil", "/facert_evil", 1024),
-    "statistics": lambda c: c.get_inference_statistics(),
     "trace": lambda c: c.update_trace_settings(settings={"trace_file": "/tmp/evil"}),
     "log": lambda c: c.update_log_settings({"log_file": "/tmp/evil"}),
 }

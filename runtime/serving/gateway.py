@@ -806,7 +806,14 @@ async def serve(args) -> int:
     print(f"facert gateway: listening on gRPC {args.host}:{args.grpc_port}, HTTP {args.host}:{args.http_port} "
           f"for {', '.join(gw.models)}", flush=True)
     t0 = time.monotonic()
-    await stop.wait()
+    parent = os.getppid()
+    while not stop.is_set():  # ends with the process that runs it, should that one die without stopping it
+        try:
+            await asyncio.wait_for(stop.wait(), 1.0)
+        except asyncio.TimeoutError:
+            if os.getppid() != parent:
+                gw.log("the process that started the gateway is gone; stopping")
+                break
     await gw.stop()
     gw.log(f"stopped after {time.monotonic() - t0:.0f} s: {gw.counts}")
     return 0
