@@ -141,8 +141,8 @@ def malformed_corpus(image: bytes) -> list[Malformed]:
         Malformed("question: empty", "question is empty", (("QUESTION", _b(b""), "BYTES"),)),
         Malformed("question: whitespace", "question is empty", (("QUESTION", _b(b" \n\t "), "BYTES"),)),
         Malformed("question: not UTF-8", "QUESTION is not UTF-8 text", (("QUESTION", _b(b"\xff\xfe\xfa"), "BYTES"),)),
-        Malformed("question: over the prompt bound", "over the model's",
-                  (("QUESTION", _b(b"why " * 600), "BYTES"),)),
+        Malformed("question: over the prompt bound", "over the model's",  # 4,400 tokens: over a 4,096 context too
+                  (("QUESTION", _b(b"why " * 1100), "BYTES"),)),
         Malformed("question: over the character bound", "over the 16384-character bound",
                   (("QUESTION", _b(b"x" * 20_000), "BYTES"),)),
         Malformed("messages: not JSON", "MESSAGES is not valid JSON",
