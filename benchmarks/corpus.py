@@ -72,12 +72,12 @@ class Malformed:
         return "http" if self.http is not None or self.endpoint or self.raw is not None else "grpc"
 
 
-# Calls outside inference a hostile client may try (tritonclient.grpc); each must be refused.
+# Calls outside inference a hostile client may try (tritonclient.grpc); each must be refused. (Inference
+# statistics are readable through the gateway, for perf_analyzer, since its admission bound.)
 ADMIN_CALLS = {
     "unload": lambda c: c.unload_model("llm"),
     "load": lambda c: c.load_model("evil", config='{"backend": "python"}', files={"file:1/model.py": b"import os"}),
     "shared memory": lambda c: c.register_system_shared_memory("evil", "/facert_evil", 1024),
-    "statistics": lambda c: c.get_inference_statistics(),
     "trace": lambda c: c.update_trace_settings(settings={"trace_file": "/tmp/evil"}),
     "log": lambda c: c.update_log_settings({"log_file": "/tmp/evil"}),
 }
