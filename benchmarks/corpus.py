@@ -72,7 +72,8 @@ class Malformed:
         return "http" if self.http is not None or self.endpoint or self.raw is not None else "grpc"
 
 
-# Calls outside inference a hostile client may try (tritonclient.grpc); each must be refused.
+# Calls outside inference a hostile client may try (tritonclient.grpc); each must be refused. (Inference
+# statistics are readable through the gateway, for perf_analyzer, since its admission bound.)
 ADMIN_CALLS = {
     "unload": lambda c: c.unload_model("llm"),
     "load": lambda c: c.load_model("evil", config='{"backend": "python"}', files={"file:1/model.py": b"import os"}),
@@ -140,8 +141,8 @@ def malformed_corpus(image: bytes) -> list[Malformed]:
         Malformed("question: empty", "question is empty", (("QUESTION", _b(b""), "BYTES"),)),
         Malformed("question: whitespace", "question is empty", (("QUESTION", _b(b" \n\t "), "BYTES"),)),
         Malformed("question: not UTF-8", "QUESTION is not UTF-8 text", (("QUESTION", _b(b"\xff\xfe\xfa"), "BYTES"),)),
-        Malformed("question: over the prompt bound", "over the model's",
-                  (("QUESTION", _b(b"why " * 600), "BYTES"),)),
+        Malformed("question: over the prompt bound", "over the model's",  # 4,400 tokens: over a 4,096 context too
+                  (("QUESTION", _b(b"why " * 1100), "BYTES"),)),
         Malformed("question: over the character bound", "over the 16384-character bound",
                   (("QUESTION", _b(b"x" * 20_000), "BYTES"),)),
         Malformed("messages: not JSON", "MESSAGES is not valid JSON",

@@ -28,6 +28,22 @@ def tiny_facellm_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_long_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint with a 4,096-token context (its config only: the same weights, the same
+    answers), so that one served answer can run for thousands of tokens: seconds, even behind the
+    in-flight scheduler, which makes the tiny model's tokens in a millisecond or two each."""
+    import json
+    import shutil
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny-4k"
+    shutil.copytree(tiny_checkpoint, out)
+    config = json.loads((out / "config.json").read_text())
+    config["llm"]["max_position_embeddings"] = 4096
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_engines(tiny_checkpoint, tmp_path_factory):
     """onnxruntime engines of the tiny checkpoint (shared by the export and in-flight tests)."""
     from export.build import Progress, build_engines

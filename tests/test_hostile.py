@@ -159,7 +159,7 @@ def test_internal_steps_and_apis_outside_inference_are_not_reachable(served_tiny
         http_error = send_malformed(Malformed(step, "", model=step, endpoint="infer", raw=b"{}"), server.grpc_url,
                                     server.http_url, face_png)
         assert f"unknown model: '{step}' is not found" in grpc_error and "unknown model" in http_error, step
-    for name in ADMIN_CALLS:  # repository, shared memory, statistics, trace, log settings
+    for name in ADMIN_CALLS:  # repository, shared memory, trace, log settings (statistics are readable)
         error = send_malformed(Malformed(name, "", admin=name), server.grpc_url, server.http_url, face_png)
         assert error is not None and "is not available on this server" in error, (name, error)
     assert all(server.models_ready().values())  # nothing was unloaded

@@ -13,8 +13,6 @@ answer as without caches; a different image never takes cached rows. The static 
 
 from __future__ import annotations
 
-import json
-import shutil
 import threading
 import time
 import urllib.request
@@ -34,22 +32,11 @@ SLOTS, WAITING = 2, 2
 
 
 @pytest.fixture(scope="module")
-def long_context_checkpoint(tiny_checkpoint, tmp_path_factory):
-    """The tiny checkpoint with a 4,096-token context (its config only: same weights)."""
-    out = tmp_path_factory.mktemp("ckpt") / "tiny-4k"
-    shutil.copytree(tiny_checkpoint, out)
-    config = json.loads((out / "config.json").read_text())
-    config["llm"]["max_position_embeddings"] = 4096
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
-
-
-@pytest.fixture(scope="module")
-def reference(long_context_checkpoint):
+def reference(tiny_long_checkpoint):
     """The in-process pipeline: no scheduler, no caches."""
     from runtime.pipeline import FacePipeline
 
-    return FacePipeline.from_checkpoint(long_context_checkpoint)
+    return FacePipeline.from_checkpoint(tiny_long_checkpoint)
 
 
 def start_server(repo: Path):
@@ -67,11 +54,11 @@ def start_server(repo: Path):
 
 
 @pytest.fixture(scope="module")
-def server(long_context_checkpoint, tmp_path_factory):
+def server(tiny_long_checkpoint, tmp_path_factory):
     from runtime.serving.repo import fill_repository
 
     repo = tmp_path_factory.mktemp("inflight") / "repository"
-    fill_repository(repo, checkpoint=long_context_checkpoint, kv_slots=SLOTS, max_queue_size=WAITING,
+    fill_repository(repo, checkpoint=tiny_long_checkpoint, kv_slots=SLOTS, max_queue_size=WAITING,
                     slot_tokens=4096, prefill_chunk=64)
     server = start_server(repo)
     yield server
@@ -304,13 +291,13 @@ def test_two_different_images_never_share_cached_rows(server, reference, face_im
 
 
 @pytest.mark.slow
-def test_the_static_scheduler_still_serves_the_in_process_answer(long_context_checkpoint, reference, face_images,
+def test_the_static_scheduler_still_serves_the_in_process_answer(tiny_long_checkpoint, reference, face_images,
                                                                  tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     from runtime.serving.repo import fill_repository
 
-    fill_repository(tmp_path / "repository", checkpoint=long_context_checkpoint, scheduler="static")
+    fill_repository(tmp_path / "repository", checkpoint=tiny_long_checkpoint, scheduler="static")
     server = start_server(tmp_path / "repository")
     try:
         with ThreadPoolExecutor(4) as pool:
