@@ -28,7 +28,11 @@ graphs point at it; the weights that stay fp32 are copied over the same way.
 
 accuracy_level (MatMulNBits' compute type) is chosen by measurement on the demo model (see
 ACCURACY_LEVEL): 4 lets onnxruntime's CPU kernels quantize the activations of each block to int8
-and multiply in int8 (AVX512-VNNI / AVX2), 1 dequantizes the weights to fp32 first.
+and multiply in int8 (AVX512-VNNI / AVX2), 1 multiplies in fp32.
+
+Why this scheme (onnxruntime's default: asymmetric, round to nearest, integer zero points, every
+matmul) and what it costs on the demo model: benchmarks/results/2026-11-30-quant-3d1219c7/NOTES.md
+(the other quantizers, block sizes and mixed recipes measured).
 """
 
 from __future__ import annotations
@@ -44,8 +48,10 @@ from runtime.manifest import QUANTIZED_BITS as BITS
 from runtime.manifest import QUANTIZED_OP, EngineError
 
 DEFAULT_BLOCK_SIZE = 32
-# Measured on the demo model, 2-core AMD EPYC with AVX512-VNNI (benchmarks/results/<date>-quant-*):
-# accuracy level 4 (int8 compute) against 1 (fp32 compute): see README's quantization section.
+# MatMulNBits' compute type, by measurement on the demo model (2-core AMD EPYC with AVX512-VNNI,
+# benchmarks/results/2026-11-30-quant-3d1219c7): level 4 (activations quantized to int8 per block,
+# int8 dot products) against level 1 (fp32): int4 decode step 32.6 against 44.9 ms, top-1 agreement
+# with fp32 71.7 % against 71.1 %; int8 has no level-1 kernel on x86 in onnxruntime 1.32 (734 ms a step).
 ACCURACY_LEVEL = 4
 LLM_GRAPHS = ("llm_prefill", "llm_decode")
 

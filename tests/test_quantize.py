@@ -214,9 +214,9 @@ def test_served_repository_runs_int4_engines_unchanged(tiny_quantized, tmp_path,
 @pytest.mark.slow
 def test_demo_quantized_engines_stay_close_to_fp32(demo_engines, tmp_path, face_images):
     """The real SmolLM2-135M: teacher-forced next-token agreement with the fp32 engines over the
-    reference's greedy continuation, 3 text and 2 image prompts, 12 tokens. Measured on 2 cores
-    (benchmarks/bench_quant.py, 50 prompts): int8 ~94 % top-1 / KL ~0.005, int4 ~72 % / KL ~0.35;
-    the bounds below leave room for the smaller prompt set."""
+    reference's greedy continuation, 3 text and 2 image prompts, 12 tokens. Measured over 50 prompts
+    (benchmarks/results/2026-11-30-quant-3d1219c7): int8 95.6 % top-1 / KL 0.0046, int4 71.7 % /
+    KL 0.37; the bounds below leave room for the smaller prompt set."""
     reference = open_pipeline(demo_engines)
     prompts = text_prompts(reference.c.llm, reference.tokenizer, "faceinsight", reference.c.vocab_size, QUESTIONS)
     prompts += [reference.prepare([image], ["Describe this person's face."], 12).prompt_embeds[0]
