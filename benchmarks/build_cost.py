@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/build-cost", help="where the checkpoint and engines go")
     ap.add_argument("--code", default=str(ROOT), help="the facert checkout whose build is measured")
     ap.add_argument("--no-simplify", action="store_true", help="pass --no-simplify to facert build")
+    ap.add_argument("--build-args", default="", help="more `facert build` arguments, e.g. '--no-accuracy-check'")
     ap.add_argument("--ask", action="store_true", help="also time two `facert ask --engines` (4 tokens)")
     ap.add_argument("--results", default=None, help="results folder (default benchmarks/results/<date>-build-cost)")
     ap.add_argument("--shared", default="", help="what else ran on the machine during the run")
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
              args.precision, "--out", str(engines), "--force"]
     if args.no_simplify:
         build.append("--no-simplify")
+    build += shlex.split(args.build_args)
     commit = subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     print(f"measuring {shlex.join(build)} (code {code} @ {commit})", file=sys.stderr)
@@ -143,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     measured = run_measured(build, env, "build")
     record = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "spec": args.spec, "layers": args.layers,
-        "precision": args.precision, "code": str(code), "commit": commit, "command": shlex.join(build),
+        "precision": args.precision, "build_args": args.build_args, "code": str(code), "commit": commit,
+        "command": shlex.join(build),
         "machine": {"host": platform.node(), "cpus": os.cpu_count(), "cpu": _cpu_model(),
                     "memory_gib": gib(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
                     "load_average_before": load_before, "shared": args.shared},
@@ -207,8 +210,9 @@ def write_readme(results: Path, records: list[dict]) -> None:
     for r in records:
         ask = " / ".join(f"{a.get('verify', 'cached')} {a['wall_s']}" for a in r.get("ask", [])) or "-"
         verify = " / ".join(f"{mode} {min(v)}-{max(v)}" for mode, v in r.get("verify_s", {}).items()) or "-"
+        extra = " " + r["build_args"] if r.get("build_args") else ""
         rows.append(f"| {r['date'][:16]} | {r['spec']}{' --layers ' + str(r['layers']) if r['layers'] else ''} | "
-                    f"{r['precision']} | {r['commit']} | {gib(r['checkpoint_bytes'])} | "
+                    f"{r['precision']}{extra} | {r['commit']} | {gib(r['checkpoint_bytes'])} | "
                     f"{gib(r['folder_bytes']) if 'folder_bytes' in r else 'failed'} | {gib(r['peak_rss_bytes'])} | "
                     f"{r.get('peak_over_folder', '-')} | {r['wall_s']} | {r['peak_sampled_step'][:60]} | {verify} | {ask} | "
                     f"{' '.join(r['machine']['load_average_before'])} |")
