@@ -22,6 +22,8 @@ per request from a seeded generator:
   cancelled   a valid request the client cancels after a few tokens; the server must stop it (its
               own count of cancelled requests, facert_llm_requests_total{outcome="cancelled"})
 
+A request refused as overloaded (the server already holds all it can) is sent again after a jittered,
+doubling backoff, for up to two minutes, as a well-behaved client does; the retries are counted.
 Anything else is an unexpected error and is counted by kind (overloaded, timeout, unavailable,
 cancelled, wrong message, accepted malformed, other). Bounded: it stops handing out requests after
 --requests or --max-seconds and gives those in flight --grace-seconds more. Meanwhile a thread
@@ -85,6 +87,7 @@ class Record:
     error: str | None = None
     outcome: str = ""  # ok, refused (malformed, as expected), cancelled (by us) or unexpected
     error_kind: str = ""  # for unexpected: overloaded, timeout, unavailable, cancelled, wrong message, ...
+    overloaded: int = 0  # times the server refused it as overloaded before taking it (each retried after a backoff)
 
 
 def soak_images() -> list[bytes]:
@@ -161,9 +164,30 @@ class Stream:
             self.call = None
 
 
-async def run_one(stream: Stream, rec: Record, inputs: list, case: Malformed | None = None) -> None:
+async def run_one(stream: Stream, rec: Record, inputs: list, case: Malformed | None = None,
+                  overload_wait_s: float = 120.0) -> None:
     """Send one request on the worker's stream; fill in its record (cancelling it after cancel_after tokens,
-    or cancel_at_s seconds after sending)."""
+    or cancel_at_s seconds after sending). A refusal as overloaded (the server holds as many requests as
+    it can) is what a well-behaved client retries: again after a jittered, doubling backoff, for up to
+    `overload_wait_s`; its times count from the first send."""
+    from runtime.client import error_kind
+
+    rng = random.Random(rec.index)
+    first_sent, backoff = time.perf_counter(), 0.25
+    while True:
+        await _send_once(stream, rec, inputs, case)
+        if rec.error is None or error_kind(rec.error) != "overloaded" \
+                or time.perf_counter() - first_sent > overload_wait_s:
+            break
+        rec.overloaded += 1
+        rec.error = rec.done = None
+        await asyncio.sleep(backoff * rng.uniform(0.5, 1.5))
+        backoff = min(2 * backoff, 4.0)
+    rec.sent = first_sent
+    judge(rec)
+
+
+async def _send_once(stream: Stream, rec: Record, inputs: list, case: Malformed | None) -> None:
     if stream.call is None:
         stream.open()
     rec.sent = time.perf_counter()
@@ -207,7 +231,6 @@ async def run_one(stream: Stream, rec: Record, inputs: list, case: Malformed | N
     except Exception as e:  # noqa: BLE001 (a transport failure is an outcome to count)
         rec.error, rec.done = f"{type(e).__name__}: {e}", time.perf_counter()
         stream.close()
-    judge(rec)
 
 
 def judge(rec: Record) -> None:
@@ -311,6 +334,8 @@ def summarize(records: list[Record], before: dict, after: dict, memory: dict, se
         "requests_per_s": round(len(records) / wall, 2) if wall else None,
         "mix": {k: len(by(k)) for k in ("valid", "malformed", "cancel")},
         "cancelled_at_once": sum(r.cancel_at_s is not None for r in records),
+        "overloaded_retries": {"requests": sum(r.overloaded > 0 for r in records),
+                               "refusals": sum(r.overloaded for r in records)},
         "outcomes": {o: sum(r.outcome == o for r in records) for o in ("ok", "refused", "cancelled", "unexpected")},
         "unexpected_by_kind": kinds,
         "unexpected_examples": [{"index": r.index, "kind": r.kind, "case": r.case, "error_kind": r.error_kind,
@@ -400,6 +425,9 @@ def markdown(record: dict, s: dict) -> str:
              f"client ({s.get('cancelled_at_once', 0)} of them 0-50 ms after sending, the others after 1-3 tokens); "
              f"seed {st['seed']}",
              f"- tritonserver restarted during the run: {s.get('server_restarts', '?')} times",
+             f"- refused as overloaded and retried after a backoff (as a client should): "
+             f"{s.get('overloaded_retries', {}).get('requests', '?')} requests, "
+             f"{s.get('overloaded_retries', {}).get('refusals', '?')} refusals in all",
              f"- wall time {s['wall_s']} s, {s['requests_per_s']} requests/s", "",
              "## Outcomes", "",
              md_table(["outcome", "requests"], [[k, v] for k, v in s["outcomes"].items()]), "",
