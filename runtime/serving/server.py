@@ -108,6 +108,8 @@ class TritonInstall:
         if tcmalloc and "tcmalloc" not in env.get("LD_PRELOAD", "") and env.get("FACERT_TCMALLOC", "1") != "0":
             env["LD_PRELOAD"] = os.pathsep.join(p for p in (tcmalloc, env.get("LD_PRELOAD", "")) if p)
             env.setdefault("TCMALLOC_AGGRESSIVE_DECOMMIT", "true")
+        elif "tcmalloc" not in env.get("LD_PRELOAD", ""):
+            env.setdefault("MALLOC_ARENA_MAX", GLIBC_ARENAS)
         return env
 
 
@@ -119,6 +121,11 @@ class TritonInstall:
 # to the system at once: the resident memory then tracks what the server holds, not its high-water
 # mark (the default kept +88 MB of freed pages through a 1,000-request soak; aggressive decommit, the
 # same throughput within noise). Set TCMALLOC_AGGRESSIVE_DECOMMIT=false to keep tcmalloc's default.
+# Without tcmalloc, glibc's malloc gives each of tritonserver's many gRPC and backend threads an arena
+# of its own (up to 8 per core), and memory freed in one is kept there: two arenas hold the at-rest
+# level of repeated 1,000-request soaks steadier (benchmarks/results/2026-11-30-soak-*). A user's
+# own MALLOC_ARENA_MAX is kept.
+GLIBC_ARENAS = "2"
 TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
                   "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
                   "/usr/lib64/libtcmalloc_minimal.so.4", "/usr/lib/libtcmalloc_minimal.so.4")
