@@ -32,6 +32,22 @@ import triton_python_backend_utils as pb_utils
 from runtime.serving.cancel import CANCEL_KEY_PARAMETER, CancelFlags
 
 _PIPELINES: dict[tuple, object] = {}
+
+
+def _stub_mmap_threshold() -> None:
+    """Undo, in this stub, the fixed mmap threshold facert gives tritonserver (runtime/serving/server.py):
+    glibc's largest threshold, so numpy arrays come from the heap as they do by default."""
+    import ctypes
+    import os
+
+    if os.environ.get("FACERT_GLIBC_MALLOC") == "1":
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD_MAX
+        except OSError:  # not glibc
+            pass
+
+
+_stub_mmap_threshold()
 INTERNAL_ERROR = "internal error"  # how a failure that is not the request's fault begins
 
 

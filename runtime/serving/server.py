@@ -108,8 +108,9 @@ class TritonInstall:
         if tcmalloc and "tcmalloc" not in env.get("LD_PRELOAD", "") and env.get("FACERT_TCMALLOC", "1") != "0":
             env["LD_PRELOAD"] = os.pathsep.join(p for p in (tcmalloc, env.get("LD_PRELOAD", "")) if p)
             env.setdefault("TCMALLOC_AGGRESSIVE_DECOMMIT", "true")
-        elif "tcmalloc" not in env.get("LD_PRELOAD", ""):
-            env.setdefault("MALLOC_ARENA_MAX", GLIBC_ARENAS)
+        elif "tcmalloc" not in env.get("LD_PRELOAD", "") and not any(k in env for k in GLIBC_MALLOC_ENV):
+            env.update(GLIBC_MALLOC_ENV)
+            env[GLIBC_MALLOC_MARK] = "1"  # the stubs give their own threshold back (python_backend.py)
         return env
 
 
@@ -121,11 +122,17 @@ class TritonInstall:
 # to the system at once: the resident memory then tracks what the server holds, not its high-water
 # mark (the default kept +88 MB of freed pages through a 1,000-request soak; aggressive decommit, the
 # same throughput within noise). Set TCMALLOC_AGGRESSIVE_DECOMMIT=false to keep tcmalloc's default.
-# Without tcmalloc, glibc's malloc gives each of tritonserver's many gRPC and backend threads an arena
-# of its own (up to 8 per core), and memory freed in one is kept there: two arenas hold the at-rest
-# level of repeated 1,000-request soaks steadier (benchmarks/results/2026-11-30-soak-*). A user's
-# own MALLOC_ARENA_MAX is kept.
-GLIBC_ARENAS = "2"
+# Without tcmalloc, tritonserver 2.51 on glibc's malloc keeps what a busy server's request buffers
+# (a 0.8 MB image per request, 64 at once) leave fragmented in its arenas: a fresh server's RSS at rest
+# rose ~90 MB over the first 1,000-request soak and kept creeping in the next ones. With a fixed mmap
+# threshold of 128 KiB (glibc's own starting value, which it otherwise raises to the largest block
+# freed), every request buffer is its own mapping and goes back to the system when freed, and two
+# arenas instead of 8 per core hold the rest: four soaks in a row stayed within 16 MB at rest
+# (benchmarks/results/2026-11-30-soak-*). The python stubs inherit the environment, but there a fixed
+# threshold mmaps every large numpy array anew (logits, pixels), so they set glibc's ceiling back at
+# start (runtime/serving/python_backend.py). A user's own MALLOC_* settings are kept as they are.
+GLIBC_MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
+GLIBC_MALLOC_MARK = "FACERT_GLIBC_MALLOC"
 TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
                   "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
                   "/usr/lib64/libtcmalloc_minimal.so.4", "/usr/lib/libtcmalloc_minimal.so.4")
