@@ -186,6 +186,40 @@ def test_server_runs_on_tcmalloc_returning_freed_memory(rel):
     assert stubs, "the python-backend stubs did not load tcmalloc"
 
 
+def test_server_without_tcmalloc_gives_request_buffers_back(rel):
+    """Without tcmalloc, memory flat at rest rests on glibc settings (runtime/serving/server.py): the
+    server runs on a fixed mmap threshold and two arenas, and its stubs take glibc's ceiling back."""
+    import ctypes
+
+    from runtime.serving.server import GLIBC_MALLOC_ENV, GLIBC_MALLOC_MARK, find_tcmalloc
+
+    if find_tcmalloc() is not None:
+        pytest.skip("tcmalloc is installed here: the server runs on it (the test above)")
+    pid = rel.server.proc.pid
+
+    def environ(p):
+        return dict(kv.split("=", 1) for kv in Path(f"/proc/{p}/environ").read_text().split("\0") if "=" in kv)
+
+    assert {k: environ(pid).get(k) for k in GLIBC_MALLOC_ENV} == GLIBC_MALLOC_ENV
+    assert environ(pid).get(GLIBC_MALLOC_MARK) == "1"
+    assert any(environ(c).get(GLIBC_MALLOC_MARK) == "1" for c in children(pid)), "the stubs run without the mark"
+    # what a stub does with the mark: glibc accepts the threshold it sets (mallopt returns 1)
+    assert ctypes.CDLL("libc.so.6").mallopt(-3, 32 * 2**20) == 1
+
+
+def test_a_users_malloc_settings_are_kept(monkeypatch):
+    from runtime.serving import server
+
+    monkeypatch.setattr(server, "find_tcmalloc", lambda: None)
+    inst = server.TritonInstall("/nonexistent")
+    env = inst.env({"MALLOC_ARENA_MAX": "8"})
+    assert env["MALLOC_ARENA_MAX"] == "8" and "MALLOC_MMAP_THRESHOLD_" not in env and server.GLIBC_MALLOC_MARK not in env
+    env = inst.env({})
+    assert {k: env[k] for k in server.GLIBC_MALLOC_ENV} == server.GLIBC_MALLOC_ENV
+    env = inst.env({"LD_PRELOAD": "/opt/lib/libtcmalloc.so"})
+    assert "MALLOC_ARENA_MAX" not in env
+
+
 def test_overload_is_refused_at_once_and_the_server_stays_healthy(rel, tiny_pipeline, face_png):
     async def burst():
         # long answers, so that "at once" stands apart from an answer even on 2 busy cores
