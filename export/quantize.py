@@ -90,11 +90,39 @@ def _quantizer_class():
     return MatMulNBitsQuantizer
 
 
+# onnxruntime's quantizer takes the weight as one protobuf initializer, which cannot pass 2 GiB (a
+# Qwen2 8B lm_head is 2.2 GB in fp32), and holds a few copies of it while it works (the peak of an
+# int4 build was there). A larger weight goes through in slices of columns: MatMulNBits lays out its
+# packed blocks, scales and zero points column by column, so the slices' concatenate exactly.
+MAX_SLICE_BYTES = 256 * 2**20
+
+
 def quantize_matmul(node: onnx.NodeProto, weight: np.ndarray, weight_name: str, bits: int,
                     block_size: int = DEFAULT_BLOCK_SIZE,
                     accuracy_level: int = ACCURACY_LEVEL) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     """One MatMul with its weight [K, N] -> (the MatMulNBits node, its initializers: packed weight,
-    scales, zero points), by onnxruntime's MatMulNBitsQuantizer run on a graph of just that node."""
+    scales, zero points), by onnxruntime's MatMulNBitsQuantizer run on a graph of just that node,
+    in slices of at most MAX_SLICE_BYTES of columns."""
+    from onnx import numpy_helper
+
+    k, n = weight.shape
+    columns = max(1, MAX_SLICE_BYTES // (4 * k))
+    if n <= columns:
+        return _quantize_slice(node, weight, weight_name, bits, block_size, accuracy_level)
+    qnode, slices = None, []
+    for start in range(0, n, columns):
+        qnode, inits = _quantize_slice(node, weight[:, start:start + columns], weight_name, bits, block_size,
+                                       accuracy_level)
+        slices.append({t.name: numpy_helper.to_array(t) for t in inits})
+    for attribute in qnode.attribute:
+        if attribute.name == "N":
+            attribute.i = n
+    return qnode, [numpy_helper.from_array(np.concatenate([s[name] for s in slices], axis=0), name)
+                   for name in slices[0]]
+
+
+def _quantize_slice(node: onnx.NodeProto, weight: np.ndarray, weight_name: str, bits: int, block_size: int,
+                    accuracy_level: int) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     from onnx import TensorProto, helper, numpy_helper
 
     graph = helper.make_graph([node], "matmul", [helper.make_tensor_value_info(node.input[0], TensorProto.FLOAT, None)],

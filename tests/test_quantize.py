@@ -72,6 +72,28 @@ def test_llm_matmuls_become_matmulnbits(tiny_quantized, tiny_checkpoint, precisi
     assert data == q["llm_data_bytes"][precision] < q["llm_data_bytes"]["fp32"] * (0.35 if bits == 8 else 0.25)
 
 
+@pytest.mark.parametrize("bits, k, n", [(4, 64, 300), (8, 96, 257), (4, 100, 130)])
+def test_a_large_weight_quantized_in_column_slices_equals_it_whole(monkeypatch, bits, k, n):
+    """A weight over MAX_SLICE_BYTES (a 152k-vocabulary lm_head: 2.2 GB, over protobuf's 2 GiB) goes
+    through the quantizer in slices of columns: the node and every initializer equal the whole one's,
+    byte for byte. K=100 is not a multiple of the block (padded)."""
+    from onnx import helper, numpy_helper
+
+    from export import quantize
+
+    rng = np.random.default_rng(k + n)
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    whole_node, whole = quantize.quantize_matmul(node, weight, "w", bits, 32)
+    monkeypatch.setattr(quantize, "MAX_SLICE_BYTES", 4 * k * 64)  # 64 columns a slice
+    sliced_node, sliced = quantize.quantize_matmul(node, weight, "w", bits, 32)
+    assert sliced_node == whole_node
+    assert [t.name for t in sliced] == [t.name for t in whole]
+    for a, b in zip(sliced, whole):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+        assert list(a.dims) == list(b.dims)
+
+
 def test_build_measures_and_records_accuracy(tiny_quantized):
     check = _manifest(tiny_quantized["int4"])["quantization"]["accuracy_check"]
     assert check["prompts"] == 8 and check["positions"] > 8 and check["goal_top1"] == 0.90
