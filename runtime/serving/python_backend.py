@@ -40,9 +40,12 @@ def _stub_mmap_threshold() -> None:
     import ctypes
     import os
 
-    if os.environ.get("FACERT_GLIBC_MALLOC") == "1":
+    from runtime.serving.server import GLIBC_MALLOC_MARK
+
+    m_mmap_threshold, default_mmap_threshold_max = -3, 32 * 2**20  # glibc's malloc.h, 64-bit
+    if os.environ.get(GLIBC_MALLOC_MARK) == "1":
         try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD_MAX
+            ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, default_mmap_threshold_max)
         except OSError:  # not glibc
             pass
 

@@ -127,8 +127,8 @@ class TritonInstall:
 # rose ~90 MB over the first 1,000-request soak and kept creeping in the next ones. With a fixed mmap
 # threshold of 128 KiB (glibc's own starting value, which it otherwise raises to the largest block
 # freed), every request buffer is its own mapping and goes back to the system when freed, and two
-# arenas instead of 8 per core hold the rest: four soaks in a row stayed within 16 MB at rest
-# (benchmarks/results/2026-11-30-soak-*). The python stubs inherit the environment, but there a fixed
+# arenas instead of 8 per core hold the rest: four soaks in a row each ended within 36 MB of their
+# after-warm-up rest (benchmarks/results/2026-11-30-soak-*). The python stubs inherit the environment, but there a fixed
 # threshold mmaps every large numpy array anew (logits, pixels), so they set glibc's ceiling back at
 # start (runtime/serving/python_backend.py). A user's own MALLOC_* settings are kept as they are.
 GLIBC_MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
