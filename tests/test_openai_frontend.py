@@ -261,7 +261,7 @@ def test_models_and_health(ep):
 
 # ------------------------------------------------------------------------------ stop strings
 
-def test_stop_string_cuts_the_answer_and_stops_the_generation(ep, face_png):
+def test_stop_string_cuts_the_answer_and_stops_the_generation(ep, face_png, tiny_checkpoint):
     client = ep.client()
     messages = [user_turn([face_png])]
     full = client.chat.completions.create(model="faceinsight", messages=messages, max_tokens=40)
@@ -270,7 +270,11 @@ def test_stop_string_cuts_the_answer_and_stops_the_generation(ep, face_png):
     at = next(i for i in range(8, len(text) - 3) if text.find(text[i:i + 3]) == i)
     stop = text[at:at + 3]
     before = facert_metrics(ep)
-    cut = client.chat.completions.create(model="faceinsight", messages=messages, max_tokens=40, stop=[stop, "\0"])
+    # room for hundreds of tokens after the cut (greedy: the same first 40): the tiny model makes one in a
+    # millisecond or two, so with only 40 the answer could end before the cancellation reaches the llm step
+    context = json.loads((tiny_checkpoint / "config.json").read_text())["llm"]["max_position_embeddings"]
+    room = context - full.usage.prompt_tokens - 8
+    cut = client.chat.completions.create(model="faceinsight", messages=messages, max_tokens=room, stop=[stop, "\0"])
     assert cut.choices[0].message.content == text[:at]
     assert cut.choices[0].finish_reason == "stop"
     # the usage counts what was generated up to the cut, and the prompt (told with the first token)
