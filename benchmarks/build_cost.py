@@ -39,6 +39,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import cpu_name  # noqa: E402
+
 IMAGE = ROOT / "runtime" / "assets" / "astronaut.png"
 
 
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "spec": args.spec, "layers": args.layers,
         "precision": args.precision, "build_args": args.build_args, "code": str(code), "commit": commit,
         "command": shlex.join(build),
-        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "cpu": _cpu_model(),
+        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "cpu": cpu_name(),
                     "memory_gib": gib(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
                     "load_average_before": load_before, "shared": args.shared},
         "checkpoint_bytes": folder_bytes(ckpt), **measured,
@@ -193,16 +198,6 @@ def _time_ask(facert: list[str], env: dict, engines: Path, verify: str) -> dict:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     return {"command": shlex.join(cmd), "verify": verify, "returncode": done.returncode,
             "wall_s": round(time.perf_counter() - t0, 1), "stderr_tail": done.stderr[-500:]}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def write_readme(results: Path, records: list[dict]) -> None:
