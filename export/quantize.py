@@ -45,7 +45,7 @@ import numpy as np
 import onnx
 
 from runtime.manifest import QUANTIZED_BITS as BITS
-from runtime.manifest import QUANTIZED_OP, EngineError
+from runtime.manifest import BEFORE_OFFSETS, QUANTIZED_OP, EngineError
 
 DEFAULT_BLOCK_SIZE = 32
 # MatMulNBits' compute type, by measurement on the demo model (2-core AMD EPYC with AVX512-VNNI,
@@ -53,6 +53,11 @@ DEFAULT_BLOCK_SIZE = 32
 # int8 dot products) against level 1 (fp32): int4 decode step 32.6 against 44.9 ms, top-1 agreement
 # with fp32 71.7 % against 71.1 %; int8 has no level-1 kernel on x86 in onnxruntime 1.32 (734 ms a step).
 ACCURACY_LEVEL = 4
+# The lm_head's bits: 8 at both precisions. It is the largest single matmul (a fifth of SmolLM2's
+# weights) and what every score goes through; the demo model's agreement with fp32, 10 prompts
+# (benchmarks/results/2026-11-30-quant-offsets/NOTES.md): int4 with an int4 lm_head 84.1 %, with an
+# int8 one 95.7 % (llama.cpp's 4-bit recipes keep the output matrix at 6-8 bits too).
+OUTPUT_BITS = {"int8": 8, "int4": 8}
 LLM_GRAPHS = ("llm_prefill", "llm_decode")
 
 
@@ -95,29 +100,35 @@ def _quantizer_class():
 # int4 build was there). A larger weight goes through in slices of columns: MatMulNBits lays out its
 # packed blocks, scales and zero points column by column, so the slices' concatenate exactly.
 MAX_SLICE_BYTES = 256 * 2**20
+OFFSETS_SUFFIX = "_block_offsets"
 
 
 def quantize_matmul(node: onnx.NodeProto, weight: np.ndarray, weight_name: str, bits: int,
-                    block_size: int = DEFAULT_BLOCK_SIZE,
-                    accuracy_level: int = ACCURACY_LEVEL) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+                    block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = ACCURACY_LEVEL,
+                    offsets: bool = True) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     """One MatMul with its weight [K, N] -> (the MatMulNBits node, its initializers: packed weight,
-    scales, zero points), by onnxruntime's MatMulNBitsQuantizer run on a graph of just that node,
-    in slices of at most MAX_SLICE_BYTES of columns."""
+    scales, zero points, and with `offsets` the blocks' offsets [K / block_size, N] named
+    `<weight>_block_offsets`), by onnxruntime's MatMulNBitsQuantizer run on a graph of just that
+    node, in slices of at most MAX_SLICE_BYTES of columns."""
     from onnx import numpy_helper
 
     k, n = weight.shape
+    offsets = offsets and k % block_size == 0
     columns = max(1, MAX_SLICE_BYTES // (4 * k))
-    if n <= columns:
-        return _quantize_slice(node, weight, weight_name, bits, block_size, accuracy_level)
     qnode, slices = None, []
     for start in range(0, n, columns):
-        qnode, inits = _quantize_slice(node, weight[:, start:start + columns], weight_name, bits, block_size,
-                                       accuracy_level)
-        slices.append({t.name: numpy_helper.to_array(t) for t in inits})
+        part = weight[:, start:start + columns]
+        qnode, inits = _quantize_slice(node, part, weight_name, bits, block_size, accuracy_level)
+        arrays = {t.name: numpy_helper.to_array(t) for t in inits}
+        if offsets:
+            arrays[weight_name + OFFSETS_SUFFIX] = block_offsets(part, inits, bits, block_size)
+        slices.append(arrays)
     for attribute in qnode.attribute:
         if attribute.name == "N":
             attribute.i = n
-    return qnode, [numpy_helper.from_array(np.concatenate([s[name] for s in slices], axis=0), name)
+    # MatMulNBits' tensors are laid out column by column (axis 0), the offsets [blocks, N] (axis 1)
+    return qnode, [numpy_helper.from_array(np.concatenate([s[name] for s in slices],
+                                                          axis=1 if name.endswith(OFFSETS_SUFFIX) else 0), name)
                    for name in slices[0]]
 
 
@@ -137,6 +148,31 @@ def _quantize_slice(node: onnx.NodeProto, weight: np.ndarray, weight_name: str, 
         raise EngineError(f"onnxruntime's quantizer did not rewrite {node.name} as one {QUANTIZED_OP} "
                           f"(got {[n.op_type for n in out.node]})")
     return out.node[0], list(out.initializer)
+
+
+def dequantize(qinits: list[onnx.TensorProto], bits: int, k: int) -> np.ndarray:
+    """The [K, N] weight a MatMulNBits node's packed weight, scales and zero points stand for
+    (its layout: [N, blocks, bytes] codes, low nibble first; [N, blocks] scales; zero points per
+    block, packed like the codes)."""
+    from onnx import numpy_helper
+
+    packed, scales, zero_points = (numpy_helper.to_array(t) for t in qinits)
+    n, blocks = packed.shape[0], packed.shape[1]
+    if bits == 4:
+        codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, -1)
+        zero_points = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+    else:
+        codes = packed
+    w = (codes.astype(np.float32) - zero_points.reshape(n, blocks, 1)) * scales.reshape(n, blocks, 1)
+    return w.reshape(n, -1)[:, :k].T
+
+
+def block_offsets(weight: np.ndarray, qinits: list[onnx.TensorProto], bits: int, block_size: int) -> np.ndarray:
+    """[K / block_size, N]: per block of each column, the mean of what quantization took off the
+    weight (the least-squares constant to add back to the block's dequantized values)."""
+    k, n = weight.shape
+    residual = weight - dequantize(qinits, bits, k)
+    return residual.reshape(k // block_size, block_size, n).mean(axis=1, dtype=np.float64).astype(np.float32)
 
 
 def _is_quantizable(weight: np.ndarray) -> bool:
@@ -240,11 +276,42 @@ def _rename(proto, old: str, new: str):
     return out
 
 
-def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done: dict, bits: int, block_size: int,
-                              accuracy_level: int) -> dict:
+def offset_constants(rank: int, blocks: int, block_size: int) -> list[onnx.TensorProto]:
+    """The shape x (of `rank`) takes to be summed block by block, and the axis summed over."""
+    from onnx import numpy_helper
+
+    return [numpy_helper.from_array(np.array([0] * (rank - 1) + [blocks, block_size], dtype=np.int64),
+                                    f"facert_blocks_{rank}d_{blocks}x{block_size}"),
+            numpy_helper.from_array(np.array([-1], dtype=np.int64), "facert_last_axis")]
+
+
+def offset_nodes(node: onnx.NodeProto, rank: int, offsets: onnx.TensorProto, block_size: int,
+                  nbits_output: str) -> list[onnx.NodeProto]:
+    """What adds the blocks' offsets back: x [..., K] -> the sum of each block of x [..., K / block]
+    -> times the offsets [K / block, N] -> added to MatMulNBits' output. The float part of each
+    block's zero point, which MatMulNBits' integer zero points cannot hold, at 1/block_size of a
+    MatMul's work."""
+    from onnx import helper
+
+    x, y, name = node.input[0], node.output[0], node.name
+    shape, axis = (t.name for t in offset_constants(rank, offsets.dims[0], block_size))
+    return [helper.make_node("Reshape", [x, shape], [f"{y}_blocks"], name=f"{name}_blocks"),
+            helper.make_node("ReduceSum", [f"{y}_blocks", axis], [f"{y}_block_sums"], name=f"{name}_block_sums",
+                             keepdims=0),
+            helper.make_node("MatMul", [f"{y}_block_sums", offsets.name], [f"{y}_offsets"], name=f"{name}_offsets"),
+            helper.make_node("Add", [nbits_output, f"{y}_offsets"], [y], name=f"{name}_add_offsets")]
+
+
+def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done: dict, bits: int, output_bits: int,
+                              block_size: int, accuracy_level: int, offsets: bool) -> dict:
     """Rewrite one graph (loaded without its weights) in place; `done` maps a source weight to its
-    quantized node and initializers, shared across graphs."""
+    quantized node and initializers, shared across graphs. The matmul that writes a graph output
+    (the lm_head, writing the logits) gets `output_bits`, the others `bits`."""
     inits = {t.name: t for t in graph.graph.initializer}
+    outputs = {o.name for o in graph.graph.output}
+    typed = onnx.shape_inference.infer_shapes(graph).graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*typed.input, *typed.value_info)
+             if v.type.tensor_type.HasField("shape")}
     nodes, added, quantized, kept = [], [], 0, 0
     for node in graph.graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
@@ -252,12 +319,13 @@ def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done:
             nodes.append(node)
             continue
         key = files.key(weight)
+        node_bits = output_bits if node.output[0] in outputs else bits
         if key not in done:
             w = files.array(weight)
             if not _is_quantizable(w):
                 done[key] = None
             else:
-                qnode, qinits = quantize_matmul(node, w, weight.name, bits, block_size, accuracy_level)
+                qnode, qinits = quantize_matmul(node, w, weight.name, node_bits, block_size, accuracy_level, offsets)
                 for t in qinits:
                     files.externalise(t)
                 done[key] = (weight.name, qnode, qinits)
@@ -268,12 +336,21 @@ def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done:
             continue
         source_name, qnode, qinits = done[key]
         qnode = _rename(qnode, source_name, weight.name)
+        qinits = [_rename(t, source_name, weight.name) for t in qinits]
+        offset = next((t for t in qinits if t.name.endswith(OFFSETS_SUFFIX)), None)
         del qnode.input[0], qnode.output[:]
         qnode.input.insert(0, node.input[0])
-        qnode.output.extend(node.output)
-        qnode.name = node.name + f"_Q{bits}"
+        qnode.output.append(node.output[0] if offset is None else node.output[0] + BEFORE_OFFSETS)
+        qnode.name = node.name + f"_Q{node_bits}"
         nodes.append(qnode)
-        added += [_rename(t, source_name, weight.name) for t in qinits]
+        if offset is not None:
+            rank = ranks.get(node.input[0])
+            if not rank:
+                raise EngineError(f"cannot add block offsets to {node.name}: the rank of {node.input[0]} is unknown")
+            nodes += offset_nodes(node, rank, offset, block_size, qnode.output[0])
+            names = {t.name for t in added}
+            added += [t for t in offset_constants(rank, offset.dims[0], block_size) if t.name not in names]
+        added += qinits
         quantized += 1
     del graph.graph.node[:]
     graph.graph.node.extend(nodes)
@@ -286,12 +363,12 @@ def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done:
     graph.graph.initializer.extend(keep + added)
     if not any(o.domain == "com.microsoft" for o in graph.opset_import):
         graph.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    return {"bits": bits, "block_size": block_size, "accuracy_level": accuracy_level,
-            "quantized_matmuls": quantized, "fp32_matmuls": kept}
+    return {"bits": bits, "output_bits": output_bits, "block_size": block_size, "accuracy_level": accuracy_level,
+            "block_offsets": offsets, "quantized_matmuls": quantized, "fp32_matmuls": kept}
 
 
 def quantize_llm(out_dir: Path, components: dict[str, dict], precision: str, block_size: int = DEFAULT_BLOCK_SIZE,
-                 accuracy_level: int = ACCURACY_LEVEL,
+                 accuracy_level: int = ACCURACY_LEVEL, offsets: bool = True,
                  progress: Callable[[str], None] = lambda _m: None) -> dict:
     """Rewrite the exported LLM graphs in out_dir in `precision`, streaming their weights; updates their
     component entries in place and returns the manifest's `quantization` record."""
@@ -314,7 +391,8 @@ def quantize_llm(out_dir: Path, components: dict[str, dict], precision: str, blo
         for name in LLM_GRAPHS:
             progress(f"quantizing {name} to {precision} (MatMulNBits, block {block_size})")
             graph = onnx.load(str(out_dir / components[name]["file"]), load_external_data=False)
-            per_graph[name] = _quantize_graph_streaming(graph, files, done, bits, block_size, accuracy_level)
+            per_graph[name] = _quantize_graph_streaming(graph, files, done, bits, OUTPUT_BITS[precision], block_size,
+                                                        accuracy_level, offsets)
             if io_signature(graph) != {k: components[name][k] for k in ("inputs", "outputs")}:
                 raise EngineError(f"quantizing {name} changed its inputs or outputs")
             graphs[name] = graph
@@ -327,8 +405,11 @@ def quantize_llm(out_dir: Path, components: dict[str, dict], precision: str, blo
         path.write_bytes(graph.SerializeToString())
         onnx.checker.check_model(str(path))  # by path: follows the external data references
         components[name].update(precision=precision, quantization=per_graph[name])
-    return {"scheme": "block-wise weight-only, asymmetric (uint, zero point per block), round to nearest",
-            "operator": f"com.microsoft.{QUANTIZED_OP}", "bits": bits, "block_size": block_size,
+    scheme = "block-wise weight-only, asymmetric (uint, zero point per block), round to nearest"
+    if offsets:
+        scheme += ", plus each block's mean residual as a float offset (block sums of x times the offsets)"
+    return {"scheme": scheme, "operator": f"com.microsoft.{QUANTIZED_OP}", "bits": bits,
+            "output_bits": OUTPUT_BITS[precision], "block_size": block_size, "block_offsets": offsets,
             "accuracy_level": accuracy_level, "components": list(LLM_GRAPHS),
             "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
             "quantizer_version": quantizer_version(),
@@ -339,7 +420,7 @@ def quantize_llm(out_dir: Path, components: dict[str, dict], precision: str, blo
 
 
 def quantized_copy(fp32_engines: Path, out: Path, precision: str, block_size: int = DEFAULT_BLOCK_SIZE,
-                   accuracy_level: int = ACCURACY_LEVEL) -> Path:
+                   accuracy_level: int = ACCURACY_LEVEL, offsets: bool = True) -> Path:
     """An int8/int4 engines folder made from an fp32 onnxruntime one, without exporting again: the
     same quantize_llm pass `facert build --precision` runs after its export (no accuracy check;
     `quantization` says so). For benchmarks and tests that compare precisions of one export."""
@@ -355,7 +436,7 @@ def quantized_copy(fp32_engines: Path, out: Path, precision: str, block_size: in
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(fp32_engines, out)
-    manifest["quantization"] = quantize_llm(out, manifest["components"], precision, block_size, accuracy_level)
+    manifest["quantization"] = quantize_llm(out, manifest["components"], precision, block_size, accuracy_level, offsets)
     manifest["quantization"]["derived_from"] = str(Path(fp32_engines).resolve())
     manifest["precision"] = precision
     write_manifest(out, manifest)

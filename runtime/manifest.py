@@ -40,6 +40,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 QUANTIZED_BITS = {"int8": 8, "int4": 4}  # onnxruntime precisions whose LLM matmuls are MatMulNBits
 QUANTIZED_OP = "MatMulNBits"
+BEFORE_OFFSETS = "_nbits"  # a MatMulNBits output's suffix where block offsets are added to it
 
 
 class EngineError(ValueError):
@@ -105,12 +106,17 @@ def _check_quantization(name: str, path: Path, graph, entry: dict) -> None:
     if len(nodes) != want.get("quantized_matmuls"):
         raise EngineError(f"component {name!r}: {path.name} holds {len(nodes)} {QUANTIZED_OP} nodes, the manifest "
                           f"says {want.get('quantized_matmuls')} (mismatched manifest or file)")
+    outputs = {o.name for o in graph.graph.output}
     for node in nodes:
         attrs = {a.name: get_attribute_value(a) for a in node.attribute}
+        # the lm_head (its output, or the sum of its output and offsets, is the logits) has its own bits
+        writes_output = node.output[0].removesuffix(BEFORE_OFFSETS) in outputs
+        expected = {"bits": want.get("output_bits", want.get("bits")) if writes_output else want.get("bits"),
+                    "block_size": want.get("block_size")}
         for key in ("bits", "block_size"):
-            if attrs.get(key) != want.get(key):
+            if attrs.get(key) != expected[key]:
                 raise EngineError(f"component {name!r}: {QUANTIZED_OP} {node.name} in {path.name} has {key} "
-                                  f"{attrs.get(key)}, the manifest says {want.get(key)} (mismatched manifest or file)")
+                                  f"{attrs.get(key)}, the manifest says {expected[key]} (mismatched manifest or file)")
 
 
 def _npy_signature(path: Path) -> dict:

@@ -49,14 +49,26 @@ def test_llm_matmuls_become_matmulnbits(tiny_quantized, tiny_checkpoint, precisi
         g = _graph(engines / f"{name}.onnx")
         inits = {t.name for t in g.graph.initializer}
         nbits = [n for n in g.graph.node if n.op_type == "MatMulNBits"]
-        # per layer: fused q/k/v, o_proj, fused gate/up, down_proj; plus the lm_head
+        # per layer: fused q/k/v, o_proj, fused gate/up, down_proj; plus the lm_head, in 8 bits
         assert len(nbits) == 4 * layers + 1
         for node in nbits:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             assert node.domain == "com.microsoft"
-            assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (bits, 32, 4)
-        # the only weight MatMuls left are the RoPE rotations (one per layer), which stay fp32
-        assert sum(1 for n in g.graph.node if n.op_type == "MatMul" and n.input[1] in inits) == layers
+            lm_head = node.output[0] == "logits_nbits"
+            assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (8 if lm_head else bits, 32, 4)
+        assert sum(n.output[0] == "logits_nbits" for n in nbits) == 1
+        # each one's output gets its blocks' offsets added: x's block sums times [K / 32, N] offsets
+        consumers = {i: n for n in g.graph.node for i in n.input}
+        offsets = {t.name: t for t in g.graph.initializer if t.name.endswith("_block_offsets")}
+        for node in nbits:
+            add = consumers[node.output[0]]
+            assert add.op_type == "Add"
+            matmul = next(n for n in g.graph.node if n.output[0] in add.input and n.op_type == "MatMul")
+            k, n = (attrs := {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})["K"], attrs["N"]
+            assert list(offsets[matmul.input[1]].dims) == [k // 32, n]
+        # the weight MatMuls left: the offsets' and the RoPE rotations (one per layer), which stay fp32
+        weight_matmuls = [n for n in g.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+        assert len(weight_matmuls) == layers + len(nbits)
         assert m["components"][name]["precision"] == precision
     assert not any(n.op_type == "MatMulNBits" for n in _graph(engines / "vision.onnx").graph.node)
     assert m["components"]["vision"]["precision"] == "fp32"
@@ -65,11 +77,51 @@ def test_llm_matmuls_become_matmulnbits(tiny_quantized, tiny_checkpoint, precisi
 
     q = m["quantization"]
     assert m["precision"] == precision
-    assert (q["bits"], q["block_size"], q["accuracy_level"]) == (bits, 32, 4)
+    assert (q["bits"], q["output_bits"], q["block_size"], q["accuracy_level"]) == (bits, 8, 32, 4)
+    assert q["block_offsets"] and m["components"]["llm_decode"]["quantization"]["output_bits"] == 8
     assert q["quantizer_version"] == onnxruntime.__version__ and "MatMulNBits" in q["operator"]
     assert "asymmetric" in q["scheme"]
     data = (engines / "llm.onnx.data").stat().st_size
     assert data == q["llm_data_bytes"][precision] < q["llm_data_bytes"]["fp32"] * (0.35 if bits == 8 else 0.25)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_block_offsets_reproduce_a_grid_with_float_minimums(bits):
+    """Weights on Q4_1's grid (a scale and a float minimum per block of 32, as the demo model's,
+    decoded from its GGUF file): MatMulNBits' integer zero points shift every block by up to half a
+    step; with the blocks' offsets added the quantized matmul equals the fp32 one (fp32 compute,
+    tolerance 1e-5 relative). Without them it is at least 100 times further off."""
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    from export.quantize import offset_constants, offset_nodes, quantize_matmul
+
+    k, n, block = 128, 40, 32
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 16, size=(k // block, block, n))
+    codes[:, 0], codes[:, 1] = 0, 15  # each block spans its grid, as a min/max quantizer's blocks do
+    step = rng.uniform(0.03, 0.06, size=(k // block, 1, n))
+    minimum = rng.uniform(-0.4, -0.1, size=(k // block, 1, n))  # blocks straddle 0: 15 steps > 0.45
+    weight = (codes * step + minimum).reshape(k, n).astype(np.float32)
+    x = rng.standard_normal((2, 3, k)).astype(np.float32)
+    reference = x @ weight
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    errors = {}
+    for offsets in (True, False):
+        qnode, inits = quantize_matmul(node, weight, "w", bits, block, accuracy_level=1, offsets=offsets)
+        nodes = [qnode]
+        if offsets:
+            qnode.output[0] = "y_nbits"
+            nodes += offset_nodes(node, 3, inits[-1], block, "y_nbits")
+            inits += offset_constants(3, k // block, block)
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, n])], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        errors[offsets] = np.abs(session.run(None, {"x": x})[0] - reference).max() / np.abs(reference).max()
+    assert errors[True] < 1e-5, errors
+    assert errors[False] > 100 * errors[True], errors
 
 
 @pytest.mark.parametrize("bits, k, n", [(4, 64, 300), (8, 96, 257), (4, 100, 130)])
