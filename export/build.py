@@ -281,8 +281,9 @@ def _build_into(out: Path, model, load: Callable, tokenizer, config: dict, *, ch
 def _quantize(load: Callable, tokenizer, out: Path, components: dict, layout: dict, precision: str,
               block_size: int, check_accuracy: bool, progress: Progress) -> dict:
     """int8/int4 LLM graphs in place of the fp32 ones, and what they cost in accuracy; the manifest's
-    `quantization` record. The check loads the fp32 LLM (torch) once the quantized graphs are written:
-    its weights are then in memory next to the quantized session (--no-accuracy-check where they do not fit)."""
+    `quantization` record. The check loads the fp32 LLM (torch) once the quantized graphs are written,
+    runs it, and lets it go before it opens the quantized session (--no-accuracy-check where the fp32
+    LLM does not fit)."""
     from export.quant_accuracy import build_check
     from export.quantize import quantize_llm
 
@@ -290,7 +291,8 @@ def _quantize(load: Callable, tokenizer, out: Path, components: dict, layout: di
     record = quantize_llm(out, components, precision, block_size, progress=progress)
     if check_accuracy:
         progress.step(f"measuring the {precision} LLM against the fp32 model (teacher-forced next-token agreement)")
-        check = record["accuracy_check"] = build_check(load(("llm",)), tokenizer, out, components, layout, precision)
+        check = record["accuracy_check"] = build_check(lambda: load(("llm",)), tokenizer, out, components, layout,
+                                                       precision)
         progress(f"{precision}: top-1 agreement {check['top1_agreement']:.1%} over {check['positions']} positions "
                  f"(goal {check['goal_top1']:.0%}), mean KL {check['mean_kl']:.4f}, identical answers "
                  f"{check['identical_answers']:.0%} of {check['prompts']}")

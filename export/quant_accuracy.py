@@ -21,6 +21,7 @@ full set (`TEXT_QUESTIONS` + `IMAGE_QUESTIONS`).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -138,16 +139,26 @@ def greedy(llm, embeds: torch.Tensor, new_tokens: int, eos: tuple[int, ...]) -> 
     return kept
 
 
-def compare(reference, candidates: dict, prompts: list[torch.Tensor], new_tokens: int = DEFAULT_NEW_TOKENS,
-            eos: tuple[int, ...] = ()) -> dict[str, dict]:
+def reference_runs(reference, prompts: list[torch.Tensor], new_tokens: int = DEFAULT_NEW_TOKENS,
+                   eos: tuple[int, ...] = ()) -> list[tuple[list[int], torch.Tensor]]:
+    """Per prompt, the reference's greedy continuation and its teacher-forced logits along it: all
+    that `score` needs, so the reference can be let go before a candidate is loaded."""
+    runs = []
+    for embeds in prompts:
+        tokens = greedy(reference, embeds, new_tokens, eos)
+        runs.append((tokens, forced_logits(reference, embeds, tokens)))
+    return runs
+
+
+def score(candidates: dict, prompts: list[torch.Tensor], references: list[tuple[list[int], torch.Tensor]],
+          new_tokens: int = DEFAULT_NEW_TOKENS, eos: tuple[int, ...] = ()) -> dict[str, dict]:
     """Per candidate LLM: top-1 agreement and mean KL at every position of the reference's greedy
     continuation (teacher-forced), and the share of identical greedy answers, over `prompts` ([T, D]
-    embeddings). The reference runs once per prompt for all candidates."""
+    embeddings) and their `reference_runs`."""
     stats = {name: {"agree": 0, "identical": 0, "kl": 0.0, "per_prompt": []} for name in candidates}
     positions = 0
-    for embeds in prompts:
-        ref_tokens = greedy(reference, embeds, new_tokens, eos)
-        ref = torch.log_softmax(forced_logits(reference, embeds, ref_tokens).double(), dim=-1)
+    for embeds, (ref_tokens, ref_logits) in zip(prompts, references, strict=True):
+        ref = torch.log_softmax(ref_logits.double(), dim=-1)
         positions += len(ref_tokens)
         for name, llm in candidates.items():
             cand = torch.log_softmax(forced_logits(llm, embeds, ref_tokens).double(), dim=-1)
@@ -164,6 +175,12 @@ def compare(reference, candidates: dict, prompts: list[torch.Tensor], new_tokens
             for name, s in stats.items()}
 
 
+def compare(reference, candidates: dict, prompts: list[torch.Tensor], new_tokens: int = DEFAULT_NEW_TOKENS,
+            eos: tuple[int, ...] = ()) -> dict[str, dict]:
+    """`score` of every candidate against the reference on `prompts` (the reference runs once)."""
+    return score(candidates, prompts, reference_runs(reference, prompts, new_tokens, eos), new_tokens, eos)
+
+
 def open_llm(engines_dir: Path, components: dict, layout: dict, intra_op_threads: int | None = None):
     """The LLM of a folder being built (no manifest yet), as runtime.generate drives it."""
     import numpy as np
@@ -177,15 +194,24 @@ def open_llm(engines_dir: Path, components: dict, layout: dict, intra_op_threads
     return OrtLLM(graphs["llm_prefill"], graphs["llm_decode"], table, layout)
 
 
-def build_check(model, tokenizer, engines_dir: Path, components: dict, layout: dict, precision: str,
+def build_check(load_model: Callable, tokenizer, engines_dir: Path, components: dict, layout: dict, precision: str,
                 questions=BUILD_CHECK_QUESTIONS, new_tokens: int = DEFAULT_NEW_TOKENS) -> dict:
-    """The quantized graphs in engines_dir against the fp32 torch model they were exported from."""
+    """The quantized graphs in engines_dir against the fp32 torch model they were exported from
+    (`load_model()`): the torch model answers first and is let go before the quantized session
+    opens, so the check's memory is the larger of the two, not their sum."""
+    from export.onnx_export import release_freed_memory
     from runtime.generate import TorchLLM
 
+    model = load_model()
+    family, vocab_size = model.family, model.vocab_size
     reference = TorchLLM(model.llm.float().eval())
+    prompts = text_prompts(reference, tokenizer, family, vocab_size, questions)
+    eos = eos_ids(tokenizer)
+    references = reference_runs(reference, prompts, new_tokens, eos)
+    del model, reference
+    release_freed_memory()
     candidate = open_llm(engines_dir, components, layout)
-    prompts = text_prompts(reference, tokenizer, model.family, model.vocab_size, questions)
-    result = compare(reference, {precision: candidate}, prompts, new_tokens, eos_ids(tokenizer))[precision]
+    result = score({precision: candidate}, prompts, references, new_tokens, eos)[precision]
     del result["per_prompt"]
     goal = GOALS[precision]
     return {**result, "reference": "the fp32 torch model", "prompt_set": "text questions "

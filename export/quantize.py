@@ -374,7 +374,7 @@ def quantize_llm(out_dir: Path, components: dict[str, dict], precision: str, blo
     component entries in place and returns the manifest's `quantization` record."""
     import os
 
-    from export.onnx_export import LLM_DATA_FILE
+    from export.onnx_export import LLM_DATA_FILE, release_freed_memory
     from runtime.manifest import io_signature
 
     if precision not in BITS:
@@ -385,6 +385,7 @@ def quantize_llm(out_dir: Path, components: dict[str, dict], precision: str, blo
     fp32_bytes = (out_dir / LLM_DATA_FILE).stat().st_size
     staging = out_dir / (LLM_DATA_FILE + ".quantizing")
     graphs, per_graph, done = {}, {}, {}
+    release_freed_memory()
     t0 = time.perf_counter()
     files = _WeightFiles(out_dir, staging, LLM_DATA_FILE)
     try:
