@@ -510,12 +510,14 @@ def export_onnx(load: Callable[[tuple[str, ...]], nn.Module], out_dir: Path, sim
     return components
 
 
-def release_freed_memory() -> None:
-    """Collect garbage, then hand glibc's free heap pages back to the system: a build's steps free
-    gigabytes of weights that glibc would otherwise keep for the next step's peak to stack on."""
+def release_freed_memory(collect: bool = True) -> None:
+    """Collect garbage (unless `collect` is False), then hand glibc's free heap pages back to the
+    system: a build's steps free gigabytes of weights that glibc would otherwise keep for the next
+    step's peak to stack on."""
     import ctypes
 
-    gc.collect()
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc

@@ -45,6 +45,7 @@ import numpy as np
 import onnx
 
 from runtime.manifest import QUANTIZED_BITS as BITS
+from export.onnx_export import release_freed_memory
 from runtime.manifest import BEFORE_OFFSETS, QUANTIZED_OP, EngineError
 
 DEFAULT_BLOCK_SIZE = 32
@@ -98,8 +99,10 @@ def _quantizer_class():
 # onnxruntime's quantizer takes the weight as one protobuf initializer, which cannot pass 2 GiB (a
 # Qwen2 8B lm_head is 2.2 GB in fp32), and holds a few copies of it while it works (the peak of an
 # int4 build was there). A larger weight goes through in slices of columns: MatMulNBits lays out its
-# packed blocks, scales and zero points column by column, so the slices' concatenate exactly.
-MAX_SLICE_BYTES = 256 * 2**20
+# packed blocks, scales and zero points column by column, so the slices' concatenate exactly. The
+# slice is small against the weights a build holds elsewhere: each holds ~5 copies of itself in the
+# quantizer and the offsets' dequantization (facellm-1b int4 peaked at 4.4 GiB with 256 MiB slices).
+MAX_SLICE_BYTES = 64 * 2**20
 OFFSETS_SUFFIX = "_block_offsets"
 
 
@@ -330,6 +333,7 @@ def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done:
                     files.externalise(t)
                 done[key] = (weight.name, qnode, qinits)
             del w
+            release_freed_memory(collect=False)
         if done[key] is None:
             kept += 1
             nodes.append(node)
@@ -374,7 +378,7 @@ def quantize_llm(out_dir: Path, components: dict[str, dict], precision: str, blo
     component entries in place and returns the manifest's `quantization` record."""
     import os
 
-    from export.onnx_export import LLM_DATA_FILE, release_freed_memory
+    from export.onnx_export import LLM_DATA_FILE
     from runtime.manifest import io_signature
 
     if precision not in BITS:
