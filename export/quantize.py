@@ -150,7 +150,14 @@ def _quantize_slice(node: onnx.NodeProto, weight: np.ndarray, weight_name: str, 
     if [n.op_type for n in out.node] != [QUANTIZED_OP]:
         raise EngineError(f"onnxruntime's quantizer did not rewrite {node.name} as one {QUANTIZED_OP} "
                           f"(got {[n.op_type for n in out.node]})")
-    return out.node[0], list(out.initializer)
+    # copies: a message taken from the quantizer's model keeps that whole model alive, fp32 weight and all
+    node_copy = onnx.NodeProto()
+    node_copy.CopyFrom(out.node[0])
+    inits = []
+    for t in out.initializer:
+        inits.append(onnx.TensorProto())
+        inits[-1].CopyFrom(t)
+    return node_copy, inits
 
 
 def dequantize(qinits: list[onnx.TensorProto], bits: int, k: int) -> np.ndarray:
