@@ -291,8 +291,7 @@ def _quantize(load: Callable, tokenizer, out: Path, components: dict, layout: di
     record = quantize_llm(out, components, precision, block_size, progress=progress)
     if check_accuracy:
         progress.step(f"measuring the {precision} LLM against the fp32 model (teacher-forced next-token agreement)")
-        check = record["accuracy_check"] = build_check(lambda: load(("llm",)), tokenizer, out, components, layout,
-                                                       precision)
+        check = record["accuracy_check"] = build_check(load, tokenizer, out, components, layout, precision)
         progress(f"{precision}: top-1 agreement {check['top1_agreement']:.1%} over {check['positions']} positions "
                  f"(goal {check['goal_top1']:.0%}), mean KL {check['mean_kl']:.4f}, identical answers "
                  f"{check['identical_answers']:.0%} of {check['prompts']}")

@@ -485,9 +485,9 @@ def _example_inputs(model, batch: int = 2):
     return ex
 
 
-# What export_onnx loads at a time: the vision side (every graph but the LLM's), then the LLM.
+# What export_onnx loads at a time: the vision side (every graph but the LLM's), then the LLM (an
+# untied one as its token-embedding table, saved and let go, then the rest).
 VISION_PARTS = ("vision", "parser", "seg", "attributes")
-LLM_PARTS = ("llm",)
 
 
 def export_onnx(load: Callable[[tuple[str, ...]], nn.Module], out_dir: Path, simplify: bool = True,
@@ -505,9 +505,19 @@ def export_onnx(load: Callable[[tuple[str, ...]], nn.Module], out_dir: Path, sim
     out_dir.mkdir(parents=True, exist_ok=True)
     components = _export_vision_side(load(VISION_PARTS), out_dir, simplify, progress)
     release_freed_memory()
-    components.update(_export_llm(load(LLM_PARTS), out_dir, simplify, progress))
+    parts = llm_parts(load)
+    if parts != ("llm",):
+        components.update(_save_embedding(load(("llm_embed_tokens",)), out_dir, progress))
+        release_freed_memory()
+    components.update(_export_llm(load(parts), out_dir, simplify, progress))
     release_freed_memory()
     return components
+
+
+def llm_parts(load: Callable[[tuple[str, ...]], nn.Module]) -> tuple[str, ...]:
+    """What to load of the LLM besides its token-embedding table, which a build keeps in embed_tokens.npy:
+    all of it where the lm_head is tied to the table, else its body alone."""
+    return ("llm",) if load(()).llm.config.tie_word_embeddings else ("llm_body",)
 
 
 def release_freed_memory(collect: bool = True) -> None:
@@ -559,19 +569,23 @@ def _export_vision_side(model, out_dir: Path, simplify: bool, progress) -> dict[
     return components
 
 
+def _save_embedding(model, out_dir: Path, progress) -> dict[str, dict]:
+    """embed_tokens.npy, the token-embedding table the runtime gathers prompt rows from (fp32)."""
+    progress("saving the token-embedding table")
+    table = model.llm.get_input_embeddings().weight.detach().float().contiguous()
+    np.save(out_dir / EMBED_FILE, table.numpy())
+    return {"embed_tokens": {"file": EMBED_FILE, "kind": "npy", "data_files": [],
+                             "outputs": [{"name": "embed_tokens", "shape": list(table.shape),
+                                          "dtype": str(table.numpy().dtype)}], "inputs": []}}
+
+
 def _export_llm(model, out_dir: Path, simplify: bool, progress) -> dict[str, dict]:
+    """The prefill and decode graphs; with a tied lm_head (the table loaded with the rest), the table too."""
     model = model.float().eval()
     components = {}
-    progress("saving the token-embedding table")
     embedding = model.llm.get_input_embeddings()
-    table = embedding.weight.detach()
-    np.save(out_dir / EMBED_FILE, table.contiguous().numpy())
-    components["embed_tokens"] = {"file": EMBED_FILE, "kind": "npy", "data_files": [],
-                                  "outputs": [{"name": "embed_tokens", "shape": list(table.shape),
-                                               "dtype": str(table.numpy().dtype)}], "inputs": []}
-    del table
-    if not model.llm.config.tie_word_embeddings:
-        embedding.to("meta")  # the graphs take inputs_embeds; a tied lm_head still needs it
+    if model.llm.config.tie_word_embeddings:
+        components.update(_save_embedding(model, out_dir, progress))
 
     progress("exporting llm (prefill and decode graphs)")
     t0 = time.perf_counter()

@@ -194,15 +194,28 @@ def open_llm(engines_dir: Path, components: dict, layout: dict, intra_op_threads
     return OrtLLM(graphs["llm_prefill"], graphs["llm_decode"], table, layout)
 
 
-def build_check(load_model: Callable, tokenizer, engines_dir: Path, components: dict, layout: dict, precision: str,
+def build_check(load: Callable, tokenizer, engines_dir: Path, components: dict, layout: dict, precision: str,
                 questions=BUILD_CHECK_QUESTIONS, new_tokens: int = DEFAULT_NEW_TOKENS) -> dict:
     """The quantized graphs in engines_dir against the fp32 torch model they were exported from
-    (`load_model()`): the torch model answers first and is let go before the quantized session
-    opens, so the check's memory is the larger of the two, not their sum."""
-    from export.onnx_export import release_freed_memory
+    (`load(parts)`, as export_onnx takes it): the torch model answers first and is let go before the
+    quantized session opens, so the check's memory is the larger of the two, not their sum. An
+    untied LLM's token-embedding table is not loaded again: the reference reads the rows it needs
+    from the build's embed_tokens.npy, mapped."""
+    import warnings
+
+    import numpy as np
+
+    from export.onnx_export import llm_parts, release_freed_memory
     from runtime.generate import TorchLLM
 
-    model = load_model()
+    parts = llm_parts(load)
+    model = load(parts)
+    if parts != ("llm",):
+        table = np.load(engines_dir / components["embed_tokens"]["file"], mmap_mode="r")
+        with warnings.catch_warnings():  # a read-only map: nothing writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            weight = torch.nn.Parameter(torch.from_numpy(table), requires_grad=False)
+        model.llm.get_input_embeddings().weight = weight
     family, vocab_size = model.family, model.vocab_size
     reference = TorchLLM(model.llm.float().eval())
     prompts = text_prompts(reference, tokenizer, family, vocab_size, questions)

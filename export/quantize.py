@@ -74,12 +74,6 @@ def quantizer_version() -> str:
     return onnxruntime.__version__
 
 
-def _is_signed_permutation(w: np.ndarray) -> bool:
-    """The RoPE rotate_half matrix: square, entries in {-1, 0, 1}, one non-zero per row."""
-    return (w.ndim == 2 and w.shape[0] == w.shape[1] and np.isin(w, (-1.0, 0.0, 1.0)).all()
-            and (np.count_nonzero(w, axis=1) == 1).all())
-
-
 def _quantizer_class():
     import logging
 
@@ -115,24 +109,58 @@ def quantize_matmul(node: onnx.NodeProto, weight: np.ndarray, weight_name: str, 
     node, in slices of at most MAX_SLICE_BYTES of columns."""
     from onnx import numpy_helper
 
+    qnode, arrays = _quantize_columns(node, weight, weight_name, bits, block_size, accuracy_level, offsets)
+    return qnode, [numpy_helper.from_array(a, name) for name, a in arrays.items()]
+
+
+class MappedWeight:
+    """A weight [K, N] in a data file that `[:, a:b]` reads a slice of columns of, each slice through a
+    map of its own, unmapped once copied: no more of the weight is resident than the slice."""
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype):
+        self.path, self.offset, self.shape, self.dtype = path, offset, shape, np.dtype(dtype)
+
+    def __getitem__(self, index) -> np.ndarray:
+        mapped = np.memmap(self.path, self.dtype, "r", self.offset, self.shape)
+        try:
+            return np.array(mapped[index])
+        finally:
+            del mapped
+
+
+def _quantize_columns(node: onnx.NodeProto, weight, weight_name: str, bits: int, block_size: int,
+                      accuracy_level: int, offsets: bool) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
+    """quantize_matmul's work, on a weight (an array or a MappedWeight) read a slice of columns at a time;
+    the arrays by name, each allocated once at its full size."""
+    from onnx import numpy_helper
+
     k, n = weight.shape
     offsets = offsets and k % block_size == 0
     columns = max(1, MAX_SLICE_BYTES // (4 * k))
-    qnode, slices = None, []
+    qnode, arrays = None, {}
     for start in range(0, n, columns):
         part = weight[:, start:start + columns]
         qnode, inits = _quantize_slice(node, part, weight_name, bits, block_size, accuracy_level)
-        arrays = {t.name: numpy_helper.to_array(t) for t in inits}
+        pieces = {t.name: numpy_helper.to_array(t) for t in inits}
         if offsets:
-            arrays[weight_name + OFFSETS_SUFFIX] = block_offsets(part, inits, bits, block_size)
-        slices.append(arrays)
+            pieces[weight_name + OFFSETS_SUFFIX] = block_offsets(part, inits, bits, block_size)
+        del part, inits
+        for name, piece in pieces.items():
+            # MatMulNBits' tensors are laid out column by column (axis 0), the offsets [blocks, N] (axis 1)
+            axis = 1 if name.endswith(OFFSETS_SUFFIX) else 0
+            if name not in arrays:
+                shape = list(piece.shape)
+                shape[axis] = n
+                arrays[name] = np.empty(shape, piece.dtype)
+            stop = start + piece.shape[axis]
+            if axis:
+                arrays[name][:, start:stop] = piece
+            else:
+                arrays[name][start:stop] = piece
     for attribute in qnode.attribute:
         if attribute.name == "N":
             attribute.i = n
-    # MatMulNBits' tensors are laid out column by column (axis 0), the offsets [blocks, N] (axis 1)
-    return qnode, [numpy_helper.from_array(np.concatenate([s[name] for s in slices],
-                                                          axis=1 if name.endswith(OFFSETS_SUFFIX) else 0), name)
-                   for name in slices[0]]
+    return qnode, arrays
 
 
 def _quantize_slice(node: onnx.NodeProto, weight: np.ndarray, weight_name: str, bits: int, block_size: int,
@@ -185,14 +213,15 @@ def block_offsets(weight: np.ndarray, qinits: list[onnx.TensorProto], bits: int,
     return residual.reshape(k // block_size, block_size, n).mean(axis=1, dtype=np.float64).astype(np.float32)
 
 
-def _is_quantizable(weight: np.ndarray) -> bool:
-    """A linear layer's weight [K, N]; not the RoPE rotate_half matrix (square, entries in {-1, 0, 1},
-    one non-zero per row), which stays exact."""
-    if weight.ndim != 2:
+def _is_quantizable(weight) -> bool:
+    """A linear layer's weight [K, N] (an array or a MappedWeight); not the RoPE rotate_half matrix
+    (square, entries in {-1, 0, 1}, one non-zero per row), which stays exact."""
+    if len(weight.shape) != 2:
         return False
-    rotation = (weight.shape[0] == weight.shape[1] and np.isin(weight, (-1.0, 0.0, 1.0)).all()
-                and (np.count_nonzero(weight, axis=1) == 1).all())
-    return not rotation
+    if weight.shape[0] != weight.shape[1]:
+        return True
+    w = weight[:, :]
+    return not (np.isin(w, (-1.0, 0.0, 1.0)).all() and (np.count_nonzero(w, axis=1) == 1).all())
 
 
 def _external(tensor: onnx.TensorProto) -> dict | None:
@@ -224,25 +253,21 @@ class _WeightFiles:
             return ("inline", hashlib.sha256(tensor.raw_data).hexdigest()) if tensor.raw_data else ("proto", id(tensor))
         return (ext["location"], int(ext.get("offset", 0)), int(ext["length"]))
 
-    def array(self, tensor: onnx.TensorProto) -> np.ndarray:
+    def weight(self, tensor: onnx.TensorProto):
+        """The tensor's values: an array, or for one in a data file a MappedWeight (read a slice at a time)."""
         from onnx import helper, numpy_helper
 
         ext = _external(tensor)
         if ext is None:
             return numpy_helper.to_array(tensor)
-        f = self.sources.get(ext["location"])
-        if f is None:
-            f = self.sources[ext["location"]] = open(self.root / ext["location"], "rb")
-        f.seek(int(ext.get("offset", 0)))
-        raw = f.read(int(ext["length"]))
-        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+        return MappedWeight(self.root / ext["location"], int(ext.get("offset", 0)), tuple(tensor.dims),
+                            helper.tensor_dtype_to_np_dtype(tensor.data_type))
 
-    def _write(self, raw: bytes) -> tuple[int, int]:
+    def _write(self, raw) -> tuple[int, int]:
         self.target.write(b"\0" * ((-self.target.tell()) % 64))  # aligned, as the export writes them
         offset = self.target.tell()
         self.target.write(raw)
-        return offset, len(raw)
+        return offset, memoryview(raw).nbytes
 
     def externalise(self, tensor: onnx.TensorProto, place: tuple[int, int] | None = None) -> tuple[int, int]:
         """Point `tensor` at its bytes in the new file (written now unless `place` says where they are)."""
@@ -265,8 +290,15 @@ class _WeightFiles:
         """An fp32 weight that stays: its bytes into the new file (once), the tensor pointed there."""
         key = self.key(tensor)
         if key not in self.copied:
-            self.copied[key] = self._write(self.array(tensor).tobytes())
+            self.copied[key] = self._write(self.weight(tensor)[...].tobytes())
         self.externalise(tensor, self.copied[key])
+
+    def write_array(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        """A new tensor `name` holding `array`, its bytes written to the new file."""
+        tensor = onnx.TensorProto(name=name, dims=array.shape,
+                                  data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+        self.externalise(tensor, self._write(np.ascontiguousarray(array).data))
+        return tensor
 
 
 def _rename(proto, old: str, new: str):
@@ -331,14 +363,14 @@ def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done:
         key = files.key(weight)
         node_bits = output_bits if node.output[0] in outputs else bits
         if key not in done:
-            w = files.array(weight)
+            w = files.weight(weight)
             if not _is_quantizable(w):
                 done[key] = None
             else:
-                qnode, qinits = quantize_matmul(node, w, weight.name, node_bits, block_size, accuracy_level, offsets)
-                for t in qinits:
-                    files.externalise(t)
-                done[key] = (weight.name, qnode, qinits)
+                qnode, arrays = _quantize_columns(node, w, weight.name, node_bits, block_size, accuracy_level,
+                                                  offsets)
+                done[key] = (weight.name, qnode, [files.write_array(name, a) for name, a in arrays.items()])
+                del arrays
             del w
             release_freed_memory(collect=False)
         if done[key] is None:

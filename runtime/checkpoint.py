@@ -218,8 +218,11 @@ def _build_empty(spec: dict, dtype: torch.dtype):
 
 
 # A serving step needs only its own component; the others stay on the meta device (no memory).
+# "llm" is the whole LLM; an untied LLM can also be read as its token-embedding table and the rest
+# (a build holds one at a time: the table of an 8B is 2 GB in fp32, as large as its lm_head).
 PARTS = {"vision": ("vision_tower.", "projector."), "parser": ("parser.",), "seg": ("seg.",),
-         "attributes": ("attributes.",), "llm": ("llm.",)}
+         "attributes": ("attributes.",), "llm": ("llm.",), "llm_embed_tokens": ("llm.model.embed_tokens.",),
+         "llm_body": ("llm.model.layers.", "llm.model.norm.", "llm.lm_head.")}
 
 
 def _prefixes(parts) -> tuple[str, ...] | None:
@@ -232,11 +235,18 @@ def _prefixes(parts) -> tuple[str, ...] | None:
 
 
 def _drop_unneeded(model, parts) -> None:
+    """Move the modules of the parts not asked for to meta; a part that contains or lies inside one
+    asked for (the whole LLM, when its body is asked for) is left as it is."""
+    wanted = _prefixes(parts)
     for part, prefixes in PARTS.items():
         if part in parts:
             continue
         for prefix in prefixes:
-            module = getattr(model, prefix.rstrip("."), None)
+            if any(w.startswith(prefix) or prefix.startswith(w) for w in wanted):
+                continue
+            module = model
+            for name in prefix.rstrip(".").split("."):
+                module = getattr(module, name, None)
             if module is not None:
                 module.to("meta")
 

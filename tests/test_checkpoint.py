@@ -206,6 +206,25 @@ def test_loading_only_some_parts_leaves_the_rest_without_weights(tiny_checkpoint
         load_checkpoint(tiny_checkpoint, parts=("eyes",))
 
 
+def test_an_untied_llm_loads_as_its_table_and_its_body(tiny_checkpoint):
+    """A build reads an untied LLM's token-embedding table and the rest one at a time: each load
+    holds its own part's weights, equal to the full load's, and leaves the other on meta (the
+    rotary frequencies, a buffer no file holds, stay real)."""
+    full, _, _ = load_checkpoint(tiny_checkpoint)
+    assert not full.llm.config.tie_word_embeddings
+    table, _, _ = load_checkpoint(tiny_checkpoint, parts=("llm_embed_tokens",))
+    body, _, _ = load_checkpoint(tiny_checkpoint, parts=("llm_body",))
+    torch.testing.assert_close(table.llm.model.embed_tokens.weight, full.llm.model.embed_tokens.weight)
+    assert table.llm.lm_head.weight.is_meta and table.llm.model.layers[0].mlp.down_proj.weight.is_meta
+    assert body.llm.model.embed_tokens.weight.is_meta and body.vision_tower is not None
+    for name, weight in full.llm.named_parameters():
+        if not name.startswith("model.embed_tokens."):
+            torch.testing.assert_close(body.llm.get_parameter(name), weight)
+    for name, buffer in full.llm.named_buffers():
+        torch.testing.assert_close(body.llm.get_buffer(name), buffer)
+    assert next(body.vision_tower.parameters()).is_meta
+
+
 @pytest.mark.parametrize("kind", ["llava-hf", "internvl-hf"])
 def test_hf_directories_load_by_parts_too(kind, tmp_path):
     """What `facert build` does to hold one part at a time: the structure alone, then each part."""
