@@ -123,14 +123,16 @@ def gguf_tensor_bytes(path: Path) -> int:
 
 def quantized_gemv_bandwidth(rows: int, cols: int, threads: int, bits: int, repeats: int = 20) -> float:
     """GB/s of one MatMulNBits matrix-vector product of [rows, cols] (bytes: packed weights, scales,
-    zero points), as export.quantize writes it."""
+    zero points), as export.quantize writes it; the block offsets' MatMul, a separate node, is not
+    part of it."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     from export.quantize import quantize_matmul
 
     w = np.random.default_rng(0).standard_normal((cols, rows), dtype=np.float32)
-    node, weights = quantize_matmul(helper.make_node("MatMul", ["x", "w"], ["y"], name="gemv"), w, "w", bits)
+    node, weights = quantize_matmul(helper.make_node("MatMul", ["x", "w"], ["y"], name="gemv"), w, "w", bits,
+                                    offsets=False)
     graph = helper.make_graph([node], "gemv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cols])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows])], weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])

@@ -143,6 +143,29 @@ def reshape(x, *shape):
     return Reshape.apply(x, shape)
 
 
+def _fuse_taking_over(projections: list[nn.Linear], scales: list[float]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The projections' weights (and biases), each times its scale, stacked along the output rows, as
+    torch.cat would; each projection is emptied (meta) once copied, so at most one of them is held
+    twice (an 8B's gate_proj is 272 MB in fp32; cat would hold the gate and up copies at once)."""
+    first = projections[0]
+    rows = sum(p.weight.shape[0] for p in projections)
+    weight = torch.empty(rows, first.weight.shape[1], dtype=first.weight.dtype)
+    bias = None if first.bias is None else torch.empty(rows, dtype=first.bias.dtype)
+    start = 0
+    for proj, scale in zip(projections, scales, strict=True):
+        stop = start + proj.weight.shape[0]
+        weight[start:stop].copy_(proj.weight)
+        if bias is not None:
+            bias[start:stop].copy_(proj.bias)
+        if scale != 1.0:
+            weight[start:stop].mul_(scale)
+            if bias is not None:
+                bias[start:stop].mul_(scale)
+        proj.to("meta")
+        start = stop
+    return weight, bias
+
+
 class KVCacheLLM(nn.Module):
     """A transformers Llama/Qwen2 *ForCausalLM run with explicit K/V tensors (see module doc).
 
@@ -179,19 +202,12 @@ class KVCacheLLM(nn.Module):
         with torch.no_grad():
             for i, layer in enumerate(causal_lm.model.layers):
                 a, mlp = layer.self_attn, layer.mlp
-                self.register_buffer(f"qkv_weight_{i}", torch.cat(
-                    [a.q_proj.weight * a.scaling, a.k_proj.weight, a.v_proj.weight]))
-                bias = None
-                if a.q_proj.bias is not None:
-                    bias = torch.cat([a.q_proj.bias * a.scaling, a.k_proj.bias, a.v_proj.bias])
-                self.register_buffer(f"qkv_bias_{i}", bias)
-                self.register_buffer(f"gate_up_weight_{i}", torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
-                gate_up_bias = None
-                if mlp.gate_proj.bias is not None:
-                    gate_up_bias = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
-                self.register_buffer(f"gate_up_bias_{i}", gate_up_bias)
-                for proj in (a.q_proj, a.k_proj, a.v_proj, mlp.gate_proj, mlp.up_proj):
-                    proj.to("meta")  # their weights now live in the fused buffers: hold them once
+                qkv = _fuse_taking_over([a.q_proj, a.k_proj, a.v_proj], [a.scaling, 1.0, 1.0])
+                self.register_buffer(f"qkv_weight_{i}", qkv[0])
+                self.register_buffer(f"qkv_bias_{i}", qkv[1])
+                gate_up = _fuse_taking_over([mlp.gate_proj, mlp.up_proj], [1.0, 1.0])
+                self.register_buffer(f"gate_up_weight_{i}", gate_up[0])
+                self.register_buffer(f"gate_up_bias_{i}", gate_up[1])
 
     def _rope(self, position_ids, dtype):
         freqs = position_ids[..., None].float() * self.inv_freq  # [B,S,hd/2]

@@ -6,7 +6,16 @@ the decode graph every MatMul whose right-hand side is a weight [K, N] -- per la
 q/k/v, o_proj, the fused gate/up and down_proj, and the lm_head -- becomes one `MatMulNBits`
 (com.microsoft) node: the weight is cut along K into blocks of `block_size` values, each block
 stored as 8- or 4-bit unsigned integers with its own fp32 scale and zero point (round to
-nearest from the block's min and max, onnxruntime's default scheme). Activations stay fp32.
+nearest from the block's min and max, onnxruntime's default scheme). The lm_head is quantized to
+8 bits at both precisions (OUTPUT_BITS).
+
+Block offsets. MatMulNBits' fast CPU kernels take integer zero points, so a block's grid always
+holds 0 and cannot be shifted by a fraction of a step. Every quantized block therefore also gets
+the mean of what rounding took off it (a float per block and column, [K / block_size, N]), and the
+graph adds it back: y = MatMulNBits(x) + (the sums of x's blocks) @ offsets, a MatMul of 1/block_size
+of the work. On weights that are themselves decoded from a min/max grid with a float minimum (the
+demo model's, from its Q4_1 GGUF file; GPTQ/AWQ-style asymmetric checkpoints) this reproduces the
+grid exactly; on others it is the least-squares correction of each block's mean.
 
 What stays fp32, and why:
 * the RoPE rotation (a [head_dim, head_dim] signed permutation that KVCacheLLM applies as a
@@ -20,19 +29,19 @@ What stays fp32, and why:
   they run once per request, and prefill, not them, is what a quantized LLM speeds up).
 
 The pass streams, like the export (export/onnx_export.py): the graphs are read without their
-weights, and one weight at a time is read from llm.onnx.data, quantized by onnxruntime's
-MatMulNBitsQuantizer (run on a one-node graph holding just that MatMul) and written to the new
-data file, so peak memory is one fp32 weight plus the graphs' structure, not the model. A weight
-both graphs share (the same bytes in the fp32 file) is quantized and written once, and both
-graphs point at it; the weights that stay fp32 are copied over the same way.
+weights, and one weight at a time is read from llm.onnx.data, a slice of columns at a time
+(MAX_SLICE_BYTES), quantized by onnxruntime's MatMulNBitsQuantizer (run on a one-node graph
+holding just that MatMul) and written to the new data file, so peak memory is about one quantized
+weight plus the graphs' structure, not the model. A weight both graphs share (the same bytes in
+the fp32 file) is quantized and written once, and both graphs point at it; the weights that stay
+fp32 are copied over the same way.
 
 accuracy_level (MatMulNBits' compute type) is chosen by measurement on the demo model (see
 ACCURACY_LEVEL): 4 lets onnxruntime's CPU kernels quantize the activations of each block to int8
 and multiply in int8 (AVX512-VNNI / AVX2), 1 multiplies in fp32.
 
-Why this scheme (onnxruntime's default: asymmetric, round to nearest, integer zero points, every
-matmul) and what it costs on the demo model: benchmarks/results/2026-11-30-quant-3d1219c7/NOTES.md
-(the other quantizers, block sizes and mixed recipes measured).
+What the scheme costs on the demo model, and the schemes measured against it:
+benchmarks/results/2026-11-30-quant-offsets (and NOTES.md there and in 2026-11-30-quant-3d1219c7).
 """
 
 from __future__ import annotations
@@ -44,9 +53,9 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from runtime.manifest import QUANTIZED_BITS as BITS
 from export.onnx_export import release_freed_memory
 from runtime.manifest import BEFORE_OFFSETS, QUANTIZED_OP, EngineError
+from runtime.manifest import QUANTIZED_BITS as BITS
 
 DEFAULT_BLOCK_SIZE = 32
 # MatMulNBits' compute type, by measurement on the demo model (2-core AMD EPYC with AVX512-VNNI,
