@@ -107,6 +107,10 @@ def _quantizer_class():
 # quantizer and the offsets' dequantization (facellm-1b int4 peaked at 4.4 GiB with 256 MiB slices).
 MAX_SLICE_BYTES = 64 * 2**20
 OFFSETS_SUFFIX = "_block_offsets"
+# The matmuls that get block offsets: 4-bit ones. An 8-bit block's grid is off by at most 1/16 of a
+# 4-bit one's half step; on the demo model int8 with offsets measured 95.8 % top-1 against 95.6 %
+# without (50 prompts, 2026-11-30-quant-offsets), for 4 more nodes per matmul in every decode step.
+OFFSET_BITS = (4,)
 
 
 def quantize_matmul(node: onnx.NodeProto, weight: np.ndarray, weight_name: str, bits: int,
@@ -363,7 +367,7 @@ def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done:
     typed = onnx.shape_inference.infer_shapes(graph).graph
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*typed.input, *typed.value_info)
              if v.type.tensor_type.HasField("shape")}
-    nodes, added, quantized, kept = [], [], 0, 0
+    nodes, added, quantized, kept, with_offsets = [], [], 0, 0, 0
     for node in graph.graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         if weight is None:  # not a MatMul, or q @ k^T / probs @ v (activations on both sides)
@@ -377,7 +381,7 @@ def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done:
                 done[key] = None
             else:
                 qnode, arrays = _quantize_columns(node, w, weight.name, node_bits, block_size, accuracy_level,
-                                                  offsets)
+                                                  offsets and node_bits in OFFSET_BITS)
                 done[key] = (weight.name, qnode, [files.write_array(name, a) for name, a in arrays.items()])
                 del arrays
             del w
@@ -402,6 +406,7 @@ def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done:
             nodes += offset_nodes(node, rank, offset, block_size, qnode.output[0])
             names = {t.name for t in added}
             added += [t for t in offset_constants(rank, offset.dims[0], block_size) if t.name not in names]
+            with_offsets += 1
         added += qinits
         quantized += 1
     del graph.graph.node[:]
@@ -416,7 +421,7 @@ def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done:
     if not any(o.domain == "com.microsoft" for o in graph.opset_import):
         graph.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return {"bits": bits, "output_bits": output_bits, "block_size": block_size, "accuracy_level": accuracy_level,
-            "block_offsets": offsets, "quantized_matmuls": quantized, "fp32_matmuls": kept}
+            "quantized_matmuls": quantized, "matmuls_with_offsets": with_offsets, "fp32_matmuls": kept}
 
 
 def quantize_llm(out_dir: Path, components: dict[str, dict], precision: str, block_size: int = DEFAULT_BLOCK_SIZE,
@@ -460,9 +465,11 @@ def quantize_llm(out_dir: Path, components: dict[str, dict], precision: str, blo
         components[name].update(precision=precision, quantization=per_graph[name])
     scheme = "block-wise weight-only, asymmetric (uint, zero point per block), round to nearest"
     if offsets:
-        scheme += ", plus each block's mean residual as a float offset (block sums of x times the offsets)"
+        scheme += (", plus, in 4-bit matmuls, each block's mean residual as a float offset (block sums of x "
+                   "times the offsets)")
     return {"scheme": scheme, "operator": f"com.microsoft.{QUANTIZED_OP}", "bits": bits,
-            "output_bits": OUTPUT_BITS[precision], "block_size": block_size, "block_offsets": offsets,
+            "output_bits": OUTPUT_BITS[precision], "block_size": block_size,
+            "block_offsets_bits": list(OFFSET_BITS) if offsets else [],
             "accuracy_level": accuracy_level, "components": list(LLM_GRAPHS),
             "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
             "quantizer_version": quantizer_version(),

@@ -54,21 +54,24 @@ def test_llm_matmuls_become_matmulnbits(tiny_quantized, tiny_checkpoint, precisi
         for node in nbits:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             assert node.domain == "com.microsoft"
-            lm_head = node.output[0] == "logits_nbits"
+            lm_head = node.output[0] in ("logits", "logits_nbits")
             assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (8 if lm_head else bits, 32, 4)
-        assert sum(n.output[0] == "logits_nbits" for n in nbits) == 1
-        # each one's output gets its blocks' offsets added: x's block sums times [K / 32, N] offsets
+        assert sum(n.output[0] in ("logits", "logits_nbits") for n in nbits) == 1
+        # a 4-bit one's output gets its blocks' offsets added: x's block sums times [K / 32, N] offsets
         consumers = {i: n for n in g.graph.node for i in n.input}
         offsets = {t.name: t for t in g.graph.initializer if t.name.endswith("_block_offsets")}
-        for node in nbits:
+        four_bit = [n for n in nbits if n.output[0] != "logits"] if bits == 4 else []
+        for node in four_bit:
             add = consumers[node.output[0]]
             assert add.op_type == "Add"
             matmul = next(n for n in g.graph.node if n.output[0] in add.input and n.op_type == "MatMul")
             k, n = (attrs := {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})["K"], attrs["N"]
             assert list(offsets[matmul.input[1]].dims) == [k // 32, n]
+        assert len(offsets) == len(four_bit)
+        assert m["components"][name]["quantization"]["matmuls_with_offsets"] == len(four_bit)
         # the weight MatMuls left: the offsets' and the RoPE rotations (one per layer), which stay fp32
         weight_matmuls = [n for n in g.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
-        assert len(weight_matmuls) == layers + len(nbits)
+        assert len(weight_matmuls) == layers + len(four_bit)
         assert m["components"][name]["precision"] == precision
     assert not any(n.op_type == "MatMulNBits" for n in _graph(engines / "vision.onnx").graph.node)
     assert m["components"]["vision"]["precision"] == "fp32"
@@ -78,7 +81,7 @@ def test_llm_matmuls_become_matmulnbits(tiny_quantized, tiny_checkpoint, precisi
     q = m["quantization"]
     assert m["precision"] == precision
     assert (q["bits"], q["output_bits"], q["block_size"], q["accuracy_level"]) == (bits, 8, 32, 4)
-    assert q["block_offsets"] and m["components"]["llm_decode"]["quantization"]["output_bits"] == 8
+    assert q["block_offsets_bits"] == [4] and m["components"]["llm_decode"]["quantization"]["output_bits"] == 8
     assert q["quantizer_version"] == onnxruntime.__version__ and "MatMulNBits" in q["operator"]
     assert "asymmetric" in q["scheme"]
     data = (engines / "llm.onnx.data").stat().st_size
