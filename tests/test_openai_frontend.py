@@ -479,6 +479,43 @@ def test_client_that_goes_away_from_a_whole_answer_stops_generation(ep, face_png
     generation_settles(ep, before, at_kill)
 
 
+# ----------------------------------------------------------------------------- in the gateway
+
+def test_endpoint_comes_back_with_a_restarted_gateway(ep, face_png):
+    """The endpoint lives in the gateway: when the gateway dies, the server's supervisor starts it again,
+    and the endpoint with it, on the same port."""
+    gateway = ep.server.gateway
+    gateway.kill()
+    gateway.wait()
+    wait_for(lambda: ep.server.gateway is not gateway and ep.server.gateway.poll() is None, 120,
+             "the gateway was started again")
+
+    def answers():
+        try:
+            got = ep.client(timeout=60).chat.completions.create(model="faceinsight", messages=[user_turn([face_png])],
+                                                                max_tokens=3)
+        except openai.APIConnectionError:
+            return None
+        return got.usage.completion_tokens == 3
+
+    assert wait_for(answers, 120, "the OpenAI endpoint answers again")
+
+
+def test_gateway_keeps_a_heap_pad_for_request_buffers(ep):
+    """The gateway runs with glibc's heap top padded (see server.GATEWAY_MALLOC_ENV); tritonserver does not."""
+    from runtime.serving.server import GATEWAY_MALLOC_ENV
+
+    if any(k.startswith("MALLOC_") for k in os.environ):
+        pytest.skip("this environment sets glibc's malloc itself: the gateway keeps those settings")
+
+    def environ(pid: int) -> dict:
+        pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        return dict(p.decode().split("=", 1) for p in pairs if b"=" in p)
+
+    assert GATEWAY_MALLOC_ENV.items() <= environ(ep.server.gateway.pid).items()
+    assert "MALLOC_TOP_PAD_" not in environ(ep.server.proc.pid)
+
+
 # --------------------------------------------------------------------------- the load generator
 
 def test_load_generator_drives_the_endpoint(ep, face_png):
