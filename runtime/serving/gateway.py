@@ -20,6 +20,9 @@ public ports. It forwards, with the key:
 - HTTP: /v2/health/{live,ready}, /v2, and per public model its metadata, ready, config, generate and
   generate_stream (and /infer, which Triton refuses for the decoupled ensembles). Everything else:
   403. Request bodies larger than --max-request-mb are refused (413), compressed ones too (415).
+- with --openai-port, the OpenAI-compatible chat endpoint (runtime/serving/openai_frontend.py, on
+  uvicorn in this process's event loop): each chat request becomes one ensemble request, forwarded
+  as a gRPC stream's (ClientStream.send_one).
 Every inference request is checked against its model's config before it is forwarded: input names,
 data types, shapes and batch size, the byte size of every tensor, request parameters, no shared
 memory; a generate body must be a JSON object whose keys are the model's inputs, each of the JSON

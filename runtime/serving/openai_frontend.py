@@ -316,8 +316,28 @@ class Piece:
     extras: dict | None = None  # the last piece's attributes and timings
 
 
-def _str(array) -> str:
-    return bytes(array.reshape(-1)[0]).decode("utf-8") if array is not None and array.size else ""
+class Outputs:
+    """One streamed response's outputs, read from their raw contents (Triton's gRPC responses carry every
+    output so) without building arrays: the endpoint reads a few short strings of every token's."""
+
+    def __init__(self, response):  # a ModelInferResponse
+        self.tensors = {o.name: (o, raw) for o, raw in zip(response.outputs, response.raw_output_contents)}
+
+    def elements(self, name: str) -> int:
+        if name not in self.tensors:
+            return 0
+        count = 1
+        for d in self.tensors[name][0].shape:
+            count *= d
+        return count
+
+    def string(self, name: str) -> str:
+        """The first element of a BYTES output ('' when absent or empty): a 4-byte length, then the bytes."""
+        raw = self.tensors[name][1] if name in self.tensors else b""
+        if len(raw) < 4:
+            return ""
+        (size,) = struct.unpack_from("<I", raw)
+        return raw[4:4 + size].decode("utf-8")
 
 
 class EnsembleCall:
@@ -339,8 +359,6 @@ class EnsembleCall:
 
     async def next(self) -> Piece | None:
         """The next piece of the answer; None after the last. APIError if the server refused it."""
-        from tritonclient.grpc import InferResult
-
         if self.done:
             return None
         resp = await self.stream.out.get()
@@ -350,21 +368,20 @@ class EnsembleCall:
         if resp.error_message:
             self.done = True
             raise upstream_error(resp.error_message)
-        result = InferResult(resp.infer_response)
-        ids = result.as_numpy("TOKEN_IDS")
-        self.completion_tokens += 0 if ids is None else int(ids.size)
-        timings = json.loads(_str(result.as_numpy("TIMINGS")) or "{}")  # the first token's and the last response's
+        result = Outputs(resp.infer_response)
+        self.completion_tokens += result.elements("TOKEN_IDS")
+        timings = json.loads(result.string("TIMINGS") or "{}")  # the first token's and the last response's
         self.prompt_tokens = timings.pop("prompt_tokens", self.prompt_tokens)
-        text = self.cutter.push(_str(result.as_numpy("TEXT")))
+        text = self.cutter.push(result.string("TEXT"))
         if self.cutter.stopped:  # the answer ends here: stop generating
             self.cancel()
             return Piece(text, "stop")
-        finish = _str(result.as_numpy("FINISH_REASON"))
+        finish = result.string("FINISH_REASON")
         if not finish:
             return Piece(text)
         self.done = True
         text += self.cutter.flush()
-        attributes = _str(result.as_numpy("ATTRIBUTES"))
+        attributes = result.string("ATTRIBUTES")
         extras = {"attributes": None, "attributes_raw": None, "constraints_fired": [], "timings": timings}
         if attributes and attributes != "null":
             extras.update(json.loads(attributes))
