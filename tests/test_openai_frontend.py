@@ -418,14 +418,16 @@ def test_overload_is_refused_with_429_and_the_endpoint_keeps_serving(ep, face_pn
 
 def test_unavailable_server_is_503(ep, tmp_path):
     """A gateway whose tritonserver is not there (down, or being restarted): /health and requests say 503,
-    with the reason, and a request's place under the ensemble's bound is given back."""
+    with the reason, and a request's place under the ensemble's bound is given back. (And a request over
+    what the gateway sends tritonserver, --max-request-mb, is refused with 413 before it is sent.)"""
     from runtime.serving.gateway import KEY_ENV
     from runtime.serving.server import free_ports
 
     dead_grpc, dead_http, grpc_port, http_port, openai_port = free_ports(5)
     cmd = [sys.executable, "-m", "runtime.serving.gateway", "--model-repository", str(ep.server.repository),
            "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--openai-port", str(openai_port),
-           "--upstream-grpc", f"127.0.0.1:{dead_grpc}", "--upstream-http", f"127.0.0.1:{dead_http}"]
+           "--upstream-grpc", f"127.0.0.1:{dead_grpc}", "--upstream-http", f"127.0.0.1:{dead_http}",
+           "--max-request-mb", "1"]
     lonely = subprocess.Popen(cmd, env={**os.environ, KEY_ENV: "k"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
     try:
@@ -437,6 +439,9 @@ def test_unavailable_server_is_503(ep, tmp_path):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"http://127.0.0.1:{openai_port}/health", timeout=30)
         assert e.value.code == 503
+        error = _error(lambda: client.chat.completions.create(model="faceinsight",
+                                                              messages=[user_turn([b"\0" * 2**20])]))
+        assert error.status_code == 413 and "over this server's 1048576-byte bound" in error.body["message"]
     finally:
         lonely.terminate()
         lonely.wait(timeout=30)

@@ -511,8 +511,12 @@ def create_app(gw, max_body_mb: float = DEFAULT_MAX_BODY_MB):
             raise unknown(req.model, 400)
         ens = to_ensemble(req)
         cid, created_at, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.model
-        call = EnsembleCall(gw, infer_request(ens, model, cid), ens.stops)
-        del ens
+        upstream = infer_request(ens, model, cid)
+        if upstream.ByteSize() > gw.max_request_bytes:  # what the gateway sends tritonserver at most
+            raise APIError(413, f"the request's images and messages come to {upstream.ByteSize()} bytes, over this "
+                                f"server's {gw.max_request_bytes}-byte bound")
+        call = EnsembleCall(gw, upstream, ens.stops)
+        del ens, upstream
         try:
             # the first piece decides the status: a refused request is an error response, not a stream
             first = await _unless_disconnected(request, call.next())
