@@ -21,8 +21,6 @@ because the python steps import it, and the engines are built there for that GPU
 
 from __future__ import annotations
 
-import sys
-
 from runtime.cli.common import err, progress
 
 
@@ -47,13 +45,7 @@ def cmd_repo(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from runtime.serving.server import ServerError, TritonServer, port_is_free
-
-    if args.openai_port is not None and (args.openai_port in (args.http_port, args.grpc_port, args.metrics_port)
-                                         or not port_is_free(args.host, args.openai_port)):
-        print(f"facert: error: OpenAI port {args.openai_port} on {args.host} is taken (or is one of the server's "
-              f"ports); choose another with --openai-port", file=sys.stderr)
-        return 2
+    from runtime.serving.server import ServerError, TritonServer
     server = TritonServer(args.model_repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, log_verbose=args.log_verbose,
                           provision_log=progress, log=None if not args.quiet else (lambda line: None),

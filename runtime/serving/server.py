@@ -641,8 +641,8 @@ class TritonServer:
             raise ServerError(f"the {', '.join(ports)} ports must differ, got {ports}")
         for name, port in ports.items():
             if not port_is_free(self.host, port):
-                raise ServerError(f"{name} port {port} on {self.host} is taken (another server running?); "
-                                  f"choose another with --{name}-port")
+                raise ServerError(f"{'OpenAI' if name == 'openai' else name} port {port} on {self.host} is taken "
+                                  f"(another server running?); choose another with --{name}-port")
         if self.use_gateway:
             self.internal_http_port, self.internal_grpc_port = free_ports(2, "127.0.0.1")
         if self.tritonserver is not None:
