@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/openai_overhead.py [--spec tiny] [--requests 200] [--runs 3] [--max-tokens 16]
         [--out benchmarks/results/DATE-openai-overhead] [--shared "what else ran on the machine"]
 
-Starts tritonserver on a fresh checkpoint of --spec (seeded, built in a temporary folder) and the
-endpoint in its own process (runtime.serving.openai_frontend.FrontendProcess, as `facert serve
+Starts tritonserver on a fresh checkpoint of --spec (seeded, built in a temporary folder) behind
+facert's gateway serving the endpoint (TritonServer(openai_port=...), as `facert serve
 --openai-port` does), then sends the same workload both ways, one request at a time, alternating
 (gRPC then OpenAI, then OpenAI then gRPC, ...) so that both see the same machine: the astronaut
 photo and one question, MAX_TOKENS new tokens, greedy, streamed (gRPC: the ensemble's stream with
@@ -16,11 +16,12 @@ Reported per run: request latency and TTFT p50/p99 per protocol; the added laten
 difference of the p50s and of the p99s, and as the p50/p99 of the paired differences (each OpenAI
 request against the gRPC request next to it); the same for the time each request spends outside
 the server's own account of it (latency less the server's total_ms, which both protocols report):
-on a busy machine the generation's variance swamps the first, not the second; and the endpoint
-process's CPU time per request
-(its main thread's, from /proc, less what it spends idle, measured for 20 s before and after each
-run); the other load on the machine disturbs it much less than the latencies. Writes results.json
-and README.md under --out.
+on a busy machine the generation's variance swamps the first, not the second; and the gateway
+process's CPU time per request of each protocol (its main thread's, the event loop that serves
+both, from /proc's schedstat, counted around each request, less what it spends idle, measured for
+20 s before and after each run): their difference is the endpoint's own work, and the other load
+on the machine disturbs it much less than the latencies. Writes results.json and README.md under
+--out.
 """
 
 from __future__ import annotations
@@ -46,14 +47,10 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.loadgen import RequestRecord, _openai_user, _user, openai_body  # noqa: E402
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time so far of a process's main thread (the event loop: the endpoint's work;
-    gRPC's own threads spend next to nothing, measured here)."""
-    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14 and 15)
+    """CPU time so far of a process's main thread (the gateway's event loop, where the endpoint runs;
+    gRPC's own threads spend little): the scheduler's count of nanoseconds on a CPU, not ticks."""
+    return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[0]) / 1e9
 
 
 def pct(values, p) -> float:
@@ -68,7 +65,7 @@ async def idle_cpu_per_s(pid: int, seconds: float) -> float:
 
 
 async def paired_run(grpc_url: str, openai_url: str, model: str, image: bytes, question: str, max_tokens: int,
-                     requests: int, warmup: int, frontend_pid: int, idle_s: float = 20.0) -> dict:
+                     requests: int, warmup: int, gateway_pid: int, idle_s: float = 20.0) -> dict:
     """`requests` pairs, alternating which protocol goes first; returns the run's figures."""
     import aiohttp
     import tritonclient.grpc.aio as aioclient
@@ -80,6 +77,8 @@ async def paired_run(grpc_url: str, openai_url: str, model: str, image: bytes, q
     body = openai_body(model, image, question, max_tokens)
     grpc_client = aioclient.InferenceServerClient(grpc_url)
     records = {"grpc": [], "openai": []}
+    cpu = {"grpc": 0.0, "openai": 0.0}  # the gateway's CPU seconds during each protocol's requests
+    busy = {"grpc": 0.0, "openai": 0.0}  # and their wall seconds
 
     def once():
         left = [1]
@@ -102,13 +101,16 @@ async def paired_run(grpc_url: str, openai_url: str, model: str, image: bytes, q
             for _ in range(warmup):
                 await one("grpc", [])
                 await one("openai", [])
-            idle_before = await idle_cpu_per_s(frontend_pid, idle_s)
-            cpu0, t0 = cpu_seconds(frontend_pid), time.perf_counter()
+            idle_before = await idle_cpu_per_s(gateway_pid, idle_s)
+            t0 = time.perf_counter()
             for i in range(requests):
                 for protocol in (("grpc", "openai") if i % 2 == 0 else ("openai", "grpc")):
+                    cpu0, wall0 = cpu_seconds(gateway_pid), time.perf_counter()
                     await one(protocol, records[protocol])
-            cpu_s, wall_s = cpu_seconds(frontend_pid) - cpu0, time.perf_counter() - t0
-            idle_after = await idle_cpu_per_s(frontend_pid, idle_s)
+                    cpu[protocol] += cpu_seconds(gateway_pid) - cpu0
+                    busy[protocol] += time.perf_counter() - wall0
+            wall_s = time.perf_counter() - t0
+            idle_after = await idle_cpu_per_s(gateway_pid, idle_s)
         finally:
             await grpc_client.close()
     bad = [r.error or "no answer" for rs in records.values() for r in rs if not r.ok]
@@ -136,12 +138,15 @@ async def paired_run(grpc_url: str, openai_url: str, model: str, image: bytes, q
     row["added_outside_p99_ms"] = round(row["openai_outside_p99_ms"] - row["grpc_outside_p99_ms"], 2)
     row["paired_outside_diff_p50_ms"] = pct(outside_diffs, 50)
     row["paired_outside_diff_p99_ms"] = pct(outside_diffs, 99)
-    # the endpoint's own work per request: its CPU time in the run less what it spends idle (uvicorn's
-    # and gRPC's timers) over as long, at the idle rate measured before and after the run
+    # the gateway's work per request of each protocol: its CPU time during them less what it spends idle
+    # (uvicorn's and gRPC's timers) over as long, at the idle rate measured before and after the run;
+    # the difference is the endpoint's own work
     idle_per_s = (idle_before + idle_after) / 2
-    row["frontend_idle_cpu_ms_per_s"] = [round(idle_before * 1e3, 2), round(idle_after * 1e3, 2)]
-    row["frontend_cpu_ms_per_request"] = round((cpu_s - idle_per_s * wall_s) * 1e3 / requests, 2)
-    row["frontend_cpu_ms_per_request_gross"] = round(cpu_s * 1e3 / requests, 2)
+    row["gateway_idle_cpu_ms_per_s"] = [round(idle_before * 1e3, 2), round(idle_after * 1e3, 2)]
+    for p in ("grpc", "openai"):
+        row[f"gateway_cpu_ms_per_{p}_request"] = round((cpu[p] - idle_per_s * busy[p]) * 1e3 / requests, 2)
+    row["added_gateway_cpu_ms_per_request"] = round(row["gateway_cpu_ms_per_openai_request"]
+                                                    - row["gateway_cpu_ms_per_grpc_request"], 2)
     return row
 
 
@@ -162,7 +167,6 @@ def versions() -> dict:
 def main(argv=None) -> int:
     from runtime.checkpoint import init_checkpoint
     from runtime.cli import DEMO_IMAGE, DEMO_QUESTION
-    from runtime.serving.openai_frontend import FrontendProcess
     from runtime.serving.repo import fill_repository
     from runtime.serving.server import TritonServer, free_ports
 
@@ -191,16 +195,15 @@ def main(argv=None) -> int:
         http_port, grpc_port, metrics_port, openai_port = free_ports(4)
         say(f"starting tritonserver on the {args.spec} checkpoint")
         server = TritonServer(Path(tmp) / "repo", http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                              log=lambda _l: None, provision_log=say)
-        with server.start(timeout_s=600), \
-                FrontendProcess(server.grpc_url, port=openai_port, log=lambda _l: None) as frontend:
+                              log=lambda _l: None, provision_log=say, openai_port=openai_port)
+        with server.start(timeout_s=600):
             from runtime.client import find_model
 
             model = find_model(server.grpc_url)
-            openai_url = frontend.base_url.split("//", 1)[1].split("/", 1)[0]
+            openai_url = server.openai_url.split("//", 1)[1].split("/", 1)[0]
             for run in range(args.runs):
                 row = asyncio.run(paired_run(server.grpc_url, openai_url, model, image, args.question,
-                                             args.max_tokens, args.requests, args.warmup, frontend.proc.pid))
+                                             args.max_tokens, args.requests, args.warmup, server.gateway.pid))
                 row["run"] = run + 1
                 say(json.dumps(row))
                 runs.append(row)
@@ -229,7 +232,8 @@ def report(r: dict) -> str:
               "added p99 ms", "paired difference p50 / p99 ms", "outside the server, gRPC p50 / p99 ms",
               "outside the server, OpenAI p50 / p99 ms", "added outside p50 / p99 ms",
               "paired outside difference p50 / p99 ms", "TTFT p50 gRPC / OpenAI ms",
-              "endpoint CPU ms/request, net of idle (gross)", "endpoint idle CPU ms/s before / after"]
+              "gateway CPU ms/request, gRPC / OpenAI (net of idle)", "added gateway CPU ms/request",
+              "gateway idle CPU ms/s before / after"]
     rows = [[x["run"], x["pairs"], f"{x['grpc_latency_p50_ms']} / {x['grpc_latency_p99_ms']}",
              f"{x['openai_latency_p50_ms']} / {x['openai_latency_p99_ms']}", x["added_p50_ms"], x["added_p99_ms"],
              f"{x['paired_diff_p50_ms']} / {x['paired_diff_p99_ms']}",
@@ -238,8 +242,9 @@ def report(r: dict) -> str:
              f"{x['added_outside_p50_ms']} / {x['added_outside_p99_ms']}",
              f"{x['paired_outside_diff_p50_ms']} / {x['paired_outside_diff_p99_ms']}",
              f"{x['grpc_ttft_p50_ms']} / {x['openai_ttft_p50_ms']}",
-             f"{x['frontend_cpu_ms_per_request']} ({x['frontend_cpu_ms_per_request_gross']})",
-             " / ".join(str(v) for v in x["frontend_idle_cpu_ms_per_s"])] for x in r["runs"]]
+             f"{x['gateway_cpu_ms_per_grpc_request']} / {x['gateway_cpu_ms_per_openai_request']}",
+             x["added_gateway_cpu_ms_per_request"],
+             " / ".join(str(v) for v in x["gateway_idle_cpu_ms_per_s"])] for x in r["runs"]]
     m = r["machine"]
     libs = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
     return (f"# OpenAI endpoint overhead against gRPC\n\n"

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible chat endpoint (runtime/serving/openai_frontend.py) in its own process in
-front of a real tritonserver (2.51, CPU) serving the tiny checkpoint, driven with the official
+"""The OpenAI-compatible chat endpoint (runtime/serving/openai_frontend.py), served by facert's gateway
+in front of a real tritonserver (2.51, CPU) serving the tiny checkpoint, driven with the official
 `openai` Python client: its answers equal the gRPC answers for the same request, streamed and
 whole; bad requests get OpenAI's error JSON with the right status and a message naming the
 problem; a stop string or a client that goes away stops the generation on the server.
@@ -14,6 +14,7 @@ import asyncio
 import base64
 import http.client
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -42,20 +43,22 @@ MAX_BODY_MB = 4
 
 @dataclass
 class Endpoint:
-    server: object  # runtime.serving.server.TritonServer
-    frontend: object  # runtime.serving.openai_frontend.FrontendProcess
+    server: object  # runtime.serving.server.TritonServer, with openai_port
     log: list[str]
 
+    @property
+    def base_url(self) -> str:
+        return self.server.openai_url
+
     def client(self, **kw):
-        return openai.OpenAI(base_url=self.frontend.base_url, api_key="unused", max_retries=0, **kw)
+        return openai.OpenAI(base_url=self.base_url, api_key="unused", max_retries=0, **kw)
 
     def async_client(self, **kw):
-        return openai.AsyncOpenAI(base_url=self.frontend.base_url, api_key="unused", max_retries=0, **kw)
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key="unused", max_retries=0, **kw)
 
 
 @pytest.fixture(scope="module")
 def ep(tiny_checkpoint, tmp_path_factory):
-    from runtime.serving.openai_frontend import FrontendProcess
     from runtime.serving.repo import fill_repository
     from runtime.serving.server import ServerError, TritonServer, free_ports
 
@@ -64,18 +67,15 @@ def ep(tiny_checkpoint, tmp_path_factory):
     http_port, grpc_port, metrics_port, openai_port = free_ports(4)
     log: list[str] = []
     server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, log=log.append,
-                          provision_log=lambda _m: None, exit_timeout_s=3)
+                          provision_log=lambda _m: None, exit_timeout_s=3, openai_port=openai_port,
+                          openai_max_body_mb=MAX_BODY_MB)
     try:
         server.start(timeout_s=300)
     except ServerError as e:
         pytest.fail(f"tritonserver did not start: {e}\n--- last log lines ---\n" + "\n".join(log[-40:]))
-    frontend = FrontendProcess(server.grpc_url, port=openai_port, max_body_mb=MAX_BODY_MB, log=log.append,
-                               say=log.append)
     try:
-        frontend.start(timeout_s=120)
-        yield Endpoint(server, frontend, log)
+        yield Endpoint(server, log)
     finally:
-        frontend.stop()
         server.stop()
 
 
@@ -223,7 +223,7 @@ def test_system_message_and_earlier_turns_go_through_the_chat_template(ep, face_
 def test_stream_is_server_sent_events_ending_with_done(ep, face_png):
     """The wire format itself, which the openai client hides: `data: {json}` events, then `data: [DONE]`."""
     body = json.dumps({"model": "faceinsight", "messages": [user_turn([face_png])], "max_tokens": 4, "stream": True})
-    host, port = ep.frontend.base_url.split("//")[1].split("/")[0].rsplit(":", 1)
+    host, port = ep.base_url.split("//")[1].split("/")[0].rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
     try:
         conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
@@ -255,7 +255,7 @@ def test_models_and_health(ep):
     assert client.models.retrieve("faceinsight").owned_by == "facert"
     with pytest.raises(openai.NotFoundError, match="model 'gpt-4o' does not exist"):
         client.models.retrieve("gpt-4o")
-    with urllib.request.urlopen(ep.frontend.base_url[:-3] + "/health", timeout=10) as r:
+    with urllib.request.urlopen(ep.base_url[:-3] + "/health", timeout=10) as r:
         assert r.status == 200 and json.loads(r.read())["status"] == "ok"
 
 
@@ -372,13 +372,13 @@ def test_bad_request_gets_openai_error_json(ep, face_png, case):
 
 def test_unknown_route_is_openai_error_json(ep):
     with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(ep.frontend.base_url + "/completions", data=b"{}", timeout=30)
+        urllib.request.urlopen(ep.base_url + "/completions", data=b"{}", timeout=30)
     assert e.value.code == 404
     assert "POST /v1/completions: Not Found" in json.loads(e.value.read())["error"]["message"]
 
 
 def test_malformed_json_is_refused(ep):
-    req = urllib.request.Request(ep.frontend.base_url + "/chat/completions", data=b'{"model": "faceinsight", ',
+    req = urllib.request.Request(ep.base_url + "/chat/completions", data=b'{"model": "faceinsight", ',
                                  headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
@@ -417,18 +417,34 @@ def test_overload_is_refused_with_429_and_the_endpoint_keeps_serving(ep, face_pn
 
 
 def test_unavailable_server_is_503(ep, tmp_path):
-    """An endpoint whose Triton server is not there: /health and requests say 503, with the reason."""
-    from runtime.serving.openai_frontend import FrontendProcess
+    """A gateway whose tritonserver is not there (down, or being restarted): /health and requests say 503,
+    with the reason, and a request's place under the ensemble's bound is given back. (And a request over
+    what the gateway sends tritonserver, --max-request-mb, is refused with 413 before it is sent.)"""
+    from runtime.serving.gateway import KEY_ENV
     from runtime.serving.server import free_ports
 
-    dead_grpc, port = free_ports(2)
-    with FrontendProcess(f"127.0.0.1:{dead_grpc}", port=port, model="faceinsight", log=lambda _l: None) as lonely:
-        client = openai.OpenAI(base_url=lonely.base_url, api_key="unused", max_retries=0)
-        error = _error(lambda: client.chat.completions.create(model="faceinsight", messages=[user_turn([b"x"])]))
-        assert error.status_code == 503 and "not available" in error.body["message"], error.body
+    dead_grpc, dead_http, grpc_port, http_port, openai_port = free_ports(5)
+    cmd = [sys.executable, "-m", "runtime.serving.gateway", "--model-repository", str(ep.server.repository),
+           "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--openai-port", str(openai_port),
+           "--upstream-grpc", f"127.0.0.1:{dead_grpc}", "--upstream-http", f"127.0.0.1:{dead_http}",
+           "--max-request-mb", "1"]
+    lonely = subprocess.Popen(cmd, env={**os.environ, KEY_ENV: "k"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        assert "listening" in lonely.stdout.readline()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{openai_port}/v1", api_key="unused", max_retries=0)
+        for _ in range(MAX_BATCH + MAX_QUEUE + 1):  # more than the bound: each failed request left its place
+            error = _error(lambda: client.chat.completions.create(model="faceinsight", messages=[user_turn([b"x"])]))
+            assert error.status_code == 503 and "not available" in error.body["message"], error.body
         with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(lonely.base_url[:-3] + "/health", timeout=30)
+            urllib.request.urlopen(f"http://127.0.0.1:{openai_port}/health", timeout=30)
         assert e.value.code == 503
+        error = _error(lambda: client.chat.completions.create(model="faceinsight",
+                                                              messages=[user_turn([b"\0" * 2**20])]))
+        assert error.status_code == 413 and "over this server's 1048576-byte bound" in error.body["message"]
+    finally:
+        lonely.terminate()
+        lonely.wait(timeout=30)
 
 
 # ------------------------------------------------------------------------- a client that leaves
@@ -452,7 +468,7 @@ def test_client_that_goes_away_from_a_whole_answer_stops_generation(ep, face_png
     image = tmp_path / "face.png"
     image.write_bytes(face_png)
     code = ("import base64, openai\n"
-            f"client = openai.OpenAI(base_url={ep.frontend.base_url!r}, api_key='unused', max_retries=0)\n"
+            f"client = openai.OpenAI(base_url={ep.base_url!r}, api_key='unused', max_retries=0)\n"
             f"url = 'data:image/png;base64,' + base64.b64encode(open({str(image)!r}, 'rb').read()).decode()\n"
             "client.chat.completions.create(model='faceinsight', max_tokens=%d, messages=[{'role': 'user', "
             "'content': [{'type': 'image_url', 'image_url': {'url': url}}, {'type': 'text', 'text': 'Hi'}]}])\n"
@@ -468,12 +484,49 @@ def test_client_that_goes_away_from_a_whole_answer_stops_generation(ep, face_png
     generation_settles(ep, before, at_kill)
 
 
+# ----------------------------------------------------------------------------- in the gateway
+
+def test_endpoint_comes_back_with_a_restarted_gateway(ep, face_png):
+    """The endpoint lives in the gateway: when the gateway dies, the server's supervisor starts it again,
+    and the endpoint with it, on the same port."""
+    gateway = ep.server.gateway
+    gateway.kill()
+    gateway.wait()
+    wait_for(lambda: ep.server.gateway is not gateway and ep.server.gateway.poll() is None, 120,
+             "the gateway was started again")
+
+    def answers():
+        try:
+            got = ep.client(timeout=60).chat.completions.create(model="faceinsight", messages=[user_turn([face_png])],
+                                                                max_tokens=3)
+        except openai.APIConnectionError:
+            return None
+        return got.usage.completion_tokens == 3
+
+    assert wait_for(answers, 120, "the OpenAI endpoint answers again")
+
+
+def test_gateway_keeps_a_heap_pad_for_request_buffers(ep):
+    """The gateway runs with glibc's heap top padded (see server.GATEWAY_MALLOC_ENV); tritonserver does not."""
+    from runtime.serving.server import GATEWAY_MALLOC_ENV
+
+    if any(k.startswith("MALLOC_") for k in os.environ):
+        pytest.skip("this environment sets glibc's malloc itself: the gateway keeps those settings")
+
+    def environ(pid: int) -> dict:
+        pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        return dict(p.decode().split("=", 1) for p in pairs if b"=" in p)
+
+    assert GATEWAY_MALLOC_ENV.items() <= environ(ep.server.gateway.pid).items()
+    assert "MALLOC_TOP_PAD_" not in environ(ep.server.proc.pid)
+
+
 # --------------------------------------------------------------------------- the load generator
 
 def test_load_generator_drives_the_endpoint(ep, face_png):
     from benchmarks import loadgen
 
-    url = ep.frontend.base_url.split("//")[1].split("/")[0]
+    url = ep.base_url.split("//")[1].split("/")[0]
     row = asyncio.run(loadgen.run_level(url, concurrency=2, max_requests=3, max_seconds=120, image=face_png,
                                         question=QUESTION, max_tokens=5, protocol="openai"))
     assert (row["requests"], row["errors"], row["timed_out"]) == (3, 0, 0), row.get("first_error")
@@ -487,7 +540,7 @@ def test_load_generator_drives_the_endpoint(ep, face_png):
 
 @pytest.mark.slow
 def test_facert_serve_starts_the_endpoint_beside_tritonserver(ep, face_png):
-    """`facert serve --openai-port`: the endpoint runs in its own process, on loopback, and stops with it."""
+    """`facert serve --openai-port`: the endpoint is served on loopback, and stops with the server."""
     from runtime.serving.server import free_ports, port_is_free
 
     http_port, grpc_port, metrics_port, openai_port = free_ports(4)
@@ -515,6 +568,6 @@ def test_facert_serve_starts_the_endpoint_beside_tritonserver(ep, face_png):
 def test_facert_serve_refuses_a_taken_openai_port_before_starting(ep, capsys):
     from runtime.cli import main
 
-    taken = int(ep.frontend.base_url.rsplit(":", 1)[1].split("/")[0])
+    taken = ep.server.openai_port
     assert main(["serve", "--model-repository", str(ep.server.repository), "--openai-port", str(taken)]) == 2
     assert f"OpenAI port {taken} on 127.0.0.1 is taken" in capsys.readouterr().err

@@ -182,6 +182,14 @@ def test_serve_refuses_a_taken_port_and_an_invalid_repository(tiny_checkpoint, t
         taken.listen()
         with pytest.raises(ServerError, match=f"grpc port {grpc} on 127.0.0.1 is taken"):
             TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics).start()
+        with pytest.raises(ServerError, match=f"OpenAI port {grpc} on 127.0.0.1 is taken .*--openai-port"):
+            TritonServer(repo, http_port=http, grpc_port=free_ports(1)[0], metrics_port=metrics,
+                         openai_port=grpc).start()
+    with pytest.raises(ServerError, match="the http, grpc, metrics, openai ports must differ"):
+        TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, openai_port=http).start()
+    with pytest.raises(ServerError, match="the OpenAI endpoint is served by the gateway"):
+        TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, openai_port=free_ports(1)[0],
+                     gateway=False).start()
     (repo / "llm" / "config.pbtxt").write_text('name: "llm"\nbackend: "python"\nbogus_field: 1\n')
     with pytest.raises(ServerError, match="invalid model repository .*llm/config.pbtxt.*bogus_field"):
         TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics).start()

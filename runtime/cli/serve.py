@@ -21,8 +21,6 @@ because the python steps import it, and the engines are built there for that GPU
 
 from __future__ import annotations
 
-import sys
-
 from runtime.cli.common import err, progress
 
 
@@ -47,17 +45,12 @@ def cmd_repo(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from runtime.serving.server import ServerError, TritonServer, port_is_free
-
-    if args.openai_port is not None and (args.openai_port in (args.http_port, args.grpc_port, args.metrics_port)
-                                         or not port_is_free(args.host, args.openai_port)):
-        print(f"facert: error: OpenAI port {args.openai_port} on {args.host} is taken (or is one of the server's "
-              f"ports); choose another with --openai-port", file=sys.stderr)
-        return 2
+    from runtime.serving.server import ServerError, TritonServer
     server = TritonServer(args.model_repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, log_verbose=args.log_verbose,
                           provision_log=progress, log=None if not args.quiet else (lambda line: None),
-                          tritonserver=args.tritonserver, recover=not args.no_recover, say=progress)
+                          tritonserver=args.tritonserver, recover=not args.no_recover, say=progress,
+                          openai_port=args.openai_port, openai_max_body_mb=args.openai_max_body_mb)
     try:
         server.start(timeout_s=args.timeout)
     except ServerError as e:
@@ -65,26 +58,10 @@ def cmd_serve(args) -> int:
     except KeyboardInterrupt:
         server.stop()
         return 130
-    companions = []
-    if args.openai_port is not None:
-        from runtime.serving.openai_frontend import FrontendError, FrontendProcess
-
-        limits = {} if args.openai_max_body_mb is None else {"max_body_mb": args.openai_max_body_mb}
-        frontend = FrontendProcess(server.grpc_url, host=args.host, port=args.openai_port, say=progress,
-                                   log=None if not args.quiet else (lambda line: None), **limits)
-        try:
-            frontend.start()
-        except (FrontendError, KeyboardInterrupt) as e:
-            server.stop()
-            if isinstance(e, KeyboardInterrupt):
-                return 130
-            print(f"facert: error: {e}", file=sys.stderr)
-            return 2
-        companions.append(frontend)
     progress(f"ready: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url}"
-             + (f", OpenAI {companions[0].base_url}" if companions else "") + " (Ctrl-C stops it)")
+             + (f", OpenAI {server.openai_url}" if server.openai_url else "") + " (Ctrl-C stops it)")
     progress(f"ask it: facert ask IMAGE 'QUESTION' --url {server.grpc_url} --stream")
-    return server.serve_forever(companions=tuple(companions))
+    return server.serve_forever()
 
 
 def register(sub) -> None:
@@ -150,7 +127,7 @@ def register(sub) -> None:
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
     p.add_argument("--openai-port", type=int, default=None,
                    help="also serve an OpenAI-compatible chat endpoint (/v1/chat/completions, with images) on this "
-                        "port, in its own process beside tritonserver, on --host (default: off)")
+                        "port, on --host, from the gateway in front of tritonserver (default: off)")
     p.add_argument("--openai-max-body-mb", type=float, default=None,
                    help="largest request body the OpenAI endpoint accepts, in MiB (default 64); a larger one is "
                         "refused with 413")

@@ -20,6 +20,9 @@ public ports. It forwards, with the key:
 - HTTP: /v2/health/{live,ready}, /v2, and per public model its metadata, ready, config, generate and
   generate_stream (and /infer, which Triton refuses for the decoupled ensembles). Everything else:
   403. Request bodies larger than --max-request-mb are refused (413), compressed ones too (415).
+- with --openai-port, the OpenAI-compatible chat endpoint (runtime/serving/openai_frontend.py, on
+  uvicorn in this process's event loop): each chat request becomes one ensemble request, forwarded
+  as a gRPC stream's (ClientStream.send_one).
 Every inference request is checked against its model's config before it is forwarded: input names,
 data types, shapes and batch size, the byte size of every tensor, request parameters, no shared
 memory; a generate body must be a JSON object whose keys are the model's inputs, each of the JSON
@@ -301,6 +304,7 @@ class Gateway:
         self._ids = itertools.count()
         self.counts = {"refused": 0, "overloaded": 0, "forwarded": 0, "drained": 0}
         self.in_flight = collections.Counter()  # model -> requests forwarded and not ended (see admit)
+        self.openai = None  # the OpenAI-compatible endpoint, when it is served (see start)
 
     def admit(self, model: str) -> str | None:
         """Take a place for one more request of `model`, or say why there is none: a model holds at most
@@ -328,7 +332,10 @@ class Gateway:
         task.add_done_callback(self.background.discard)
         return task
 
-    async def start(self, host: str, grpc_port: int, http_port: int) -> None:
+    async def start(self, host: str, grpc_port: int, http_port: int, openai_port: int | None = None,
+                    openai_max_body_mb: float | None = None) -> None:
+        """Listen on the public ports (and, with openai_port, serve the OpenAI-compatible endpoint there:
+        runtime/serving/openai_frontend.py); OSError if one is taken."""
         import aiohttp
         import grpc
         from aiohttp import web
@@ -358,10 +365,20 @@ class Gateway:
         self.runner = web.AppRunner(app, handler_cancellation=True, auto_decompress=False, access_log=None)
         await self.runner.setup()
         await web.TCPSite(self.runner, host, http_port).start()
+        if openai_port is not None:
+            from runtime.serving.openai_frontend import DEFAULT_MAX_BODY_MB, OpenAIEndpoint
+
+            self.openai = OpenAIEndpoint(self, host, openai_port, openai_max_body_mb or DEFAULT_MAX_BODY_MB)
+            try:
+                await self.openai.start()
+            except OSError as e:
+                raise OSError(f"OpenAI port {openai_port} on {host} is taken ({e.strerror})") from None
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.grpc_server.stop(grace_s)
         await self.runner.cleanup()
+        if self.openai is not None:
+            await self.openai.stop()
         if self.background:
             await asyncio.wait(self.background, timeout=grace_s)
         await self.session.close()
@@ -386,7 +403,7 @@ class _Pending:
     empty_final: bool  # the client asked for the empty final response
 
 
-class _Stream:
+class ClientStream:
     """One client's gRPC stream and the stream the gateway keeps to tritonserver for it."""
 
     def __init__(self, gw: Gateway):
@@ -402,19 +419,30 @@ class _Stream:
     async def read_client(self, request_iterator) -> None:
         try:
             async for req in request_iterator:
-                error = check_infer_request(req, self.gw.models)
-                if error:
-                    self.gw.counts["refused"] += 1
-                error = error or self.gw.admit(req.model_name)
-                if error:
-                    self.out.put_nowait(_error_response(req.model_name, req.id, error))
-                else:
-                    self.forward(req)
+                self.take_request(req)
         except Exception:  # noqa: BLE001 (the client's side broke: it cancelled or went away)
             self.client_done = True
             self.client_left()
             return
         self.client_done = True  # it closed its side: its requests are answered, then the stream ends
+        self.maybe_done()
+
+    def take_request(self, req) -> None:
+        """One request of the client: checked, admitted, and forwarded, or answered with why it is not."""
+        error = check_infer_request(req, self.gw.models)
+        if error:
+            self.gw.counts["refused"] += 1
+        error = error or self.gw.admit(req.model_name)
+        if error:
+            self.out.put_nowait(_error_response(req.model_name, req.id, error))
+        else:
+            self.forward(req)
+
+    def send_one(self, req) -> None:
+        """A request of the gateway's own (the OpenAI endpoint's), as a client's stream that sends it and
+        closes its side: its responses come in `out`, then None; `client_left()` cancels it."""
+        self.take_request(req)
+        self.client_done = True
         self.maybe_done()
 
     def forward(self, req) -> None:
@@ -607,7 +635,7 @@ class GrpcFront:
             self.gw.release(request.model_name)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        stream = _Stream(self.gw)
+        stream = ClientStream(self.gw)
         # a client that cancels or goes away ends the call at once, whatever this handler is waiting on
         context.add_done_callback(lambda ctx: stream.client_left() if ctx.cancelled() else None)
         reader = asyncio.ensure_future(stream.read_client(request_iterator))
@@ -795,7 +823,7 @@ async def serve(args) -> int:
     gw = Gateway(args.model_repository, args.upstream_grpc, args.upstream_http, key,
                  max_request_bytes=int(args.max_request_mb * 2**20))
     try:
-        await gw.start(args.host, args.grpc_port, args.http_port)
+        await gw.start(args.host, args.grpc_port, args.http_port, args.openai_port, args.openai_max_body_mb)
     except OSError as e:
         print(f"facert gateway: error: {e}", file=sys.stderr)
         return 2
@@ -803,8 +831,9 @@ async def serve(args) -> int:
     loop = asyncio.get_running_loop()
     for s in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(s, stop.set)
-    print(f"facert gateway: listening on gRPC {args.host}:{args.grpc_port}, HTTP {args.host}:{args.http_port} "
-          f"for {', '.join(gw.models)}", flush=True)
+    openai = f", OpenAI {args.host}:{args.openai_port}" if args.openai_port is not None else ""
+    print(f"facert gateway: listening on gRPC {args.host}:{args.grpc_port}, HTTP {args.host}:{args.http_port}"
+          f"{openai} for {', '.join(gw.models)}", flush=True)
     t0 = time.monotonic()
     parent = os.getppid()
     while not stop.is_set():  # ends with the process that runs it, should that one die without stopping it
@@ -828,6 +857,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--upstream-grpc", required=True, help="tritonserver's gRPC HOST:PORT (loopback)")
     ap.add_argument("--upstream-http", required=True, help="tritonserver's HTTP HOST:PORT (loopback)")
     ap.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_MB)
+    ap.add_argument("--openai-port", type=int, help="also serve the OpenAI-compatible endpoint on this port")
+    ap.add_argument("--openai-max-body-mb", type=float, help="its largest request body, in MiB")
     return asyncio.run(serve(ap.parse_args(argv)))
 
 

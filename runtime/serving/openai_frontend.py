@@ -1,11 +1,14 @@
 """An OpenAI-compatible chat endpoint, with images, in front of the served Triton ensemble.
 
-    python -m runtime.serving.openai_frontend --grpc-url 127.0.0.1:8001 --port 9000 [--host 127.0.0.1]
-    facert serve --model-repository repo --openai-port 9000          (starts it beside tritonserver)
+    facert serve --model-repository repo --openai-port 9000          (on --host, loopback by default)
 
-An ASGI app (FastAPI on uvicorn) in its own process, which speaks to the ensemble over gRPC
-streaming (ModelStreamInfer), one stream per chat request, so that closing the stream cancels that
-request on the server:
+An ASGI app (FastAPI on uvicorn) served by facert's gateway (runtime/serving/gateway.py), the
+process in front of tritonserver, in its event loop: a chat request becomes one ensemble request
+that the gateway forwards to tritonserver over gRPC streaming (ModelStreamInfer) exactly as it
+forwards a gRPC client's, on its own stream: checked against the ensemble's config, admitted under
+the ensemble's bound, given a cancel key. Serving it there rather than in a process of its own
+spares the image a second trip through gRPC and a Python process (benchmarks/results/
+2026-11-30-openai-overhead-in-gateway/NOTES.md).
 
 - `POST /v1/chat/completions`: `messages` with text and `image_url` parts, images only as
   `data:image/...;base64,` URLs (an http(s) URL is refused: this server never fetches a URL a
@@ -19,29 +22,29 @@ request on the server:
   field of the response (of the last chunk when streaming).
 - `GET /v1/models`, `GET /v1/models/{id}`, `GET /health` (200 once the ensemble is ready, else 503).
 
-The ensemble always streams to the frontend (STREAM=true), whether or not the client streams: the
-frontend counts the completion tokens, cuts the text at a `stop` string (and then cancels the
-generation), and notices a client that goes away; Triton 2.51 stops a generation whose client
-left only between two streamed tokens (see model_repository/README.md, "Cancellation").
+The ensemble always streams to the endpoint (STREAM=true), whether or not the client streams: the
+endpoint counts the completion tokens, cuts the text at a `stop` string (and then cancels the
+generation), and notices a client that goes away. Cancelling is the gateway's: it marks the
+request's cancel key (the llm step stops within a token) and reads the rest of the answer itself;
+it never cancels a request inside tritonserver (see the gateway's docstring).
 
 Errors are OpenAI's error JSON, `{"error": {"message", "type", "param", "code"}}`: 400 for bad
 input (the request's own shape here, the image, the prompt and the parameters' ranges as the
-ensemble's preprocessing step says), 413 for a body over --max-body-mb, 429 when a queue of the
-server is full (retry later), 503 when the server or the model is not available, 504 for a
-request timeout, 500 for a failure inside a step; a client that goes away has its generation
-cancelled (499 in the access log).
+ensemble's preprocessing step says), 413 for a body over --openai-max-body-mb, 429 when the
+ensemble's bound or a queue of the server is full (retry later), 503 when the server or the model
+is not available, 504 for a request timeout, 500 for a failure inside a step; a client that goes
+away has its generation cancelled (499 in the access log).
 An error after the first streamed token can only travel in the stream: a `data: {"error": ...}`
 event, then `data: [DONE]`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import binascii
 import json
 import re
-import sys
+import struct
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -144,7 +147,10 @@ def upstream_error(message: str) -> APIError:
     from runtime.client import error_kind
 
     kind = error_kind(message)
-    return APIError(STATUS_BY_KIND[kind], ENSEMBLE_PREFIX.sub("", message), code=None if kind == "error" else kind)
+    message = ENSEMBLE_PREFIX.sub("", message)
+    if kind == "unavailable":
+        message = f"the inference server or the model is not available: {message}"
+    return APIError(STATUS_BY_KIND[kind], message, code=None if kind == "error" else kind)
 
 
 def validation_error(e: ValidationError) -> APIError:
@@ -237,32 +243,37 @@ def to_ensemble(req: ChatRequest) -> EnsembleRequest:
                            else req.max_tokens, req.temperature, req.top_p, req.seed, req.max_tiles, stops)
 
 
-def grpc_inputs(e: EnsembleRequest) -> list:
-    """The ensemble's input tensors (CONTRACT: IMAGE [1, N], MESSAGES [1, 1]); parameters the client
-    left out are not sent, so the server's defaults apply."""
-    from tritonclient.grpc import InferInput
+def infer_request(e: EnsembleRequest, model: str, request_id: str):
+    """The ensemble's gRPC request (CONTRACT: IMAGE [1, N], MESSAGES [1, 1]), its tensors as raw
+    contents, as tritonclient would send them; parameters the client left out are not sent, so the
+    server's defaults apply."""
+    from tritonclient.grpc import service_pb2
 
-    def tensor(name, array, dtype):
-        t = InferInput(name, list(array.shape), dtype)
-        t.set_data_from_numpy(array)
-        return t
+    req = service_pb2.ModelInferRequest(model_name=model, id=request_id)
 
-    image = np.empty((1, len(e.images)), dtype=np.object_)
-    image[0, :] = e.images
-    inputs = [tensor("IMAGE", image, "BYTES"),
-              tensor("MESSAGES", np.array([[json.dumps(e.messages).encode()]], dtype=np.object_), "BYTES"),
-              tensor("STREAM", np.array([[True]], np.bool_), "BOOL")]
-    for name, value, dtype, np_dtype in (("MAX_TOKENS", e.max_tokens, "INT32", np.int32),
-                                         ("TEMPERATURE", e.temperature, "FP32", np.float32),
-                                         ("TOP_P", e.top_p, "FP32", np.float32),
-                                         ("SEED", e.seed, "INT64", np.int64),
-                                         ("MAX_TILES", e.max_tiles, "INT32", np.int32)):
+    def add(name: str, datatype: str, shape: list[int], raw: bytes) -> None:
+        t = req.inputs.add(name=name, datatype=datatype)
+        t.shape.extend(shape)
+        req.raw_input_contents.append(raw)
+
+    def strings(items: list[bytes]) -> bytes:  # BYTES: each element's 4-byte little-endian length, then it
+        return b"".join(piece for item in items for piece in (struct.pack("<I", len(item)), item))
+
+    add("IMAGE", "BYTES", [1, len(e.images)], strings(e.images))
+    add("MESSAGES", "BYTES", [1, 1], strings([json.dumps(e.messages).encode()]))
+    add("STREAM", "BOOL", [1, 1], b"\x01")
+    for name, value, datatype, np_dtype in (("MAX_TOKENS", e.max_tokens, "INT32", np.int32),
+                                            ("TEMPERATURE", e.temperature, "FP32", np.float32),
+                                            ("TOP_P", e.top_p, "FP32", np.float32),
+                                            ("SEED", e.seed, "INT64", np.int64),
+                                            ("MAX_TILES", e.max_tiles, "INT32", np.int32)):
         if value is not None:
-            inputs.append(tensor(name, np.array([[value]], np_dtype), dtype))
-    return inputs
+            add(name, datatype, [1, 1], np.array([value], np_dtype).tobytes())
+    return req
 
 
 # ------------------------------------------------------------------------------ stop strings
+
 
 class StopCutter:
     """Cuts the answer at the first `stop` string: text that could still begin one is held back."""
@@ -305,73 +316,83 @@ class Piece:
     extras: dict | None = None  # the last piece's attributes and timings
 
 
-def _str(array) -> str:
-    return bytes(array.reshape(-1)[0]).decode("utf-8") if array is not None and array.size else ""
+class Outputs:
+    """One streamed response's outputs, read from their raw contents (Triton's gRPC responses carry every
+    output so) without building arrays: the endpoint reads a few short strings of every token's."""
+
+    def __init__(self, response):  # a ModelInferResponse
+        self.tensors = {o.name: (o, raw) for o, raw in zip(response.outputs, response.raw_output_contents)}
+
+    def elements(self, name: str) -> int:
+        if name not in self.tensors:
+            return 0
+        count = 1
+        for d in self.tensors[name][0].shape:
+            count *= d
+        return count
+
+    def string(self, name: str) -> str:
+        """The first element of a BYTES output ('' when absent or empty): a 4-byte length, then the bytes."""
+        raw = self.tensors[name][1] if name in self.tensors else b""
+        if len(raw) < 4:
+            return ""
+        (size,) = struct.unpack_from("<I", raw)
+        return raw[4:4 + size].decode("utf-8")
 
 
 class EnsembleCall:
-    """One chat request on its own gRPC stream to the ensemble.
+    """One chat request, forwarded by the gateway to tritonserver as it forwards a gRPC client's stream
+    that holds one request (runtime.serving.gateway.ClientStream): checked against the ensemble's
+    config, admitted under its bound (refused as overloaded beyond it), given a cancel key, on a stream
+    of its own to tritonserver. `cancel()` is the client leaving: the gateway marks the key (the llm
+    step stops within a token) and reads the rest of the answer itself."""
 
-    The stream sends the one request and closes its sending side; the server closes the stream
-    once the request is done. `cancel()` closes it early: the server then cancels the request
-    (its generation stops at the next token)."""
+    def __init__(self, gw, request, stops: list[str]):
+        from runtime.serving.gateway import ClientStream
 
-    def __init__(self, client, model: str, inputs: list, stops: list[str]):
-        self.client, self.model, self.inputs = client, model, inputs
+        self.stream = ClientStream(gw)
+        self.stream.send_one(request)
         self.cutter = StopCutter(stops)
-        self.responses = None
-        self.done = False  # the server finished the request (answer or error)
+        self.done = False  # the server finished the request (answer or error), or it was cancelled
         self.prompt_tokens: int | None = None
         self.completion_tokens = 0
 
-    async def _requests(self):
-        yield {"model_name": self.model, "inputs": self.inputs, "request_id": uuid.uuid4().hex}
-
     async def next(self) -> Piece | None:
         """The next piece of the answer; None after the last. APIError if the server refused it."""
-        import grpc
-
         if self.done:
             return None
-        if self.responses is None:
-            self.responses = self.client.stream_infer(self._requests())
-        try:
-            result, error = await self.responses.__anext__()
-        except StopAsyncIteration:
+        resp = await self.stream.out.get()
+        if resp is None:
             self.done = True
-            raise APIError(503, "the server closed the request without an answer (see its log)",
-                           code="unavailable") from None
-        except grpc.aio.AioRpcError as e:
+            raise APIError(503, "the server closed the request without an answer (see its log)", code="unavailable")
+        if resp.error_message:
             self.done = True
-            raise APIError(503, f"the inference server is not available: {e.code().name}: {e.details()}",
-                           code="unavailable") from None
-        if error is not None:
-            self.done = True
-            raise upstream_error(error.message())
-        ids = result.as_numpy("TOKEN_IDS")
-        self.completion_tokens += 0 if ids is None else int(ids.size)
-        timings = json.loads(_str(result.as_numpy("TIMINGS")) or "{}")  # the first token's and the last response's
+            raise upstream_error(resp.error_message)
+        result = Outputs(resp.infer_response)
+        self.completion_tokens += result.elements("TOKEN_IDS")
+        timings = json.loads(result.string("TIMINGS") or "{}")  # the first token's and the last response's
         self.prompt_tokens = timings.pop("prompt_tokens", self.prompt_tokens)
-        text = self.cutter.push(_str(result.as_numpy("TEXT")))
+        text = self.cutter.push(result.string("TEXT"))
         if self.cutter.stopped:  # the answer ends here: stop generating
             self.cancel()
             return Piece(text, "stop")
-        finish = _str(result.as_numpy("FINISH_REASON"))
+        finish = result.string("FINISH_REASON")
         if not finish:
             return Piece(text)
         self.done = True
         text += self.cutter.flush()
-        attributes = _str(result.as_numpy("ATTRIBUTES"))
+        attributes = result.string("ATTRIBUTES")
         extras = {"attributes": None, "attributes_raw": None, "constraints_fired": [], "timings": timings}
         if attributes and attributes != "null":
             extras.update(json.loads(attributes))
         return Piece(text, finish, extras)
 
     def cancel(self) -> None:
-        """Close the stream (the server cancels the request if it is still running)."""
-        if self.responses is not None and not self.done:
+        """The client went away or the answer reached a stop string: stop the generation if it still runs."""
+        if not self.done:
             self.done = True
-            self.responses.cancel()
+            if self.stream.inflight:
+                self.stream.client_left()
 
     def usage(self) -> dict:
         prompt = self.prompt_tokens
@@ -422,47 +443,17 @@ async def _unless_disconnected(request, work):
     raise APIError(499, "the client closed the connection")
 
 
-def create_app(grpc_url: str, model: str | None = None, max_body_mb: float = DEFAULT_MAX_BODY_MB,
-               ready_timeout_s: float = 60.0):
-    """The ASGI app. `model`: the ensemble to serve (default: the one the server has ready)."""
-    import contextlib
+def create_app(gw, max_body_mb: float = DEFAULT_MAX_BODY_MB):
+    """The ASGI app, serving the gateway's public ensembles (`gw`: runtime.serving.gateway.Gateway)."""
+    from tritonclient.grpc import service_pb2
 
-    import tritonclient.grpc.aio as aioclient
+    from runtime.serving.gateway import GRPC_KEY_METADATA
 
-    from runtime.client import ENSEMBLES, _split_url
-
-    grpc_url = _split_url(grpc_url)
     max_body = int(max_body_mb * 1024 * 1024)
-    state = {"client": None, "model": model, "created": int(time.time())}
+    served = list(gw.models)
+    created = int(time.time())
 
-    async def find_model(client) -> str:
-        """The served ensemble, once the server has one ready (it may be (re)starting)."""
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            try:
-                index = await client.get_model_repository_index()
-                ready = [m.name for m in index.models if m.name in ENSEMBLES and m.state == "READY"]
-                if ready:
-                    return ready[0]
-                problem = f"it serves no ready facert ensemble ({' or '.join(ENSEMBLES)})"
-            except Exception as e:  # noqa: BLE001 (not up yet)
-                problem = str(e)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no facert ensemble at {grpc_url} after {ready_timeout_s:.0f} s: {problem}")
-            await asyncio.sleep(0.5)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_app):
-        state["client"] = aioclient.InferenceServerClient(grpc_url)
-        try:
-            if state["model"] is None:
-                state["model"] = await find_model(state["client"])
-            yield
-        finally:
-            await state["client"].close()
-
-    app = FastAPI(title="facert OpenAI-compatible endpoint", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(title="facert OpenAI-compatible endpoint", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(APIError)
     async def _api_error(_request, e: APIError):
@@ -479,29 +470,34 @@ def create_app(grpc_url: str, model: str | None = None, max_body_mb: float = DEF
         return JSONResponse(APIError(500, f"internal error in the OpenAI endpoint ({type(e).__name__}): {e}").body(),
                             status_code=500)
 
-    def model_card() -> dict:
-        return {"id": state["model"], "object": "model", "created": state["created"], "owned_by": OWNED_BY}
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": OWNED_BY}
+
+    def unknown(name: str, status: int) -> APIError:
+        return APIError(status, f"model {name!r} does not exist; this server serves "
+                                f"{' or '.join(repr(m) for m in served)}", param="model", code="model_not_found")
 
     @app.get("/health")
     async def health():
-        try:
-            ready = await state["client"].is_model_ready(state["model"])
-        except Exception as e:  # noqa: BLE001 (server down or restarting)
-            raise APIError(503, f"the inference server at {grpc_url} is not available: {e}") from None
-        if not ready:
-            raise APIError(503, f"model {state['model']!r} is not ready")
-        return {"status": "ok", "model": state["model"]}
+        for name in served:
+            try:
+                ready = (await gw.stub.ModelReady(service_pb2.ModelReadyRequest(name=name), timeout=10,
+                                                  metadata=((GRPC_KEY_METADATA, gw.key),))).ready
+            except Exception as e:  # noqa: BLE001 (tritonserver down or restarting)
+                raise APIError(503, f"the inference server is not available: {e}") from None
+            if not ready:
+                raise APIError(503, f"model {name!r} is not ready")
+        return {"status": "ok", "models": served}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(name) for name in served]}
 
     @app.get("/v1/models/{name}")
     async def one_model(name: str):
-        if name != state["model"]:
-            raise APIError(404, f"model {name!r} does not exist; this server serves {state['model']!r}",
-                           param="model", code="model_not_found")
-        return model_card()
+        if name not in served:
+            raise unknown(name, 404)
+        return model_card(name)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -510,12 +506,17 @@ def create_app(grpc_url: str, model: str | None = None, max_body_mb: float = DEF
             req = ChatRequest.model_validate_json(body)
         except ValidationError as e:
             raise validation_error(e) from None
-        if req.model != state["model"]:
-            raise APIError(400, f"model {req.model!r} does not exist; this server serves {state['model']!r}",
-                           param="model", code="model_not_found")
+        del body
+        if req.model not in served:
+            raise unknown(req.model, 400)
         ens = to_ensemble(req)
-        call = EnsembleCall(state["client"], state["model"], grpc_inputs(ens), ens.stops)
-        cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state["model"]
+        cid, created_at, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.model
+        upstream = infer_request(ens, model, cid)
+        if upstream.ByteSize() > gw.max_request_bytes:  # what the gateway sends tritonserver at most
+            raise APIError(413, f"the request's images and messages come to {upstream.ByteSize()} bytes, over this "
+                                f"server's {gw.max_request_bytes}-byte bound")
+        call = EnsembleCall(gw, upstream, ens.stops)
+        del ens, upstream
         try:
             # the first piece decides the status: a refused request is an error response, not a stream
             first = await _unless_disconnected(request, call.next())
@@ -529,15 +530,15 @@ def create_app(grpc_url: str, model: str | None = None, max_body_mb: float = DEF
             async def events():
                 # what is ready at once goes out in one write: the role chunk with the first piece, the
                 # last piece with the finish, the usage and [DONE]
-                out = [_chunk(cid, created, model, {"role": "assistant", "content": ""}, **usage_field)]
+                out = [_chunk(cid, created_at, model, {"role": "assistant", "content": ""}, **usage_field)]
                 try:
                     piece = first
                     while piece is not None:
                         if piece.text:
-                            out.append(_chunk(cid, created, model, {"content": piece.text}, **usage_field))
+                            out.append(_chunk(cid, created_at, model, {"content": piece.text}, **usage_field))
                         if piece.finish:
                             extra = {"facert": piece.extras} if piece.extras is not None else {}
-                            out.append(_chunk(cid, created, model, {}, piece.finish, **usage_field, **extra))
+                            out.append(_chunk(cid, created_at, model, {}, piece.finish, **usage_field, **extra))
                             break
                         if out:
                             yield b"".join(out)
@@ -548,7 +549,7 @@ def create_app(grpc_url: str, model: str | None = None, max_body_mb: float = DEF
                             out.append(b"data: " + json.dumps(e.body()).encode() + b"\n\n")
                             break
                     if include_usage:
-                        out.append(_chunk(cid, created, model, None, usage=call.usage()))
+                        out.append(_chunk(cid, created_at, model, None, usage=call.usage()))
                     out.append(b"data: [DONE]\n\n")
                     yield b"".join(out)
                 finally:  # the client went away (or the stream ended): stop the generation if it still runs
@@ -568,7 +569,7 @@ def create_app(grpc_url: str, model: str | None = None, max_body_mb: float = DEF
             answer = await _unless_disconnected(request, whole())
         finally:
             call.cancel()
-        completion = {"id": cid, "object": "chat.completion", "created": created, "model": model,
+        completion = {"id": cid, "object": "chat.completion", "created": created_at, "model": model,
                       "choices": [{"index": 0, "logprobs": None, "finish_reason": answer.finish,
                                    "message": {"role": "assistant", "content": answer.text, "refusal": None}}],
                       "usage": call.usage()}
@@ -579,138 +580,36 @@ def create_app(grpc_url: str, model: str | None = None, max_body_mb: float = DEF
     return app
 
 
-# ------------------------------------------------------------------------------------ process
+# ---------------------------------------------------------------------------- in the gateway
 
-class FrontendError(RuntimeError):
-    """The endpoint's process cannot start: its port is taken, or it found no ensemble to serve."""
+class OpenAIEndpoint:
+    """The app on uvicorn, in the gateway's event loop (Gateway.start starts it, Gateway.stop stops it)."""
 
+    def __init__(self, gw, host: str, port: int, max_body_mb: float = DEFAULT_MAX_BODY_MB, access_log: bool = False):
+        self.gw, self.host, self.port, self.max_body_mb, self.access_log = gw, host, port, max_body_mb, access_log
+        self.server = self.ticker = self.socket = None
 
-class FrontendProcess:
-    """The endpoint in its own process beside tritonserver (`facert serve --openai-port`).
+    async def start(self) -> None:
+        """Listen; OSError if the port is taken."""
+        import socket
 
-    `start()` returns once it answers /health (200, or 503 while its server is not ready); `check()`
-    starts it again if it died; `stop()` ends it.
-    Its log lines go to `log` (default stderr)."""
+        import uvicorn
 
-    def __init__(self, grpc_url: str, host: str = "127.0.0.1", port: int = 9000, model: str | None = None,
-                 max_body_mb: float = DEFAULT_MAX_BODY_MB, log=None, say=None, access_log: bool = False):
-        self.grpc_url, self.host, self.port, self.model = grpc_url, host, int(port), model
-        self.max_body_mb, self.access_log = max_body_mb, access_log
-        self.log = log if log is not None else (lambda line: print(line, file=sys.stderr, flush=True))
-        self.say = say if say is not None else (lambda msg: print(f"[facert] {msg}", file=sys.stderr, flush=True))
-        self.proc = None
-        self.recent: list[str] = []
-        self.restarts = 0
-        self._next_try = 0.0
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self.socket = socket.create_server((self.host, self.port), family=family)
+        config = uvicorn.Config(create_app(self.gw, self.max_body_mb), lifespan="off", log_level="warning",
+                                access_log=self.access_log, timeout_graceful_shutdown=5)
+        config.load()
+        self.server = uvicorn.Server(config)
+        self.server.lifespan = config.lifespan_class(config)
+        await self.server.startup(sockets=[self.socket])
+        # uvicorn's own loop (its Date header, its exit flag); not Server.serve(), which would take the
+        # gateway's signal handlers
+        self.ticker = asyncio.ensure_future(self.server.main_loop())
 
-    @property
-    def _host_for_url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("::1" if self.host == "::" else self.host)
-        return f"[{host}]" if ":" in host else host
-
-    @property
-    def base_url(self) -> str:
-        """What an OpenAI client takes as base_url."""
-        return f"http://{self._host_for_url}:{self.port}/v1"
-
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "runtime.serving.openai_frontend", "--grpc-url", self.grpc_url,
-                "--host", self.host, "--port", str(self.port), "--max-body-mb", str(self.max_body_mb),
-                *(["--model", self.model] if self.model else []), *(["--access-log"] if self.access_log else [])]
-
-    def start(self, timeout_s: float = 60.0) -> "FrontendProcess":
-        import subprocess
-        import threading
-        import urllib.error
-        import urllib.request
-
-        from runtime.serving.server import port_is_free
-
-        if not port_is_free(self.host, self.port):
-            raise FrontendError(f"OpenAI port {self.port} on {self.host} is taken; choose another with --openai-port")
-        self.recent = []
-
-        def forward(proc):
-            for line in proc.stdout:
-                line = line.rstrip("\n")
-                self.recent = (self.recent + [line])[-50:]
-                self.log(line)
-
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     errors="replace", bufsize=1, start_new_session=True)
-        threading.Thread(target=forward, args=(self.proc,), daemon=True).start()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise FrontendError(f"the OpenAI endpoint exited with code {self.proc.returncode}:\n"
-                                    + "\n".join(self.recent[-20:]))
-            try:
-                with urllib.request.urlopen(f"{self.base_url[:-3]}/health", timeout=2):
-                    return self
-            except urllib.error.HTTPError:  # it answers: up, though its server is not (/health says 503)
-                return self
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise FrontendError(f"the OpenAI endpoint did not answer /health within {timeout_s:.0f} s:\n"
-                            + "\n".join(self.recent[-20:]))
-
-    def check(self) -> None:
-        """Start the process again if it died (after a failed try, the next waits longer, up to 30 s)."""
-        if self.proc is None or self.proc.poll() is None or time.monotonic() < self._next_try:
+    async def stop(self) -> None:
+        if self.server is None:
             return
-        self.restarts += 1
-        self.say(f"the OpenAI endpoint exited with code {self.proc.returncode}; starting it again")
-        try:
-            self.start()
-            self._next_try = 0.0
-        except FrontendError as e:
-            self._next_try = time.monotonic() + min(30.0, 2.0 ** min(self.restarts, 5))
-            self.say(str(e))
-
-    def stop(self, timeout_s: float = 10.0) -> int | None:
-        import signal
-        import subprocess
-
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def __enter__(self) -> "FrontendProcess":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
-    ap = argparse.ArgumentParser(description="OpenAI-compatible chat endpoint (with images) in front of a "
-                                             "facert Triton server")
-    ap.add_argument("--grpc-url", default="127.0.0.1:8001", help="the Triton server's gRPC HOST:PORT")
-    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    ap.add_argument("--port", type=int, default=9000, help="port to listen on (default 9000)")
-    ap.add_argument("--model", help="ensemble to serve (default: the server's ready facert ensemble)")
-    ap.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
-                    help=f"largest request body accepted, in MiB (default {DEFAULT_MAX_BODY_MB})")
-    ap.add_argument("--ready-timeout", type=float, default=60.0,
-                    help="seconds to wait at start for the server's ensemble (default 60)")
-    ap.add_argument("--access-log", action="store_true", help="log every request")
-    args = ap.parse_args(argv)
-    app = create_app(args.grpc_url, args.model, args.max_body_mb, args.ready_timeout)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=args.access_log,
-                timeout_graceful_shutdown=5)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        self.server.should_exit = True
+        await self.ticker
+        await self.server.shutdown(sockets=[self.socket])

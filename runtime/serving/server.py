@@ -133,6 +133,13 @@ class TritonInstall:
 # start (runtime/serving/python_backend.py). A user's own MALLOC_* settings are kept as they are.
 GLIBC_MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
 GLIBC_MALLOC_MARK = "FACERT_GLIBC_MALLOC"
+# The gateway, on glibc's malloc, handles an image request's megabytes in a handful of buffers of
+# about its size (the OpenAI body, its JSON string, the decoded image, the gRPC message), all freed
+# when it is forwarded; with glibc's defaults the freed top of the heap goes back to the system at
+# once and the next request faults every page in again: parsing and forwarding a 1 MB OpenAI body
+# took 2.1 ms instead of 0.3 ms (benchmarks/results/2026-11-30-openai-overhead-in-gateway/NOTES.md).
+# Padding the heap's top by 16 MiB keeps that much for the next request, and no more.
+GATEWAY_MALLOC_ENV = {"MALLOC_TOP_PAD_": str(16 * 2**20)}
 TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
                   "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
                   "/usr/lib64/libtcmalloc_minimal.so.4", "/usr/lib/libtcmalloc_minimal.so.4")
@@ -520,7 +527,8 @@ class TritonServer:
                  log: Callable[[str], None] | None = None, log_verbose: int = 0, exit_timeout_s: int = 10,
                  provision_log: Callable[[str], None] = print, tritonserver: str | Path | None = None,
                  recover: bool = True, say: Callable[[str], None] | None = None, gateway: bool = True,
-                 max_request_mb: float | None = None):
+                 max_request_mb: float | None = None, openai_port: int | None = None,
+                 openai_max_body_mb: float | None = None):
         from runtime.serving.gateway import DEFAULT_MAX_REQUEST_MB
 
         self.repository = Path(model_repository).resolve()
@@ -549,6 +557,9 @@ class TritonServer:
         self.key = secrets.token_urlsafe(24)  # what tritonserver asks of every request (see the class doc)
         self.use_gateway = gateway
         self.max_request_mb = float(max_request_mb or DEFAULT_MAX_REQUEST_MB)
+        # the OpenAI-compatible endpoint, served by the gateway (runtime/serving/openai_frontend.py)
+        self.openai_port = None if openai_port is None else int(openai_port)
+        self.openai_max_body_mb = openai_max_body_mb
         self.gateway: subprocess.Popen | None = None
         self.internal_http_port = self.internal_grpc_port = 0  # tritonserver's own, with the gateway
         self._reloads = 0
@@ -564,6 +575,11 @@ class TritonServer:
     @property
     def http_url(self) -> str:
         return f"{self._host_for_url}:{self.http_port}"
+
+    @property
+    def openai_url(self) -> str | None:
+        """What an OpenAI client takes as base_url (None: no OpenAI endpoint)."""
+        return None if self.openai_port is None else f"http://{self._host_for_url}:{self.openai_port}/v1"
 
     @property
     def metrics_url(self) -> str:
@@ -617,12 +633,16 @@ class TritonServer:
         except RepositoryError as e:
             raise ServerError(f"invalid model repository {self.repository}: {e}") from None
         ports = {"http": self.http_port, "grpc": self.grpc_port, "metrics": self.metrics_port}
-        if len(set(ports.values())) != 3:
-            raise ServerError(f"the http, grpc and metrics ports must differ, got {ports}")
+        if self.openai_port is not None:
+            if not self.use_gateway:
+                raise ServerError("the OpenAI endpoint is served by the gateway: it needs gateway=True")
+            ports["openai"] = self.openai_port
+        if len(set(ports.values())) != len(ports):
+            raise ServerError(f"the {', '.join(ports)} ports must differ, got {ports}")
         for name, port in ports.items():
             if not port_is_free(self.host, port):
-                raise ServerError(f"{name} port {port} on {self.host} is taken (another server running?); "
-                                  f"choose another with --{name}-port")
+                raise ServerError(f"{'OpenAI' if name == 'openai' else name} port {port} on {self.host} is taken "
+                                  f"(another server running?); choose another with --{name}-port")
         if self.use_gateway:
             self.internal_http_port, self.internal_grpc_port = free_ports(2, "127.0.0.1")
         if self.tritonserver is not None:
@@ -658,10 +678,16 @@ class TritonServer:
         from runtime.serving.gateway import KEY_ENV
 
         env = dict(os.environ, **{KEY_ENV: self.key, CANCEL_DIR_ENV: str(self.cancel_dir)})
+        if not any(k.startswith("MALLOC_") for k in env) and "tcmalloc" not in env.get("LD_PRELOAD", ""):
+            env.update(GATEWAY_MALLOC_ENV)  # a user's own settings are kept as they are
         cmd = [sys.executable, "-m", "runtime.serving.gateway", "--model-repository", str(self.repository),
                "--host", self.host, "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
                "--upstream-grpc", f"127.0.0.1:{self.internal_grpc_port}",
                "--upstream-http", f"127.0.0.1:{self.internal_http_port}", "--max-request-mb", str(self.max_request_mb)]
+        if self.openai_port is not None:
+            cmd += ["--openai-port", str(self.openai_port)]
+            if self.openai_max_body_mb is not None:
+                cmd += ["--openai-max-body-mb", str(self.openai_max_body_mb)]
         self.gateway = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                                         errors="replace", bufsize=1, start_new_session=True)
         ready = threading.Event()
@@ -836,11 +862,8 @@ class TritonServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def serve_forever(self, companions: tuple = ()) -> int:
-        """Block until SIGINT/SIGTERM or until the server exits; then stop it. Returns an exit code.
-
-        companions: processes that serve beside it (the OpenAI endpoint): each one's `check()` runs
-        every half second (it restarts its process if that died) and its `stop()` before the server's."""
+    def serve_forever(self) -> int:
+        """Block until SIGINT/SIGTERM or until the server exits; then stop it. Returns an exit code."""
         say = self.say
         stop = threading.Event()
         old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -849,14 +872,8 @@ class TritonServer:
                 restarting = self.supervisor is not None and self.supervisor.enabled and self.supervisor.is_alive()
                 if self.proc.poll() is not None and not restarting:
                     say(f"tritonserver exited with code {self.proc.returncode}:\n{self.error_summary()}")
-                    for c in companions:
-                        c.stop()
                     return self.proc.returncode or 1
-                for c in companions:
-                    c.check()
                 stop.wait(0.5)
-            for c in companions:
-                c.stop()
             say("stopping tritonserver")
             code = self.stop()
             say(f"tritonserver stopped (exit code {code})")
