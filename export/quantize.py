@@ -109,7 +109,7 @@ MAX_SLICE_BYTES = 64 * 2**20
 OFFSETS_SUFFIX = "_block_offsets"
 # The matmuls that get block offsets: 4-bit ones. An 8-bit block's grid is off by at most 1/16 of a
 # 4-bit one's half step; on the demo model int8 with offsets measured 95.8 % top-1 against 95.6 %
-# without (50 prompts, 2026-11-30-quant-offsets), for 4 more nodes per matmul in every decode step.
+# without (50 prompts, 2026-11-30-quant-offsets-shared), for 4 more nodes per matmul in every decode step.
 OFFSET_BITS = (4,)
 
 
