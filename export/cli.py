@@ -21,10 +21,10 @@ from runtime.cli.common import DEMO_IMAGE, DEMO_QUESTION, add_sampling, err, pro
 
 # The demo serves the fastest CPU engines whose accuracy on the demo model meets its goal
 # (export.quant_accuracy.GOALS: top-1 agreement with fp32), as benchmarks/bench_quant.py measured it
-# (benchmarks/results/2026-11-30-quant-3d1219c7, 50 prompts): int4 (the fastest) 71.7 % against its
-# 90 % goal, int8 95.6 % against 98 %: fp32. A quantized build whose own accuracy check misses its
-# goal is replaced by fp32 engines at run time.
-DEMO_PRECISION = "fp32"
+# (benchmarks/results/2026-11-30-quant-offsets, 50 prompts): int4 (the fastest) 97 % against its 90 %
+# goal. A quantized build whose own accuracy check misses its goal is replaced by fp32 engines at
+# run time.
+DEMO_PRECISION = "int4"
 
 
 def build_arguments(args) -> dict:
