@@ -100,11 +100,11 @@ def _quantizer_class():
 
 
 # onnxruntime's quantizer takes the weight as one protobuf initializer, which cannot pass 2 GiB (a
-# Qwen2 8B lm_head is 2.2 GB in fp32), and holds a few copies of it while it works (the peak of an
-# int4 build was there). A larger weight goes through in slices of columns: MatMulNBits lays out its
-# packed blocks, scales and zero points column by column, so the slices' concatenate exactly. The
-# slice is small against the weights a build holds elsewhere: each holds ~5 copies of itself in the
-# quantizer and the offsets' dequantization (facellm-1b int4 peaked at 4.4 GiB with 256 MiB slices).
+# Qwen2 8B lm_head is 2.2 GB in fp32), and holds a few copies of it while it works. A weight goes
+# through in slices of columns: MatMulNBits lays out its packed blocks, scales and zero points column
+# by column, so the slices' results fit together exactly. The slice is small against the weights a
+# build holds elsewhere: each holds ~5 copies of itself in the quantizer and the offsets'
+# dequantization (facellm-1b int4 peaked at 4.4 GiB with 256 MiB slices).
 MAX_SLICE_BYTES = 64 * 2**20
 OFFSETS_SUFFIX = "_block_offsets"
 # The matmuls that get block offsets: 4-bit ones. An 8-bit block's grid is off by at most 1/16 of a
