@@ -296,6 +296,7 @@ class Gateway:
         self.steps = {step for m in self.models.values() for step in m.steps} - set(self.models)
         self.upstream_grpc, self.upstream_http = upstream_grpc, upstream_http
         self.key = key
+        self.upstream_metadata = ((GRPC_KEY_METADATA, key),)  # what tritonserver's gRPC port asks of a caller
         self.max_request_bytes = max_request_bytes
         self.drain_timeout_s = drain_timeout_s
         self.log = log
@@ -331,6 +332,13 @@ class Gateway:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
         return task
+
+    def send_one(self, request) -> "ClientStream":
+        """A request of the gateway's own (the OpenAI endpoint's), forwarded as a client's stream that
+        sends it and closes its side (ClientStream.send_one)."""
+        stream = ClientStream(self)
+        stream.send_one(request)
+        return stream
 
     async def start(self, host: str, grpc_port: int, http_port: int, openai_port: int | None = None,
                     openai_max_body_mb: float | None = None) -> None:
@@ -468,7 +476,7 @@ class ClientStream:
             while (item := await up.get()) is not None:
                 yield item
 
-        call = self.gw.stub.ModelStreamInfer(requests(), metadata=((GRPC_KEY_METADATA, self.gw.key),))
+        call = self.gw.stub.ModelStreamInfer(requests(), metadata=self.gw.upstream_metadata)
         try:
             async with asyncio.timeout(None) as deadline:
                 self.deadline = deadline
@@ -549,7 +557,7 @@ class GrpcFront:
 
     def __init__(self, gw: Gateway):
         self.gw = gw
-        self.md = ((GRPC_KEY_METADATA, gw.key),)
+        self.md = gw.upstream_metadata
 
     def __getattr__(self, method: str):
         # every method not defined below: refused

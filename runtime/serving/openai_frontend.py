@@ -348,10 +348,7 @@ class EnsembleCall:
     step stops within a token) and reads the rest of the answer itself."""
 
     def __init__(self, gw, request, stops: list[str]):
-        from runtime.serving.gateway import ClientStream
-
-        self.stream = ClientStream(gw)
-        self.stream.send_one(request)
+        self.stream = gw.send_one(request)
         self.cutter = StopCutter(stops)
         self.done = False  # the server finished the request (answer or error), or it was cancelled
         self.prompt_tokens: int | None = None
@@ -447,8 +444,6 @@ def create_app(gw, max_body_mb: float = DEFAULT_MAX_BODY_MB):
     """The ASGI app, serving the gateway's public ensembles (`gw`: runtime.serving.gateway.Gateway)."""
     from tritonclient.grpc import service_pb2
 
-    from runtime.serving.gateway import GRPC_KEY_METADATA
-
     max_body = int(max_body_mb * 1024 * 1024)
     served = list(gw.models)
     created = int(time.time())
@@ -482,7 +477,7 @@ def create_app(gw, max_body_mb: float = DEFAULT_MAX_BODY_MB):
         for name in served:
             try:
                 ready = (await gw.stub.ModelReady(service_pb2.ModelReadyRequest(name=name), timeout=10,
-                                                  metadata=((GRPC_KEY_METADATA, gw.key),))).ready
+                                                  metadata=gw.upstream_metadata)).ready
             except Exception as e:  # noqa: BLE001 (tritonserver down or restarting)
                 raise APIError(503, f"the inference server is not available: {e}") from None
             if not ready:
