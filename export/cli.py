@@ -106,9 +106,10 @@ def demo_engines(out: Path, ckpt: Path, precision: str = DEMO_PRECISION) -> tupl
                     else "not measured")
         progress(f"{precision} engines miss their accuracy goal ({measured}): using fp32 engines")
         return demo_engines(out, ckpt, "fp32")
+    lm_head = quantization.get("output_bits", quantization["bits"])
     return engines, (f"onnxruntime engines, {precision} (LLM matmuls {quantization['bits']}-bit MatMulNBits, "
-                     f"block {quantization['block_size']}; top-1 agreement with fp32 {check['top1_agreement']:.1%} "
-                     f"at build)")
+                     f"lm_head {lm_head}-bit, block {quantization['block_size']}; top-1 agreement with fp32 "
+                     f"{check['top1_agreement']:.1%} at build)")
 
 
 def served_demo(out: str | Path, image: str | Path, question: str, params, use_engines: bool = True,
