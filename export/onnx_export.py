@@ -599,7 +599,6 @@ def _export_llm(model, out_dir: Path, simplify: bool, progress) -> dict[str, dic
     """The prefill and decode graphs; with a tied lm_head (the table loaded with the rest), the table too."""
     model = model.float().eval()
     components = {}
-    embedding = model.llm.get_input_embeddings()
     if model.llm.config.tie_word_embeddings:
         components.update(_save_embedding(model, out_dir, progress))
 
@@ -640,7 +639,7 @@ def _export_llm(model, out_dir: Path, simplify: bool, progress) -> dict[str, dic
             attach_weights(graph, weights, data)
             graphs[name] = graph
             del weights
-    del traces, core, model, embedding, data
+    del traces, core, model, data
     gc.collect()
     for name, graph in graphs.items():
         entry = components[name]

@@ -108,7 +108,7 @@ class TritonInstall:
         if tcmalloc and "tcmalloc" not in env.get("LD_PRELOAD", "") and env.get("FACERT_TCMALLOC", "1") != "0":
             env["LD_PRELOAD"] = os.pathsep.join(p for p in (tcmalloc, env.get("LD_PRELOAD", "")) if p)
             env.setdefault("TCMALLOC_AGGRESSIVE_DECOMMIT", "true")
-        elif "tcmalloc" not in env.get("LD_PRELOAD", "") and not any(k in env for k in GLIBC_MALLOC_ENV):
+        elif not user_chose_allocator(env):
             env.update(GLIBC_MALLOC_ENV)
             env[GLIBC_MALLOC_MARK] = "1"  # the stubs give their own threshold back (python_backend.py)
         return env
@@ -140,6 +140,11 @@ GLIBC_MALLOC_MARK = "FACERT_GLIBC_MALLOC"
 # took 2.1 ms instead of 0.3 ms (benchmarks/results/2026-11-30-openai-overhead-in-gateway/NOTES.md).
 # Padding the heap's top by 16 MiB keeps that much for the next request, and no more.
 GATEWAY_MALLOC_ENV = {"MALLOC_TOP_PAD_": str(16 * 2**20)}
+def user_chose_allocator(env: dict) -> bool:
+    """The user preloads tcmalloc or tunes glibc's malloc (MALLOC_*): facert's allocator settings stay out."""
+    return "tcmalloc" in env.get("LD_PRELOAD", "") or any(k.startswith("MALLOC_") for k in env)
+
+
 TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
                   "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
                   "/usr/lib64/libtcmalloc_minimal.so.4", "/usr/lib/libtcmalloc_minimal.so.4")
@@ -678,8 +683,8 @@ class TritonServer:
         from runtime.serving.gateway import KEY_ENV
 
         env = dict(os.environ, **{KEY_ENV: self.key, CANCEL_DIR_ENV: str(self.cancel_dir)})
-        if not any(k.startswith("MALLOC_") for k in env) and "tcmalloc" not in env.get("LD_PRELOAD", ""):
-            env.update(GATEWAY_MALLOC_ENV)  # a user's own settings are kept as they are
+        if not user_chose_allocator(env):
+            env.update(GATEWAY_MALLOC_ENV)
         cmd = [sys.executable, "-m", "runtime.serving.gateway", "--model-repository", str(self.repository),
                "--host", self.host, "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
                "--upstream-grpc", f"127.0.0.1:{self.internal_grpc_port}",
