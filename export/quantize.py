@@ -36,9 +36,11 @@ weight plus the graphs' structure, not the model. A weight both graphs share (th
 the fp32 file) is quantized and written once, and both graphs point at it; the weights that stay
 fp32 are copied over the same way.
 
-accuracy_level (MatMulNBits' compute type) is chosen by measurement on the demo model (see
-ACCURACY_LEVEL): 4 lets onnxruntime's CPU kernels quantize the activations of each block to int8
-and multiply in int8 (AVX512-VNNI / AVX2), 1 multiplies in fp32.
+accuracy_level (MatMulNBits' compute type) is chosen per precision by measurement on the demo model
+(see ACCURACY_LEVEL): 4 lets onnxruntime's CPU kernels quantize the activations of each block to int8
+and multiply in int8 (AVX512-VNNI / AVX2), 1 multiplies in fp32. At level 1 an 8-bit weight is
+stored as two 4-bit nibble planes (nibble_planes), the same weight on onnxruntime's fast fp32 4-bit
+kernel.
 
 What the scheme costs on the demo model, and the schemes measured against it:
 benchmarks/results/2026-11-30-quant-offsets (and NOTES.md there and in 2026-11-30-quant-3d1219c7).
@@ -54,15 +56,18 @@ import numpy as np
 import onnx
 
 from export.onnx_export import release_freed_memory
-from runtime.manifest import BEFORE_OFFSETS, QUANTIZED_OP, EngineError
+from runtime.manifest import BEFORE_OFFSETS, QUANTIZED_OP, TWICE, EngineError
 from runtime.manifest import QUANTIZED_BITS as BITS
 
 DEFAULT_BLOCK_SIZE = 32
-# MatMulNBits' compute type, by measurement on the demo model (2-core AMD EPYC with AVX512-VNNI,
-# benchmarks/results/2026-11-30-quant-3d1219c7): level 4 (activations quantized to int8 per block,
-# int8 dot products) against level 1 (fp32): int4 decode step 32.6 against 44.9 ms, top-1 agreement
-# with fp32 71.7 % against 71.1 %; int8 has no level-1 kernel on x86 in onnxruntime 1.32 (734 ms a step).
-ACCURACY_LEVEL = 4
+# MatMulNBits' compute type per precision, by measurement on the demo model (2-core AMD EPYC with
+# AVX512-VNNI; benchmarks/results/2026-11-30-quant-planes/NOTES.md). Level 4 (activations rounded to
+# int8 per block, int8 dot products) is the faster, and its activation rounding is what bounds
+# agreement with fp32 (int8 and int4 alike end near 95-97 % top-1 at level 4). int4 is the fast
+# precision: level 4 (decode step 32.6 ms against 44.9 at level 1, 2026-11-30-quant-3d1219c7). int8 is
+# the near-lossless one: level 1, on nibble planes with block offsets (10 prompts: 99.3 % top-1 against
+# 95.7 % at level 4), at about fp32's decode speed and a quarter of its weight bytes.
+ACCURACY_LEVEL = {"int8": 1, "int4": 4}
 # The lm_head's bits: 8 at both precisions. It is the largest single matmul (a fifth of SmolLM2's
 # weights) and what every score goes through; the demo model's agreement with fp32, 10 prompts
 # (benchmarks/results/2026-11-30-quant-offsets/NOTES.md): int4 with an int4 lm_head 84.1 %, with an
@@ -107,14 +112,20 @@ def _quantizer_class():
 # dequantization (facellm-1b int4 peaked at 4.4 GiB with 256 MiB slices).
 MAX_SLICE_BYTES = 64 * 2**20
 OFFSETS_SUFFIX = "_block_offsets"
-# The matmuls that get block offsets: 4-bit ones. An 8-bit block's grid is off by at most 1/16 of a
-# 4-bit one's half step; on the demo model int8 with offsets measured 95.8 % top-1 against 95.6 %
-# without (50 prompts, 2026-11-30-quant-offsets-shared), for 4 more nodes per matmul in every decode step.
-OFFSET_BITS = (4,)
+
+
+def matmul_layout(bits: int, accuracy_level: int, offsets: bool) -> tuple[bool, bool]:
+    """(block offsets?, nibble planes?) for a matmul of `bits` at `accuracy_level`. Offsets go on every
+    4-bit matmul, and on 8-bit ones only with fp32 activations: an 8-bit block's grid is off by at
+    most 1/16 of a 4-bit one's half step, which level 4's activation rounding swamps (demo model,
+    50 prompts: 95.8 % top-1 with offsets against 95.6 % without, 2026-11-30-quant-offsets-shared)
+    while at level 1 it is what is left (10 prompts: 99.3 % against 97.1 %)."""
+    planes = bits == 8 and accuracy_level == 1
+    return offsets and (bits == 4 or planes), planes
 
 
 def quantize_matmul(node: onnx.NodeProto, weight: np.ndarray, weight_name: str, bits: int,
-                    block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = ACCURACY_LEVEL,
+                    block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = ACCURACY_LEVEL["int4"],
                     offsets: bool = True) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     """One MatMul with its weight [K, N] -> (the MatMulNBits node, its initializers: packed weight,
     scales, zero points, and with `offsets` the blocks' offsets [K / block_size, N] named
@@ -142,9 +153,11 @@ class MappedWeight:
 
 
 def _quantize_columns(node: onnx.NodeProto, weight, weight_name: str, bits: int, block_size: int,
-                      accuracy_level: int, offsets: bool) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
+                      accuracy_level: int, offsets: bool, planes: bool = False
+                      ) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
     """quantize_matmul's work, on a weight (an array or a MappedWeight) read a slice of columns at a time;
-    the arrays by name, each allocated once at its full size."""
+    the arrays by name, each allocated once at its full size. With `planes` an 8-bit weight comes back
+    as nibble planes (a 4-bit node of twice its K)."""
     from onnx import numpy_helper
 
     k, n = weight.shape
@@ -173,6 +186,8 @@ def _quantize_columns(node: onnx.NodeProto, weight, weight_name: str, bits: int,
     for attribute in qnode.attribute:
         if attribute.name == "N":
             attribute.i = n
+    if planes:
+        return nibble_planes(qnode, arrays, block_size)
     return qnode, arrays
 
 
@@ -216,6 +231,49 @@ def dequantize(qinits: list[onnx.TensorProto], bits: int, k: int) -> np.ndarray:
         codes = packed
     w = (codes.astype(np.float32) - zero_points.reshape(n, blocks, 1)) * scales.reshape(n, blocks, 1)
     return w.reshape(n, -1)[:, :k].T
+
+
+def nibble_planes(qnode: onnx.NodeProto, arrays: dict[str, np.ndarray], block_size: int
+                  ) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
+    """An 8-bit MatMulNBits (K, N) as one 4-bit MatMulNBits (2K, N) of the same weight, to be fed [x, x].
+
+    Why: onnxruntime's x86 kernels multiply 8-bit weights either with the activations rounded to int8
+    per block (accuracy level 4) or on a slow reference path in fp32 (level 1, ~20x slower), while
+    4-bit weights have a fast fp32 kernel. A code c = 16 h + l with zero point z = 16 zh + zl gives
+    s (c - z) = 16 s (h - zh) + s (l - zl): the first K rows hold the high nibbles with scales 16 s,
+    the next K the low nibbles with scales s. The same int8 weight, exactly (a power-of-two scale
+    multiple), at the same bytes."""
+    name = qnode.input[1]
+    packed, scales, zero_points = (arrays[name], arrays[qnode.input[2]], arrays[qnode.input[3]])
+    n, blocks, _ = packed.shape
+    if blocks * block_size != _attribute(qnode, "K"):
+        raise EngineError(f"{qnode.name}: nibble planes need K a multiple of the block size")
+
+    def packed_nibbles(values: np.ndarray) -> np.ndarray:  # MatMulNBits' 4-bit layout: low nibble first
+        if values.shape[-1] % 2:
+            values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), np.uint8)], axis=-1)
+        return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+    zero_points = zero_points.reshape(n, blocks)
+    scales = scales.reshape(n, blocks)
+    four_bit = name.removesuffix("_Q8") + "_Q4"
+    planes = {k: v for k, v in arrays.items() if k not in qnode.input}  # the block offsets, if any
+    planes |= {four_bit: packed_nibbles(np.concatenate([packed >> 4, packed & 0x0F], axis=1)),
+              qnode.input[2]: np.concatenate([scales * 16, scales], axis=1).astype(np.float32),
+              qnode.input[3]: packed_nibbles(np.concatenate([zero_points >> 4, zero_points & 0x0F], axis=1))}
+    node = onnx.NodeProto()
+    node.CopyFrom(qnode)
+    node.input[1] = four_bit
+    for attribute in node.attribute:
+        if attribute.name == "K":
+            attribute.i *= 2
+        elif attribute.name == "bits":
+            attribute.i = 4
+    return node, planes
+
+
+def _attribute(node: onnx.NodeProto, name: str) -> int:
+    return next(a.i for a in node.attribute if a.name == name)
 
 
 def block_offsets(weight: np.ndarray, qinits: list[onnx.TensorProto], bits: int, block_size: int) -> np.ndarray:
@@ -367,7 +425,8 @@ def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done:
     typed = onnx.shape_inference.infer_shapes(graph).graph
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*typed.input, *typed.value_info)
              if v.type.tensor_type.HasField("shape")}
-    nodes, added, quantized, kept, with_offsets = [], [], 0, 0, 0
+    nodes, added, quantized, kept, with_offsets, as_planes = [], [], 0, 0, 0, 0
+    doubled: set[str] = set()  # inputs already concatenated with themselves for nibble planes
     for node in graph.graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         if weight is None:  # not a MatMul, or q @ k^T / probs @ v (activations on both sides)
@@ -380,8 +439,9 @@ def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done:
             if not _is_quantizable(w):
                 done[key] = None
             else:
+                with_offsets_here, planes = matmul_layout(node_bits, accuracy_level, offsets)
                 qnode, arrays = _quantize_columns(node, w, weight.name, node_bits, block_size, accuracy_level,
-                                                  offsets and node_bits in OFFSET_BITS)
+                                                  with_offsets_here, planes and w.shape[0] % block_size == 0)
                 done[key] = (weight.name, qnode, [files.write_array(name, a) for name, a in arrays.items()])
                 del arrays
             del w
@@ -395,7 +455,15 @@ def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done:
         qinits = [_rename(t, source_name, weight.name) for t in qinits]
         offset = next((t for t in qinits if t.name.endswith(OFFSETS_SUFFIX)), None)
         del qnode.input[0], qnode.output[:]
-        qnode.input.insert(0, node.input[0])
+        if _attribute(qnode, "K") == 2 * weight.dims[0]:  # nibble planes: fed [x, x]
+            twice = node.input[0] + TWICE
+            if twice not in doubled:
+                nodes.append(onnx.helper.make_node("Concat", [node.input[0]] * 2, [twice], name=twice, axis=-1))
+                doubled.add(twice)
+            qnode.input.insert(0, twice)
+            as_planes += 1
+        else:
+            qnode.input.insert(0, node.input[0])
         qnode.output.append(node.output[0] if offset is None else node.output[0] + BEFORE_OFFSETS)
         qnode.name = node.name + f"_Q{node_bits}"
         nodes.append(qnode)
@@ -421,11 +489,12 @@ def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done:
     if not any(o.domain == "com.microsoft" for o in graph.opset_import):
         graph.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return {"bits": bits, "output_bits": output_bits, "block_size": block_size, "accuracy_level": accuracy_level,
-            "quantized_matmuls": quantized, "matmuls_with_offsets": with_offsets, "fp32_matmuls": kept}
+            "quantized_matmuls": quantized, "matmuls_with_offsets": with_offsets, "matmuls_as_nibble_planes": as_planes,
+            "fp32_matmuls": kept}
 
 
 def quantize_llm(out_dir: Path, components: dict[str, dict], precision: str, block_size: int = DEFAULT_BLOCK_SIZE,
-                 accuracy_level: int = ACCURACY_LEVEL, offsets: bool = True,
+                 accuracy_level: int | None = None, offsets: bool = True,
                  progress: Callable[[str], None] = lambda _m: None) -> dict:
     """Rewrite the exported LLM graphs in out_dir in `precision`, streaming their weights; updates their
     component entries in place and returns the manifest's `quantization` record."""
@@ -438,6 +507,8 @@ def quantize_llm(out_dir: Path, components: dict[str, dict], precision: str, blo
         raise EngineError(f"quantization precision must be one of {', '.join(BITS)}, got {precision!r}")
     check_block_size(block_size)
     bits = BITS[precision]
+    if accuracy_level is None:
+        accuracy_level = ACCURACY_LEVEL[precision]
     out_dir = Path(out_dir)
     fp32_bytes = (out_dir / LLM_DATA_FILE).stat().st_size
     staging = out_dir / (LLM_DATA_FILE + ".quantizing")
@@ -463,13 +534,18 @@ def quantize_llm(out_dir: Path, components: dict[str, dict], precision: str, blo
         path.write_bytes(graph.SerializeToString())
         onnx.checker.check_model(str(path))  # by path: follows the external data references
         components[name].update(precision=precision, quantization=per_graph[name])
+    layouts = {b: matmul_layout(b, accuracy_level, offsets) for b in sorted({bits, OUTPUT_BITS[precision]})}
+    offsets_bits = [b for b, (with_offsets, _planes) in layouts.items() if with_offsets]
+    planes_bits = [b for b, (_offsets, planes) in layouts.items() if planes]
     scheme = "block-wise weight-only, asymmetric (uint, zero point per block), round to nearest"
-    if offsets:
-        scheme += (", plus, in 4-bit matmuls, each block's mean residual as a float offset (block sums of x "
-                   "times the offsets)")
+    if offsets_bits:
+        scheme += (f", plus, in {'/'.join(map(str, offsets_bits))}-bit matmuls, each block's mean residual as a "
+                   f"float offset (block sums of x times the offsets)")
+    if planes_bits:
+        scheme += ", 8-bit codes stored as two 4-bit nibble planes of one 4-bit MatMulNBits over [x, x]"
     return {"scheme": scheme, "operator": f"com.microsoft.{QUANTIZED_OP}", "bits": bits,
             "output_bits": OUTPUT_BITS[precision], "block_size": block_size,
-            "block_offsets_bits": list(OFFSET_BITS) if offsets else [],
+            "block_offsets_bits": offsets_bits, "nibble_planes_bits": planes_bits,
             "accuracy_level": accuracy_level, "components": list(LLM_GRAPHS),
             "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
             "quantizer_version": quantizer_version(),
@@ -480,7 +556,7 @@ def quantize_llm(out_dir: Path, components: dict[str, dict], precision: str, blo
 
 
 def quantized_copy(fp32_engines: Path, out: Path, precision: str, block_size: int = DEFAULT_BLOCK_SIZE,
-                   accuracy_level: int = ACCURACY_LEVEL, offsets: bool = True) -> Path:
+                   accuracy_level: int | None = None, offsets: bool = True) -> Path:
     """An int8/int4 engines folder made from an fp32 onnxruntime one, without exporting again: the
     same quantize_llm pass `facert build --precision` runs after its export (no accuracy check;
     `quantization` says so). For benchmarks and tests that compare precisions of one export."""

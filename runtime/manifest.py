@@ -41,6 +41,7 @@ MANIFEST = "manifest.json"
 QUANTIZED_BITS = {"int8": 8, "int4": 4}  # onnxruntime precisions whose LLM matmuls are MatMulNBits
 QUANTIZED_OP = "MatMulNBits"
 BEFORE_OFFSETS = "_nbits"  # a MatMulNBits output's suffix where block offsets are added to it
+TWICE = "_twice"  # the suffix of [x, x], what a MatMulNBits holding an 8-bit weight as two nibble planes multiplies
 
 
 class EngineError(ValueError):
@@ -106,6 +107,10 @@ def _check_quantization(name: str, path: Path, graph, entry: dict) -> None:
     if len(nodes) != want.get("quantized_matmuls"):
         raise EngineError(f"component {name!r}: {path.name} holds {len(nodes)} {QUANTIZED_OP} nodes, the manifest "
                           f"says {want.get('quantized_matmuls')} (mismatched manifest or file)")
+    planes = {n.name for n in nodes if n.input[0].endswith(TWICE)}
+    if len(planes) != want.get("matmuls_as_nibble_planes", 0):
+        raise EngineError(f"component {name!r}: {path.name} holds {len(planes)} {QUANTIZED_OP} nodes on nibble planes, "
+                          f"the manifest says {want.get('matmuls_as_nibble_planes', 0)} (mismatched manifest or file)")
     outputs = {o.name for o in graph.graph.output}
     for node in nodes:
         attrs = {a.name: get_attribute_value(a) for a in node.attribute}
@@ -113,6 +118,11 @@ def _check_quantization(name: str, path: Path, graph, entry: dict) -> None:
         writes_output = node.output[0].removesuffix(BEFORE_OFFSETS) in outputs
         expected = {"bits": want.get("output_bits", want.get("bits")) if writes_output else want.get("bits"),
                     "block_size": want.get("block_size")}
+        if node.name in planes:  # an 8-bit weight as two 4-bit planes
+            if expected["bits"] != 8:
+                raise EngineError(f"component {name!r}: {QUANTIZED_OP} {node.name} in {path.name} holds nibble planes "
+                                  f"(8 bits), the manifest says {expected['bits']} (mismatched manifest or file)")
+            expected["bits"] = 4
         for key in ("bits", "block_size"):
             if attrs.get(key) != expected[key]:
                 raise EngineError(f"component {name!r}: {QUANTIZED_OP} {node.name} in {path.name} has {key} "
