@@ -12,10 +12,13 @@ nearest from the block's min and max, onnxruntime's default scheme). The lm_head
 Block offsets. MatMulNBits' fast CPU kernels take integer zero points, so a block's grid always
 holds 0 and cannot be shifted by a fraction of a step. Every quantized block therefore also gets
 the mean of what rounding took off it (a float per block and column, [K / block_size, N]), and the
-graph adds it back: y = MatMulNBits(x) + (the sums of x's blocks) @ offsets, a MatMul of 1/block_size
-of the work. On weights that are themselves decoded from a min/max grid with a float minimum (the
-demo model's, from its Q4_1 GGUF file; GPTQ/AWQ-style asymmetric checkpoints) this reproduces the
-grid exactly; on others it is the least-squares correction of each block's mean.
+graph adds it back: y = [x, the sums of x's blocks] @ [W; offsets], the offsets as K / block_size
+more rows of the same MatMulNBits, quantized to 4 bits in blocks of their own (append_offset_rows):
+one Reshape, ReduceSum and Concat more per matmul, not a MatMul and an Add more. On weights that are
+themselves decoded from a min/max grid with a float minimum (the demo model's, from its Q4_1 GGUF
+file; GPTQ/AWQ-style asymmetric checkpoints) this reproduces the grid but for the offsets' own
+4-bit rounding (about 1/30 of a step); on others it is the least-squares correction of each
+block's mean.
 
 What stays fp32, and why:
 * the RoPE rotation (a [head_dim, head_dim] signed permutation that KVCacheLLM applies as a
@@ -56,7 +59,7 @@ import numpy as np
 import onnx
 
 from export.onnx_export import release_freed_memory
-from runtime.manifest import BEFORE_OFFSETS, QUANTIZED_OP, TWICE, EngineError
+from runtime.manifest import QUANTIZED_OP, TWICE, WITH_BLOCK_SUMS, EngineError
 from runtime.manifest import QUANTIZED_BITS as BITS
 
 DEFAULT_BLOCK_SIZE = 32
@@ -128,9 +131,9 @@ def quantize_matmul(node: onnx.NodeProto, weight: np.ndarray, weight_name: str, 
                     block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = ACCURACY_LEVEL["int4"],
                     offsets: bool = True) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     """One MatMul with its weight [K, N] -> (the MatMulNBits node, its initializers: packed weight,
-    scales, zero points, and with `offsets` the blocks' offsets [K / block_size, N] named
-    `<weight>_block_offsets`), by onnxruntime's MatMulNBitsQuantizer run on a graph of just that
-    node, in slices of at most MAX_SLICE_BYTES of columns."""
+    scales, zero points), by onnxruntime's MatMulNBitsQuantizer run on a graph of just that node, in
+    slices of at most MAX_SLICE_BYTES of columns. With `offsets` (4 bits) the node holds the blocks'
+    offsets as K / block_size more rows, to be fed [x, block_sums(x)] (block_sum_nodes)."""
     from onnx import numpy_helper
 
     qnode, arrays = _quantize_columns(node, weight, weight_name, bits, block_size, accuracy_level, offsets)
@@ -153,15 +156,14 @@ class MappedWeight:
 
 
 def _quantize_columns(node: onnx.NodeProto, weight, weight_name: str, bits: int, block_size: int,
-                      accuracy_level: int, offsets: bool, planes: bool = False
-                      ) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
+                      accuracy_level: int, offsets: bool) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
     """quantize_matmul's work, on a weight (an array or a MappedWeight) read a slice of columns at a time;
-    the arrays by name, each allocated once at its full size. With `planes` an 8-bit weight comes back
-    as nibble planes (a 4-bit node of twice its K)."""
+    the arrays by name, each allocated once at its full size; laid out as matmul_layout says (nibble
+    planes, offset rows) where K is a multiple of the block."""
     from onnx import numpy_helper
 
     k, n = weight.shape
-    offsets = offsets and k % block_size == 0
+    offsets, planes = (choice and k % block_size == 0 for choice in matmul_layout(bits, accuracy_level, offsets))
     columns = max(1, MAX_SLICE_BYTES // (4 * k))
     qnode, arrays = None, {}
     for start in range(0, n, columns):
@@ -186,8 +188,11 @@ def _quantize_columns(node: onnx.NodeProto, weight, weight_name: str, bits: int,
     for attribute in qnode.attribute:
         if attribute.name == "N":
             attribute.i = n
+    offsets_array = arrays.pop(weight_name + OFFSETS_SUFFIX, None)
     if planes:
-        return nibble_planes(qnode, arrays, block_size)
+        qnode, arrays = nibble_planes(qnode, arrays, block_size)
+    if offsets_array is not None:
+        qnode, arrays = append_offset_rows(qnode, arrays, offsets_array, block_size, accuracy_level)
     return qnode, arrays
 
 
@@ -249,18 +254,12 @@ def nibble_planes(qnode: onnx.NodeProto, arrays: dict[str, np.ndarray], block_si
     if blocks * block_size != _attribute(qnode, "K"):
         raise EngineError(f"{qnode.name}: nibble planes need K a multiple of the block size")
 
-    def packed_nibbles(values: np.ndarray) -> np.ndarray:  # MatMulNBits' 4-bit layout: low nibble first
-        if values.shape[-1] % 2:
-            values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), np.uint8)], axis=-1)
-        return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
-
     zero_points = zero_points.reshape(n, blocks)
     scales = scales.reshape(n, blocks)
     four_bit = name.removesuffix("_Q8") + "_Q4"
-    planes = {k: v for k, v in arrays.items() if k not in qnode.input}  # the block offsets, if any
-    planes |= {four_bit: packed_nibbles(np.concatenate([packed >> 4, packed & 0x0F], axis=1)),
+    planes = {four_bit: _packed_nibbles(np.concatenate([packed >> 4, packed & 0x0F], axis=1)),
               qnode.input[2]: np.concatenate([scales * 16, scales], axis=1).astype(np.float32),
-              qnode.input[3]: packed_nibbles(np.concatenate([zero_points >> 4, zero_points & 0x0F], axis=1))}
+              qnode.input[3]: _packed_nibbles(np.concatenate([zero_points >> 4, zero_points & 0x0F], axis=1))}
     node = onnx.NodeProto()
     node.CopyFrom(qnode)
     node.input[1] = four_bit
@@ -270,6 +269,52 @@ def nibble_planes(qnode: onnx.NodeProto, arrays: dict[str, np.ndarray], block_si
         elif attribute.name == "bits":
             attribute.i = 4
     return node, planes
+
+
+def append_offset_rows(qnode: onnx.NodeProto, arrays: dict[str, np.ndarray], offsets: np.ndarray, block_size: int,
+                       accuracy_level: int) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
+    """A 4-bit MatMulNBits (K, N) and its blocks' offsets [K / block_size, N] -> one 4-bit MatMulNBits
+    (K + K / block_size, N) to be fed [x, the block sums of x]: the offsets as more rows of the weight,
+    quantized to 4 bits in blocks of their own (zero rows pad the last).
+
+    Why not a MatMul of the block sums and an Add after MatMulNBits: a decode step is bound by its
+    node count (benchmarks/results/2026-11-30-quant-offsets/NOTES.md), and the two nodes per matmul
+    cost the demo model's int4 decode step 2.3 of 13.7 ms. What the offsets' 4-bit rounding costs:
+    2026-11-30-quant-planes/NOTES.md."""
+    k, n = _attribute(qnode, "K"), _attribute(qnode, "N")
+    if _attribute(qnode, "bits") != 4:
+        raise EngineError(f"{qnode.name}: block offsets go on 4-bit MatMulNBits nodes (or 8-bit ones on nibble planes)")
+    name, scales_name, zero_points_name = qnode.input[1:4]
+    rows = np.zeros((-(-offsets.shape[0] // block_size) * block_size, n), np.float32)
+    rows[:offsets.shape[0]] = offsets
+    rows_node = onnx.helper.make_node("MatMul", ["x", name + "_offset_rows"], ["y"], name=qnode.name + "_offset_rows")
+    rows_qnode, rows_arrays = _quantize_columns(rows_node, rows, name + "_offset_rows", 4, block_size, accuracy_level,
+                                                offsets=False)
+    rows_packed, rows_scales, rows_zero_points = (rows_arrays[i] for i in rows_qnode.input[1:4])
+    blocks, rows_blocks = arrays[name].shape[1], rows_packed.shape[1]
+
+    def zero_point_values(packed: np.ndarray, count: int) -> np.ndarray:
+        packed = packed.reshape(n, -1)
+        return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)[:, :count]
+
+    merged = {name: np.concatenate([arrays[name], rows_packed], axis=1),
+              scales_name: np.concatenate([arrays[scales_name].reshape(n, blocks),
+                                           rows_scales.reshape(n, rows_blocks)], axis=1),
+              zero_points_name: _packed_nibbles(np.concatenate([zero_point_values(arrays[zero_points_name], blocks),
+                                                                zero_point_values(rows_zero_points, rows_blocks)], axis=1))}
+    node = onnx.NodeProto()
+    node.CopyFrom(qnode)
+    for attribute in node.attribute:
+        if attribute.name == "K":
+            attribute.i = k + offsets.shape[0]
+    return node, merged
+
+
+def _packed_nibbles(values: np.ndarray) -> np.ndarray:
+    """Values 0..15 [..., m] in MatMulNBits' 4-bit layout: two to a byte, low nibble first, m padded to even."""
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
 
 
 def _attribute(node: onnx.NodeProto, name: str) -> int:
@@ -398,21 +443,27 @@ def offset_constants(rank: int, blocks: int, block_size: int) -> list[onnx.Tenso
             numpy_helper.from_array(np.array([-1], dtype=np.int64), "facert_last_axis")]
 
 
-def offset_nodes(node: onnx.NodeProto, rank: int, offsets: onnx.TensorProto, block_size: int,
-                  nbits_output: str) -> list[onnx.NodeProto]:
-    """What adds the blocks' offsets back: x [..., K] -> the sum of each block of x [..., K / block]
-    -> times the offsets [K / block, N] -> added to MatMulNBits' output. The float part of each
-    block's zero point, which MatMulNBits' integer zero points cannot hold, at 1/block_size of a
-    MatMul's work."""
+def matmul_input_nodes(x: str, rank: int, k: int, qnode: onnx.NodeProto, block_size: int
+                       ) -> tuple[str, list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """What a quantized node of an x [..., K] multiplies: x itself, or [x, x] (nibble planes), each
+    followed by the sums of x's blocks [..., K / block_size] where the node holds block offsets as
+    rows (its K attribute says which: copies * K + K / block_size). -> (its name, the nodes and
+    constants that make it)."""
     from onnx import helper
 
-    x, y, name = node.input[0], node.output[0], node.name
-    shape, axis = (t.name for t in offset_constants(rank, offsets.dims[0], block_size))
-    return [helper.make_node("Reshape", [x, shape], [f"{y}_blocks"], name=f"{name}_blocks"),
-            helper.make_node("ReduceSum", [f"{y}_blocks", axis], [f"{y}_block_sums"], name=f"{name}_block_sums",
-                             keepdims=0),
-            helper.make_node("MatMul", [f"{y}_block_sums", offsets.name], [f"{y}_offsets"], name=f"{name}_offsets"),
-            helper.make_node("Add", [nbits_output, f"{y}_offsets"], [y], name=f"{name}_add_offsets")]
+    copies, extra = divmod(_attribute(qnode, "K"), k)
+    if copies == 1 and not extra:
+        return x, [], []
+    inputs, nodes, constants, name = [x] * copies, [], [], x + (TWICE if copies == 2 else "")
+    if extra:
+        constants = offset_constants(rank, k // block_size, block_size)
+        shape, axis = (t.name for t in constants)
+        nodes += [helper.make_node("Reshape", [x, shape], [f"{x}_blocks"], name=f"{x}_blocks"),
+                  helper.make_node("ReduceSum", [f"{x}_blocks", axis], [f"{x}_block_sums"], name=f"{x}_block_sums",
+                                   keepdims=0)]
+        inputs.append(f"{x}_block_sums")
+        name += WITH_BLOCK_SUMS
+    return name, nodes + [helper.make_node("Concat", inputs, [name], name=name, axis=-1)], constants
 
 
 def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done: dict, bits: int, output_bits: int,
@@ -426,7 +477,7 @@ def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done:
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*typed.input, *typed.value_info)
              if v.type.tensor_type.HasField("shape")}
     nodes, added, quantized, kept, with_offsets, as_planes = [], [], 0, 0, 0, 0
-    doubled: set[str] = set()  # inputs already concatenated with themselves for nibble planes
+    made: set[str] = set()  # the concatenations of an x already in the graph
     for node in graph.graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         if weight is None:  # not a MatMul, or q @ k^T / probs @ v (activations on both sides)
@@ -439,9 +490,7 @@ def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done:
             if not _is_quantizable(w):
                 done[key] = None
             else:
-                with_offsets_here, planes = matmul_layout(node_bits, accuracy_level, offsets)
-                qnode, arrays = _quantize_columns(node, w, weight.name, node_bits, block_size, accuracy_level,
-                                                  with_offsets_here, planes and w.shape[0] % block_size == 0)
+                qnode, arrays = _quantize_columns(node, w, weight.name, node_bits, block_size, accuracy_level, offsets)
                 done[key] = (weight.name, qnode, [files.write_array(name, a) for name, a in arrays.items()])
                 del arrays
             del w
@@ -453,28 +502,21 @@ def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done:
         source_name, qnode, qinits = done[key]
         qnode = _rename(qnode, source_name, weight.name)
         qinits = [_rename(t, source_name, weight.name) for t in qinits]
-        offset = next((t for t in qinits if t.name.endswith(OFFSETS_SUFFIX)), None)
+        rank = ranks.get(node.input[0])
+        if not rank:
+            raise EngineError(f"cannot quantize {node.name}: the rank of {node.input[0]} is unknown")
+        fed, input_nodes, constants = matmul_input_nodes(node.input[0], rank, weight.dims[0], qnode, block_size)
+        if fed not in made:  # two matmuls of one x share what is made of it
+            made.add(fed)
+            nodes += input_nodes
+            added += [t for t in constants if t.name not in {a.name for a in added}]
+        as_planes += TWICE in fed
+        with_offsets += fed.endswith(WITH_BLOCK_SUMS)
         del qnode.input[0], qnode.output[:]
-        if _attribute(qnode, "K") == 2 * weight.dims[0]:  # nibble planes: fed [x, x]
-            twice = node.input[0] + TWICE
-            if twice not in doubled:
-                nodes.append(onnx.helper.make_node("Concat", [node.input[0]] * 2, [twice], name=twice, axis=-1))
-                doubled.add(twice)
-            qnode.input.insert(0, twice)
-            as_planes += 1
-        else:
-            qnode.input.insert(0, node.input[0])
-        qnode.output.append(node.output[0] if offset is None else node.output[0] + BEFORE_OFFSETS)
+        qnode.input.insert(0, fed)
+        qnode.output.append(node.output[0])
         qnode.name = node.name + f"_Q{node_bits}"
         nodes.append(qnode)
-        if offset is not None:
-            rank = ranks.get(node.input[0])
-            if not rank:
-                raise EngineError(f"cannot add block offsets to {node.name}: the rank of {node.input[0]} is unknown")
-            nodes += offset_nodes(node, rank, offset, block_size, qnode.output[0])
-            names = {t.name for t in added}
-            added += [t for t in offset_constants(rank, offset.dims[0], block_size) if t.name not in names]
-            with_offsets += 1
         added += qinits
         quantized += 1
     del graph.graph.node[:]

@@ -40,8 +40,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 QUANTIZED_BITS = {"int8": 8, "int4": 4}  # onnxruntime precisions whose LLM matmuls are MatMulNBits
 QUANTIZED_OP = "MatMulNBits"
-BEFORE_OFFSETS = "_nbits"  # a MatMulNBits output's suffix where block offsets are added to it
-TWICE = "_twice"  # the suffix of [x, x], what a MatMulNBits holding an 8-bit weight as two nibble planes multiplies
+# What a MatMulNBits multiplies, by the suffix of its input's name: [x, x] (an 8-bit weight as two 4-bit
+# nibble planes), then the sums of x's blocks (block offsets held as rows of the weight)
+TWICE, WITH_BLOCK_SUMS = "_twice", "_with_block_sums"
 
 
 class EngineError(ValueError):
@@ -107,15 +108,14 @@ def _check_quantization(name: str, path: Path, graph, entry: dict) -> None:
     if len(nodes) != want.get("quantized_matmuls"):
         raise EngineError(f"component {name!r}: {path.name} holds {len(nodes)} {QUANTIZED_OP} nodes, the manifest "
                           f"says {want.get('quantized_matmuls')} (mismatched manifest or file)")
-    planes = {n.name for n in nodes if n.input[0].endswith(TWICE)}
+    planes = {n.name for n in nodes if n.input[0].removesuffix(WITH_BLOCK_SUMS).endswith(TWICE)}
     if len(planes) != want.get("matmuls_as_nibble_planes", 0):
         raise EngineError(f"component {name!r}: {path.name} holds {len(planes)} {QUANTIZED_OP} nodes on nibble planes, "
                           f"the manifest says {want.get('matmuls_as_nibble_planes', 0)} (mismatched manifest or file)")
     outputs = {o.name for o in graph.graph.output}
     for node in nodes:
         attrs = {a.name: get_attribute_value(a) for a in node.attribute}
-        # the lm_head (its output, or the sum of its output and offsets, is the logits) has its own bits
-        writes_output = node.output[0].removesuffix(BEFORE_OFFSETS) in outputs
+        writes_output = node.output[0] in outputs  # the lm_head has its own bits
         expected = {"bits": want.get("output_bits", want.get("bits")) if writes_output else want.get("bits"),
                     "block_size": want.get("block_size")}
         if node.name in planes:  # an 8-bit weight as two 4-bit planes

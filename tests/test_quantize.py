@@ -57,34 +57,36 @@ def test_llm_matmuls_become_matmulnbits(tiny_quantized, tiny_checkpoint, precisi
         nbits = [n for n in g.graph.node if n.op_type == "MatMulNBits"]
         # per layer: fused q/k/v, o_proj, fused gate/up, down_proj; plus the lm_head, in 8 bits
         assert len(nbits) == 4 * layers + 1
-        assert sum(n.output[0] in ("logits", "logits_nbits") for n in nbits) == 1
-        offsets = {t.name: t for t in g.graph.initializer if t.name.endswith("_block_offsets")}
+        assert sum(n.output[0] == "logits" for n in nbits) == 1
         with_offsets = 0
         for node in nbits:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             assert node.domain == "com.microsoft"
-            lm_head = node.output[0] in ("logits", "logits_nbits")
-            planes = node.input[0].endswith("_twice")
+            lm_head = node.output[0] == "logits"
+            planes = node.input[0].removesuffix("_with_block_sums").endswith("_twice")
             assert planes == (precision == "int8")
             assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (
                 4 if planes or not lm_head else 8, 32, level)
-            k = attrs["K"] // 2 if planes else attrs["K"]
+            k = attrs["K"] * 32 // (65 if planes else 33) if attrs["bits"] == 4 else attrs["K"]
             if planes:
                 concat = producers[node.input[0]]
                 assert concat.op_type == "Concat" and concat.input[0] == concat.input[1]
-                assert list(inits[node.input[2]].dims) == [attrs["N"], 2 * k // 32]  # 16 s, then s per block
-            # an offset-carrying node's output gets x's block sums times the [K / 32, N] offsets added
+                # 16 s, then s per block, then the offsets' own blocks
+                assert list(inits[node.input[2]].dims) == [attrs["N"], 2 * k // 32 + -(-k // 32 // 32)]
+            # an offset-carrying node multiplies [x(, x), the sums of x's 32-blocks]: K + K / 32 rows
             if attrs["bits"] == 4:
-                add = consumers[node.output[0]]
-                assert add.op_type == "Add"
-                matmul = next(n for n in g.graph.node if n.output[0] in add.input and n.op_type == "MatMul")
-                assert list(offsets[matmul.input[1]].dims) == [k // 32, attrs["N"]]
+                concat = producers[node.input[0]]
+                assert node.input[0].endswith("_with_block_sums") and concat.op_type == "Concat"
+                sums = producers[concat.input[-1]]
+                assert sums.op_type == "ReduceSum" and producers[sums.input[0]].op_type == "Reshape"
+                assert attrs["K"] == (2 if planes else 1) * k + k // 32
                 with_offsets += 1
-        assert len(offsets) == with_offsets == m["components"][name]["quantization"]["matmuls_with_offsets"]
+        assert with_offsets == m["components"][name]["quantization"]["matmuls_with_offsets"]
+        assert with_offsets == (len(nbits) if bits == 8 else len(nbits) - 1)
         assert m["components"][name]["quantization"]["matmuls_as_nibble_planes"] == (len(nbits) if bits == 8 else 0)
-        # the weight MatMuls left: the offsets' and the RoPE rotations (one per layer), which stay fp32
+        # the weight MatMuls left: the RoPE rotations (one per layer), which stay fp32
         weight_matmuls = [n for n in g.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
-        assert len(weight_matmuls) == layers + with_offsets
+        assert len(weight_matmuls) == layers
         assert m["components"][name]["precision"] == precision
     assert not any(n.op_type == "MatMulNBits" for n in _graph(engines / "vision.onnx").graph.node)
     assert m["components"]["vision"]["precision"] == "fp32"
@@ -98,10 +100,11 @@ def test_llm_matmuls_become_matmulnbits(tiny_quantized, tiny_checkpoint, precisi
     assert m["components"]["llm_decode"]["quantization"]["output_bits"] == 8
     assert q["quantizer_version"] == onnxruntime.__version__ and "MatMulNBits" in q["operator"]
     assert "asymmetric" in q["scheme"]
-    # per weight: int8 a byte of codes, two fp32 scales (16 s and s) and an offset per block of 32 (~1.4
-    # bytes of fp32's 4); int4 half a byte, a scale and an offset per block (~0.75)
+    # int8: a byte of codes and two fp32 scales (16 s and s) per block of 32; int4 half a byte and one;
+    # both a padded block of offset rows per column (the demo model: 0.33 and 0.19 of fp32's bytes; the
+    # tiny one's, 0.40 and 0.25: its K / 32 = 2 offsets fill a block of 32 rows)
     data = (engines / "llm.onnx.data").stat().st_size
-    assert data == q["llm_data_bytes"][precision] < q["llm_data_bytes"]["fp32"] * (0.4 if bits == 8 else 0.25)
+    assert data == q["llm_data_bytes"][precision] < q["llm_data_bytes"]["fp32"] * (0.45 if bits == 8 else 0.3)
 
 
 @pytest.mark.parametrize("k, n", [(64, 10), (96, 300), (128, 33)])
@@ -118,7 +121,10 @@ def test_nibble_planes_hold_the_8bit_weight_exactly(k, n):
     weight = rng.standard_normal((k, n)).astype(np.float32)
     x = rng.standard_normal((2, 3, k)).astype(np.float32)
     node = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
-    plain, arrays = _quantize_columns(node, weight, "w", 8, 32, 1, offsets=False)
+    plain, arrays = _quantize_columns(node, weight, "w", 8, 32, 4, offsets=False)  # level 4: no planes
+    for attribute in plain.attribute:
+        if attribute.name == "accuracy_level":
+            attribute.i = 1
     planes, plane_arrays = nibble_planes(plain, arrays, 32)
     assert {a.name: a.i for a in planes.attribute if a.name in ("K", "bits")} == {"K": 2 * k, "bits": 4}
     assert plane_arrays["w_Q4"].nbytes == arrays["w_Q8"].nbytes  # the same bytes for the codes
@@ -143,12 +149,14 @@ def test_nibble_planes_hold_the_8bit_weight_exactly(k, n):
 def test_block_offsets_reproduce_a_grid_with_float_minimums(bits):
     """Weights on Q4_1's grid (a scale and a float minimum per block of 32, as the demo model's,
     decoded from its GGUF file): MatMulNBits' integer zero points shift every block by up to half a
-    step; with the blocks' offsets added the quantized matmul equals the fp32 one (fp32 compute,
-    tolerance 1e-5 relative). Without them it is at least 100 times further off."""
+    step; with the blocks' offsets as rows of the weight, fed [x, block sums of x], the quantized
+    matmul comes within the offsets' own 4-bit rounding of the fp32 one (fp32 compute, relative to the
+    largest output: measured 2.3e-3 at 4 bits and 1.2e-4 at 8 on nibble planes, against 3.7e-2 and
+    2.8e-3 without)."""
     import onnxruntime
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
-    from export.quantize import offset_constants, offset_nodes, quantize_matmul
+    from export.quantize import _quantize_columns, matmul_input_nodes
 
     k, n, block = 128, 40, 32
     rng = np.random.default_rng(bits)
@@ -162,20 +170,19 @@ def test_block_offsets_reproduce_a_grid_with_float_minimums(bits):
     node = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
     errors = {}
     for offsets in (True, False):
-        qnode, inits = quantize_matmul(node, weight, "w", bits, block, accuracy_level=1, offsets=offsets)
-        nodes = [qnode]
-        if offsets:
-            qnode.output[0] = "y_nbits"
-            nodes += offset_nodes(node, 3, inits[-1], block, "y_nbits")
-            inits += offset_constants(3, k // block, block)
-        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, k])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, n])], inits)
+        qnode, arrays = _quantize_columns(node, weight, "w", bits, block, 1, offsets)  # 8 bits: on nibble planes
+        fed, nodes, constants = matmul_input_nodes("x", 3, k, qnode, block)
+        assert fed == "x" + ("_twice" if bits == 8 else "") + ("_with_block_sums" if offsets else "")
+        qnode.input[0] = fed
+        graph = helper.make_graph(nodes + [qnode], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, n])],
+                                  [numpy_helper.from_array(a, name) for name, a in arrays.items()] + constants)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                         helper.make_opsetid("com.microsoft", 1)])
         session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         errors[offsets] = np.abs(session.run(None, {"x": x})[0] - reference).max() / np.abs(reference).max()
-    assert errors[True] < 1e-5, errors
-    assert errors[False] > 100 * errors[True], errors
+    assert errors[True] < (5e-3 if bits == 4 else 5e-4), errors
+    assert errors[False] > 10 * errors[True], errors
 
 
 @pytest.mark.parametrize("bits, k, n", [(4, 64, 300), (8, 96, 257), (4, 100, 130)])
