@@ -221,7 +221,7 @@ def _build_into(out: Path, model, load: Callable, tokenizer, config: dict, *, ch
 
     work = out if backend == "onnxruntime" else Path(tempfile.mkdtemp(prefix=".onnx-", dir=out))
     progress.step(f"exporting ONNX graphs (opset 17{', onnxslim' if simplify else ''})")
-    components = export_onnx(load, work, simplify=simplify, progress=progress)
+    components = export_onnx(load, work, simplify=simplify, progress=progress, onnxruntime_ops=backend == "onnxruntime")
     for entry in components.values():
         entry.setdefault("precision", "fp32")
         if entry["kind"] == "onnx":

@@ -80,6 +80,41 @@ def test_graphs_are_checker_clean_opset17_with_dynamic_batch(tiny_engines):
     assert graphs["llm_prefill"]["data_files"] == graphs["llm_decode"]["data_files"] == ["llm.onnx.data"]
 
 
+def test_onnxruntime_graphs_run_rope_as_one_rotary_embedding_node_per_layer(tiny_engines, tiny_checkpoint):
+    """For onnxruntime each layer's q*cos + (q @ rotate)*sin is one com.microsoft.RotaryEmbedding over
+    cos/sin tables of every position (the parity tests in this file run those graphs against torch);
+    a RoPE not of that form is left as it is."""
+    import json
+
+    from export.onnx_export import KVCacheLLM, LLMPrefillGraph, _trace, fuse_rotary_embedding
+
+    manifest = json.loads((tiny_engines / "manifest.json").read_text())
+    layout = manifest["model"]["llm"]
+    for name in ("llm_prefill", "llm_decode"):
+        graph = onnx.load(str(tiny_engines / f"{name}.onnx"), load_external_data=False)
+        rotary = [n for n in graph.graph.node if n.op_type == "RotaryEmbedding"]
+        assert len(rotary) == layout["num_layers"] == manifest["components"][name]["rotary_embedding_nodes"]
+        assert all(n.domain == "com.microsoft" and n.input[1] == "position_ids" for n in rotary)
+        tables = {t.name: list(t.dims) for t in graph.graph.initializer if t.name.startswith("rope_")}
+        shape = [layout["max_position_embeddings"], layout["head_dim"] // 2]
+        assert tables == {"rope_cos_cache": shape, "rope_sin_cache": shape}
+        assert not any(n.op_type in ("Cos", "Sin") for n in graph.graph.node)
+
+    core = KVCacheLLM(load_checkpoint(tiny_checkpoint)[0].llm).eval()  # takes over its weights: a fresh load
+    embeds, mask = torch.randn(1, 3, core.lm.config.hidden_size), torch.ones(1, 3, dtype=torch.long)
+    graph, weights = _trace(LLMPrefillGraph(core), (embeds, mask, mask.cumsum(1) - 1),
+                            ["inputs_embeds", "attention_mask", "position_ids"], ["logits"], None)
+    rotate = next(n for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in weights
+                  and torch.equal(weights[n.input[1]], core.rotate))
+    altered = onnx.ModelProto()
+    altered.CopyFrom(graph)
+    times_sin = next(n for n in altered.graph.node if rotate.output[0] in n.input)
+    next(n for n in altered.graph.node if times_sin.output[0] in n.input).op_type = "Sub"  # q*cos - (q@R)*sin
+    assert fuse_rotary_embedding(altered, dict(weights), core) == 0
+    assert not any(n.op_type == "RotaryEmbedding" for n in altered.graph.node)
+    assert fuse_rotary_embedding(graph, weights, core) == layout["num_layers"]
+
+
 def test_llm_weights_are_stored_once(tiny_engines, tiny_model):
     params = sum(p.numel() * 4 for p in tiny_model.llm.parameters())
     data = (tiny_engines / "llm.onnx.data").stat().st_size
