@@ -21,8 +21,9 @@ file; GPTQ/AWQ-style asymmetric checkpoints) this reproduces the grid but for th
 block's mean.
 
 What stays fp32, and why:
-* the RoPE rotation (a [head_dim, head_dim] signed permutation that KVCacheLLM applies as a
-  MatMul): quantizing -1/0/+1 on an asymmetric grid would move every rotated value by ~7 %;
+* RoPE: a RotaryEmbedding node over fp32 cos/sin tables (export.onnx_export.fuse_rotary_embedding),
+  or, in a graph it was not fused in, the [head_dim, head_dim] signed permutation KVCacheLLM
+  applies as a MatMul: quantizing -1/0/+1 on an asymmetric grid would move every rotated value by ~7 %;
 * the token-embedding table (embed_tokens.npy, gathered row by row outside the graphs): a step
   reads one row of it, so its size costs nothing per token, while its precision enters every
   input. With tied embeddings (SmolLM2, Qwen2.5-0.5B) the lm_head's graph weight is its own
@@ -591,7 +592,7 @@ def quantize_llm(out_dir: Path, components: dict[str, dict], precision: str, blo
             "accuracy_level": accuracy_level, "components": list(LLM_GRAPHS),
             "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
             "quantizer_version": quantizer_version(),
-            "kept_fp32": ["embed_tokens (gathered, not multiplied)", "RoPE rotation", "vision", "parser", "seg",
+            "kept_fp32": ["embed_tokens (gathered, not multiplied)", "RoPE tables", "vision", "parser", "seg",
                           "attributes"],
             "llm_data_bytes": {"fp32": fp32_bytes, precision: (out_dir / LLM_DATA_FILE).stat().st_size},
             "seconds": round(time.perf_counter() - t0, 1)}
