@@ -10,6 +10,10 @@ runs once in turn, so load from elsewhere on a shared machine falls on all of th
 
   onnxruntime fp32 / int8 / int4   facert's engines; int8/int4 made from the fp32 export by
                                    export.quantize.quantized_copy (the pass `facert build --precision` runs)
+  int4, spinning workers           (--spin-probe) the int4 engines with onnxruntime's intra-op workers
+                                   spin-waiting between ops (FACERT_ORT_SPIN=1) and torch on one thread
+                                   while they run, as llama.cpp's threads spin: what a dedicated core set
+                                   gains (onnxruntime_backend.py says why facert does not spin by default)
   ... accuracy level 1 / 4         (--accuracy-level-probe) int4 with fp32 compute and int8 with
                                    MatMulNBits' int8 compute (plain 8-bit nodes, no offsets), each
                                    precision at the level it does not ship: what ACCURACY_LEVEL rests on
@@ -216,6 +220,35 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+SPINNING = "onnxruntime int4, spinning workers"
+
+
+def spinning_runner(engines: Path, image: bytes, n: int, threads: int):
+    """run_facert on its own int4 pipeline whose sessions let their workers spin (FACERT_ORT_SPIN=1), with
+    torch on one thread meanwhile: torch's own workers would spin against them on a 2-core machine."""
+    from runtime.engines import open_pipeline
+
+    before = os.environ.get("FACERT_ORT_SPIN")
+    os.environ["FACERT_ORT_SPIN"] = "1"
+    try:
+        pipe = open_pipeline(engines, intra_op_threads=threads)
+    finally:
+        if before is None:
+            del os.environ["FACERT_ORT_SPIN"]
+        else:
+            os.environ["FACERT_ORT_SPIN"] = before
+
+    def run() -> dict:
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return run_facert(pipe, image, n)
+        finally:
+            torch.set_num_threads(torch_threads)
+
+    return run
+
+
 def measure(runners: dict, rounds: int) -> dict:
     for name, fn in runners.items():
         print(f"[bench] warm-up {name}", file=sys.stderr, flush=True)
@@ -270,6 +303,8 @@ def main(argv=None) -> int:
     ap.add_argument("--accuracy-new-tokens", type=int, default=16)
     ap.add_argument("--accuracy-level-probe", action="store_true",
                     help="also time and measure int4 at accuracy level 1 (fp32 compute) and int8 at level 4 (int8 compute)")
+    ap.add_argument("--spin-probe", action="store_true",
+                    help="also time int4 with spin-waiting onnxruntime workers and torch on one thread")
     ap.add_argument("--no-accuracy", action="store_true", help="speed only")
     ap.add_argument("--llama-cpp-venv", default=str(ROOT / ".cache" / "llama-cpp-venv"))
     ap.add_argument("--install-llama-cpp", action="store_true",
@@ -297,6 +332,8 @@ def main(argv=None) -> int:
     pipes = {name: open_pipeline(path, intra_op_threads=args.threads) for name, path in engines.items()}
     torch_pipe = FacePipeline.from_checkpoint(ckpt)
     runners = {f"onnxruntime {name}": (lambda p=p: run_facert(p, image, n)) for name, p in pipes.items()}
+    if args.spin_probe:
+        runners[SPINNING] = spinning_runner(engines["int4"], image, n, args.threads)
     runners["transformers"] = lambda: run_transformers(torch_pipe, image, n)
     python, why_not = ensure_llama_cpp(Path(args.llama_cpp_venv), args.install_llama_cpp)
     peer = None
@@ -317,6 +354,7 @@ def main(argv=None) -> int:
 
     weight_bytes.update({f"onnxruntime {name}": (path / "llm.onnx.data").stat().st_size
                          for name, path in engines.items()})
+    weight_bytes[SPINNING] = weight_bytes["onnxruntime int4"]
     weight_bytes["llama.cpp"] = gguf_tensor_bytes(smollm2_gguf())
     for name, r in speed.items():
         r["weight_bytes_per_token"] = weight_bytes[name]
@@ -345,6 +383,9 @@ def main(argv=None) -> int:
         "int4_decode_vs_transformers": ratio(int4.get("decode_tokens_per_s"), med["transformers"]["decode_tokens_per_s"]),
         "llama_cpp_prefill_vs_int4": ratio(med.get("llama.cpp", {}).get("prefill_ms"), int4.get("prefill_ms")),
     }
+    if SPINNING in med:  # not a goal: like for like with llama.cpp's spinning threads, on a dedicated machine
+        verdicts["int4_spinning_decode_vs_llama_cpp"] = ratio(med[SPINNING]["decode_tokens_per_s"],
+                                                              med.get("llama.cpp", {}).get("decode_tokens_per_s"))
     import onnxruntime
     import transformers
 
@@ -440,6 +481,9 @@ def markdown(r: dict) -> str:
         got = r["verdicts"][key]
         verdict = "n/a" if got is None else ("met" if got >= goal else "**missed**")
         lines.append(f"- {goal_text[key]}: {'n/a' if got is None else f'{got}x'} (goal >= {goal}x): {verdict}")
+    if r["verdicts"].get("int4_spinning_decode_vs_llama_cpp") is not None:
+        lines.append(f"- not a goal, both spinning: {SPINNING} decode / llama.cpp decode: "
+                     f"{r['verdicts']['int4_spinning_decode_vs_llama_cpp']}x")
     if r.get("accuracy"):
         lines += ["", f"Accuracy against the fp32 engine ({r['settings']['accuracy_new_tokens']}-token greedy "
                   "continuations, teacher-forced):", "",
