@@ -40,8 +40,10 @@ tensors. Its choices are for the runtime's preallocated cache:
 * For onnxruntime (`onnxruntime_ops=True`: `facert build --backend onnxruntime`, not the graphs
   TensorRT builds from) each layer's RoPE, q*cos + (q @ rotate)*sin, becomes one
   com.microsoft.RotaryEmbedding node over cos/sin tables of every position the model takes
-  (`fuse_rotary_embedding`): 3 nodes fewer per layer, which a decode step, bound by its node
-  count, feels (demo int4 decode step 11.2 -> 10.4 ms; benchmarks/results/2026-11-30-quant-planes).
+  (`fuse_rotary_embedding`), and each residual add with the RMSNorm of its sum one
+  SkipSimplifiedLayerNormalization (`fuse_skip_rms_norm`): fewer nodes per layer, which a decode
+  step, bound by its node count, feels (demo int4 decode step 11.2 -> 10.4 -> 9.8 ms;
+  benchmarks/results/2026-11-30-quant-planes/NOTES.md).
 
 Exporter: torch.onnx.export's TorchScript-based exporter (`dynamo=False`), then onnxslim.
 Measured on the demo model (2-core CPU, first version of KVCacheLLM): the torch.export-based exporter (`dynamo=True`, which
@@ -658,6 +660,66 @@ def fuse_rotary_embedding(graph: onnx.ModelProto, weights: dict[str, torch.Tenso
     return sum(n.op_type == "RotaryEmbedding" for n in graph.graph.node)
 
 
+def fuse_skip_rms_norm(graph: onnx.ModelProto) -> int:
+    """Rewrite each residual add followed by an RMSNorm of the sum, s = a + b then
+    w * (s / sqrt(mean(s^2) + eps)) as traced from the HF module (Pow, ReduceMean, Add, Sqrt, Div,
+    Mul, Mul), as one com.microsoft.SkipSimplifiedLayerNormalization(a, b, w) whose fourth output is s
+    (what the next residual add reads). Returns the number rewritten."""
+    from onnx import helper, numpy_helper
+
+    consumers: dict[str, list] = {}
+    for node in graph.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    constants = {t.name: t for t in graph.graph.initializer}
+    constants.update({n.output[0]: n.attribute[0].t for n in graph.graph.node
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+
+    def value(name: str) -> float | None:
+        t = constants.get(name)
+        if t is None:
+            return None
+        array = numpy_helper.to_array(t)
+        return float(array.reshape(-1)[0]) if array.size == 1 else None
+
+    def only(name: str, op: str):
+        users = consumers.get(name, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op else None
+
+    replaced = {}
+    for add in (n for n in graph.graph.node if n.op_type == "Add"):
+        s = add.output[0]
+        pow_ = next((n for n in consumers.get(s, []) if n.op_type == "Pow"), None)
+        if pow_ is None or pow_.input[0] != s or value(pow_.input[1]) != 2.0:
+            continue
+        mean = only(pow_.output[0], "ReduceMean")
+        plus = mean and only(mean.output[0], "Add")
+        root = plus and only(plus.output[0], "Sqrt")
+        inverse = root and only(root.output[0], "Div")
+        scaled = inverse and only(inverse.output[0], "Mul")
+        gained = scaled and only(scaled.output[0], "Mul")
+        if not gained or value(inverse.input[0]) != 1.0 or s not in scaled.input:
+            continue
+        axes = [a for a in mean.attribute if a.name == "axes"]
+        if len(mean.input) > 1 or not axes or list(axes[0].ints) != [-1]:
+            continue
+        eps = value(next(i for i in plus.input if i != mean.output[0]))
+        gamma = next(i for i in gained.input if i != scaled.output[0])
+        if eps is None:
+            continue
+        fused = helper.make_node("SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], gamma],
+                                 [gained.output[0], "", "", s], name=add.name + "_skip_rms_norm",
+                                 domain="com.microsoft", epsilon=eps)
+        replaced[id(gained)] = fused
+        for node in (add, pow_, mean, plus, root, inverse, scaled):
+            replaced[id(node)] = None
+    nodes = [replaced.get(id(n), n) for n in graph.graph.node]
+    del graph.graph.node[:]
+    graph.graph.node.extend(n for n in nodes if n is not None)
+    _remove_dead_nodes(graph)
+    return sum(n.op_type == "SkipSimplifiedLayerNormalization" for n in graph.graph.node)
+
+
 def _remove_dead_nodes(graph: onnx.ModelProto) -> None:
     """Drop the nodes none of whose outputs reaches a graph output."""
     needed = {o.name for o in graph.graph.output}
@@ -714,6 +776,7 @@ def _export_llm(model, out_dir: Path, simplify: bool, progress, onnxruntime_ops:
                 graph, components[name]["simplify"] = _simplify(graph)
             if onnxruntime_ops:
                 components[name]["rotary_embedding_nodes"] = fuse_rotary_embedding(graph, weights, core)
+                components[name]["skip_rms_norm_nodes"] = fuse_skip_rms_norm(graph)
             attach_weights(graph, weights, data)
             graphs[name] = graph
             del weights

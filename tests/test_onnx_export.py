@@ -80,10 +80,11 @@ def test_graphs_are_checker_clean_opset17_with_dynamic_batch(tiny_engines):
     assert graphs["llm_prefill"]["data_files"] == graphs["llm_decode"]["data_files"] == ["llm.onnx.data"]
 
 
-def test_onnxruntime_graphs_run_rope_as_one_rotary_embedding_node_per_layer(tiny_engines, tiny_checkpoint):
+def test_onnxruntime_graphs_fuse_rope_and_residual_rms_norms(tiny_engines, tiny_checkpoint):
     """For onnxruntime each layer's q*cos + (q @ rotate)*sin is one com.microsoft.RotaryEmbedding over
-    cos/sin tables of every position (the parity tests in this file run those graphs against torch);
-    a RoPE not of that form is left as it is."""
+    cos/sin tables of every position, and each residual add with the RMSNorm of its sum one
+    SkipSimplifiedLayerNormalization (all but the first layer's input norm: 2 L - 1); the parity tests
+    in this file run those graphs against torch. A RoPE not of that form is left as it is."""
     import json
 
     from export.onnx_export import KVCacheLLM, LLMPrefillGraph, _trace, fuse_rotary_embedding
@@ -99,6 +100,8 @@ def test_onnxruntime_graphs_run_rope_as_one_rotary_embedding_node_per_layer(tiny
         shape = [layout["max_position_embeddings"], layout["head_dim"] // 2]
         assert tables == {"rope_cos_cache": shape, "rope_sin_cache": shape}
         assert not any(n.op_type in ("Cos", "Sin") for n in graph.graph.node)
+        skip = [n for n in graph.graph.node if n.op_type == "SkipSimplifiedLayerNormalization"]
+        assert len(skip) == 2 * layout["num_layers"] - 1 == manifest["components"][name]["skip_rms_norm_nodes"]
 
     core = KVCacheLLM(load_checkpoint(tiny_checkpoint)[0].llm).eval()  # takes over its weights: a fresh load
     embeds, mask = torch.randn(1, 3, core.lm.config.hidden_size), torch.ones(1, 3, dtype=torch.long)

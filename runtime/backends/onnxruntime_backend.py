@@ -130,17 +130,18 @@ class OrtKVCache:
     """Preallocated K/V buffers for every layer, plus the decode step's bound inputs and outputs."""
 
     def __init__(self, layout: dict, batch: int, max_len: int, device: torch.device, vocab_size: int):
-        shape = (batch, layout["num_kv_heads"], max_len, layout["head_dim"])
-        self.keys = [torch.zeros(shape, device=device) for _ in range(layout["num_layers"])]
-        self.values = [torch.zeros(shape, device=device) for _ in range(layout["num_layers"])]
+        layers, heads, hd = layout["num_layers"], layout["num_kv_heads"], layout["head_dim"]
+        # [layer, K/V, B, Hkv, rows, hd]: every layer's buffers one tensor, so a decode step's new rows
+        # (new_kv, laid out alike) go in with one copy; keys[i] / values[i] are contiguous views of it
+        self.kv = torch.zeros(layers, 2, batch, heads, max_len, hd, device=device)
+        self.keys, self.values = list(self.kv[:, 0].unbind(0)), list(self.kv[:, 1].unbind(0))
         self.batch, self.max_len = batch, max_len
         # decode step (one token): the graph's attention_mask covers the buffer then the new token
         self.step_embeds = torch.zeros(batch, 1, layout["hidden_size"], device=device)
         self.step_mask = torch.zeros(batch, max_len + 1, dtype=torch.long, device=device)
         self.step_position = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        new_shape = (batch, layout["num_kv_heads"], 1, layout["head_dim"])
-        self.new_keys = [torch.empty(new_shape, device=device) for _ in self.keys]
-        self.new_values = [torch.empty(new_shape, device=device) for _ in self.keys]
+        self.new_kv = torch.empty(layers, 2, batch, heads, 1, hd, device=device)
+        self.new_keys, self.new_values = list(self.new_kv[:, 0].unbind(0)), list(self.new_kv[:, 1].unbind(0))
         self.logits = torch.empty(batch, vocab_size, device=device)
         self.binding = None  # made by OrtLLM on the first decode step
         self.row_bindings: dict[tuple[int, int], object] = {}  # slots: (first row, rows) -> decode-step binding
@@ -238,7 +239,8 @@ class OrtLLM:
             cache.step_mask[:, start:cache.max_len].zero_()
             cache.step_mask[:, cache.max_len:].copy_(attention_mask[:, start:start + 1])
             self.decode.run_bound(cache.binding)
-            new_keys, new_values, logits = cache.new_keys, cache.new_values, cache.logits.clone()
+            cache.kv[..., start:start + 1, :].copy_(cache.new_kv)
+            return cache.logits.clone()
         else:  # several tokens at once onto a filled cache: bound for this call only
             mask = torch.zeros(b, cache.max_len + s, dtype=torch.long, device=dev)
             mask[:, :start] = attention_mask[:, :start]
