@@ -582,8 +582,8 @@ def quantize_llm(out_dir: Path, components: dict[str, dict], precision: str, blo
     planes_bits = [b for b, (_offsets, planes) in layouts.items() if planes]
     scheme = "block-wise weight-only, asymmetric (uint, zero point per block), round to nearest"
     if offsets_bits:
-        scheme += (f", plus, in {'/'.join(map(str, offsets_bits))}-bit matmuls, each block's mean residual as a "
-                   f"float offset (block sums of x times the offsets)")
+        scheme += (f", plus, in {'/'.join(map(str, offsets_bits))}-bit matmuls, each block's mean residual as an "
+                   f"offset: K/{block_size} more 4-bit rows of the weight, fed the block sums of x")
     if planes_bits:
         scheme += ", 8-bit codes stored as two 4-bit nibble planes of one 4-bit MatMulNBits over [x, x]"
     return {"scheme": scheme, "operator": f"com.microsoft.{QUANTIZED_OP}", "bits": bits,
