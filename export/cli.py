@@ -22,8 +22,8 @@ from runtime.cli.common import DEMO_IMAGE, DEMO_QUESTION, add_sampling, err, pro
 # The demo serves the fastest CPU engines whose accuracy on the demo model meets its goal
 # (export.quant_accuracy.GOALS: top-1 agreement with fp32), as benchmarks/bench_quant.py measured it
 # (benchmarks/results/2026-11-30-quant-planes, 50 prompts): int4 (the fastest) 96 % against its 90 %
-# goal; int8 (99 %, its goal 98 %) decodes at fp32's speed. A quantized build whose own accuracy check misses its goal is replaced by fp32 engines at
-# run time.
+# goal; int8 (99 %, its goal 98 %) decodes at fp32's speed. A quantized build whose own accuracy check
+# misses its goal is replaced by fp32 engines at run time.
 DEMO_PRECISION = "int4"
 
 

@@ -614,10 +614,7 @@ def fuse_rotary_embedding(graph: onnx.ModelProto, weights: dict[str, torch.Tenso
     inputs = {i.name for i in graph.graph.input}
     rotate = [name for name, w in weights.items() if name in inputs and w.shape == core.rotate.shape
               and torch.equal(w, core.rotate)]
-    consumers: dict[str, list] = {}
-    for node in graph.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(graph)
     producers = {o: n for n in graph.graph.node for o in n.output}
     replaced, tables = {}, set()
     for matmul in (n for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in rotate):
@@ -634,17 +631,14 @@ def fuse_rotary_embedding(graph: onnx.ModelProto, weights: dict[str, torch.Tenso
         for node in (matmul, times_cos[0], times_sin[0]):
             replaced[id(node)] = None
         replaced[id(add[0])] = helper.make_node("RotaryEmbedding", [qk, "position_ids", "rope_cos_cache", "rope_sin_cache"],
-                                                [add[0].output[0]], name=add[0].name + "_rotary", domain="com.microsoft",
+                                                [add[0].output[0]], name=add[0].name + "_rotary", domain=CONTRIB_DOMAIN,
                                                 interleaved=0)
     # one pair of tables, KVCacheLLM._rope's (a Cos and a Sin of the positions, maybe scaled and cast)
     if len(tables) != 1 or replaced == {} or not all(
             producers.get(t) is not None and producers[t].op_type in ("Cos", "Sin", "Mul", "Cast")
             for t in next(iter(tables))):
         return 0
-    nodes = [replaced.get(id(n), n) for n in graph.graph.node]
-    del graph.graph.node[:]
-    graph.graph.node.extend(n for n in nodes if n is not None)
-    _remove_dead_nodes(graph)
+    _replace_nodes(graph, replaced)
     positions = torch.arange(core.lm.config.max_position_embeddings, dtype=torch.float32)
     freqs = positions[:, None] * core.inv_freq[None, :]
     weights["rope_cos_cache"] = (freqs.cos() * core.attention_scaling).contiguous()
@@ -655,8 +649,6 @@ def fuse_rotary_embedding(graph: onnx.ModelProto, weights: dict[str, torch.Tenso
     graph.graph.input.extend(kept)
     graph.graph.input.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(weights[name].shape))
                              for name in ("rope_cos_cache", "rope_sin_cache"))
-    if not any(o.domain == "com.microsoft" for o in graph.opset_import):
-        graph.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return sum(n.op_type == "RotaryEmbedding" for n in graph.graph.node)
 
 
@@ -667,10 +659,7 @@ def fuse_skip_rms_norm(graph: onnx.ModelProto) -> int:
     (what the next residual add reads). Returns the number rewritten."""
     from onnx import helper, numpy_helper
 
-    consumers: dict[str, list] = {}
-    for node in graph.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(graph)
     constants = {t.name: t for t in graph.graph.initializer}
     constants.update({n.output[0]: n.attribute[0].t for n in graph.graph.node
                       if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
@@ -709,32 +698,52 @@ def fuse_skip_rms_norm(graph: onnx.ModelProto) -> int:
             continue
         fused = helper.make_node("SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], gamma],
                                  [gained.output[0], "", "", s], name=add.name + "_skip_rms_norm",
-                                 domain="com.microsoft", epsilon=eps)
+                                 domain=CONTRIB_DOMAIN, epsilon=eps)
         replaced[id(gained)] = fused
         for node in (add, pow_, mean, plus, root, inverse, scaled):
             replaced[id(node)] = None
-    nodes = [replaced.get(id(n), n) for n in graph.graph.node]
-    del graph.graph.node[:]
-    graph.graph.node.extend(n for n in nodes if n is not None)
-    _remove_dead_nodes(graph)
+    _replace_nodes(graph, replaced)
     return sum(n.op_type == "SkipSimplifiedLayerNormalization" for n in graph.graph.node)
 
 
-def _remove_dead_nodes(graph: onnx.ModelProto) -> None:
-    """Drop the nodes none of whose outputs reaches a graph output."""
+CONTRIB_DOMAIN = "com.microsoft"  # onnxruntime's own operators (MatMulNBits, RotaryEmbedding, ...)
+
+
+def use_contrib_domain(graph: onnx.ModelProto) -> None:
+    """Import onnxruntime's operator domain into `graph` (once)."""
+    if not any(o.domain == CONTRIB_DOMAIN for o in graph.opset_import):
+        graph.opset_import.append(onnx.helper.make_opsetid(CONTRIB_DOMAIN, 1))
+
+
+def _consumers(graph: onnx.ModelProto) -> dict[str, list]:
+    """Each tensor name -> the nodes that read it."""
+    consumers: dict[str, list] = {}
+    for node in graph.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def _replace_nodes(graph: onnx.ModelProto, replaced: dict[int, onnx.NodeProto | None]) -> None:
+    """Put each node whose id() is in `replaced` in its place (None: drop it), then drop the nodes none of
+    whose outputs reaches a graph output; import onnxruntime's domain if a new node is in it."""
+    nodes = [replaced.get(id(n), n) for n in graph.graph.node]
     needed = {o.name for o in graph.graph.output}
     live = []
-    for node in reversed(graph.graph.node):
+    for node in reversed([n for n in nodes if n is not None]):
         if any(o in needed for o in node.output):
             live.append(node)
             needed.update(node.input)
     del graph.graph.node[:]
     graph.graph.node.extend(reversed(live))
+    if any(n is not None and n.domain == CONTRIB_DOMAIN for n in replaced.values()):
+        use_contrib_domain(graph)
 
 
 def _export_llm(model, out_dir: Path, simplify: bool, progress, onnxruntime_ops: bool = False) -> dict[str, dict]:
     """The prefill and decode graphs; with a tied lm_head (the table loaded with the rest), the table too.
-    With `onnxruntime_ops`, RoPE as onnxruntime's RotaryEmbedding (fuse_rotary_embedding)."""
+    With `onnxruntime_ops`, RoPE and residual RMSNorms as onnxruntime's own operators (fuse_rotary_embedding,
+    fuse_skip_rms_norm)."""
     model = model.float().eval()
     components = {}
     if model.llm.config.tie_word_embeddings:

@@ -59,7 +59,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from export.onnx_export import release_freed_memory
+from export.onnx_export import release_freed_memory, use_contrib_domain
 from runtime.manifest import QUANTIZED_OP, TWICE, WITH_BLOCK_SUMS, EngineError
 from runtime.manifest import QUANTIZED_BITS as BITS
 
@@ -529,8 +529,7 @@ def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done:
             files.copy(t)
     del graph.graph.initializer[:]
     graph.graph.initializer.extend(keep + added)
-    if not any(o.domain == "com.microsoft" for o in graph.opset_import):
-        graph.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    use_contrib_domain(graph)
     return {"bits": bits, "output_bits": output_bits, "block_size": block_size, "accuracy_level": accuracy_level,
             "quantized_matmuls": quantized, "matmuls_with_offsets": with_offsets, "matmuls_as_nibble_planes": as_planes,
             "fp32_matmuls": kept}

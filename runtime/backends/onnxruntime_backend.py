@@ -19,10 +19,10 @@ op, and a demo decode step measured 119 ms spinning against 48 ms not (2 threads
 
 The KV cache: `new_cache` preallocates, per layer, K and V buffers [B, Hkv, max_len, hd] as torch
 tensors (views of one [layers, 2, B, Hkv, max_len, hd] tensor; on the CUDA device when a GPU provider
-runs the graphs) plus the decode step's inputs and outputs. The decode graph takes the whole buffer as `past_*` and returns only the new rows,
-`present_*` [B, Hkv, 1, hd], which are copied into the buffer at cache_position: a decode step
-reads the cache in place and writes B*Hkv*hd values per layer, it never copies the cache. All of
-it is bound once through one IOBinding (by address; the addresses never change), so a step is:
+runs the graphs) plus the decode step's inputs and outputs. The decode graph takes the whole buffer as
+`past_*` and returns only the new rows, `present_*` [B, Hkv, 1, hd], which are copied into the buffer
+at cache_position: a decode step reads the cache in place and writes B*Hkv*hd values per layer, it
+never copies the cache. All of it is bound once through one IOBinding (by address; the addresses never change), so a step is:
 copy the new token's embedding and position into the bound inputs, run, copy the new K/V rows (one
 copy for every layer's).
 """

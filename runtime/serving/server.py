@@ -140,6 +140,8 @@ GLIBC_MALLOC_MARK = "FACERT_GLIBC_MALLOC"
 # took 2.1 ms instead of 0.3 ms (benchmarks/results/2026-11-30-openai-overhead-in-gateway/NOTES.md).
 # Padding the heap's top by 16 MiB keeps that much for the next request, and no more.
 GATEWAY_MALLOC_ENV = {"MALLOC_TOP_PAD_": str(16 * 2**20)}
+
+
 def user_chose_allocator(env: dict) -> bool:
     """The user preloads tcmalloc or tunes glibc's malloc (MALLOC_*): facert's allocator settings stay out."""
     return "tcmalloc" in env.get("LD_PRELOAD", "") or any(k.startswith("MALLOC_") for k in env)
