@@ -80,7 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.manifest import io_signature
+from runtime.manifest import IN_PLACE_DECODE_INPUTS, io_signature
 
 OPSET = 17
 LLM_DATA_FILE = "llm.onnx.data"
@@ -150,6 +150,69 @@ def reshape(x, *shape):
     return Reshape.apply(x, shape)
 
 
+# onnxruntime's CPU GroupQueryAttention kernel refuses head sizes that are not a multiple of this; such
+# models keep the plain attention graph (KVCacheLLM.decode) on onnxruntime too
+GQA_HEAD_DIM_MULTIPLE = 16
+
+
+def _no_input(g):
+    """An omitted optional input of an ONNX node (its name left empty)."""
+    none = g.op("prim::Constant")
+    none.setType(torch._C.OptionalType.ofTensor())
+    return none
+
+
+class GroupQueryAttention(torch.autograd.Function):
+    """Exported as one com.microsoft.GroupQueryAttention node (onnxruntime's contrib operator); forward is
+    that node's arithmetic in torch, for the trace and as its reference.
+
+    qkv [B,S,(H+2Hkv)*hd] packed as KVCacheLLM fuses it (q already scaled, so scale=1); past_key /
+    past_value [B,Hkv,C,hd] are the cache buffers, bound to present_key / present_value too, so the op
+    writes row b's S new K/V rows (rotated) at positions seqlens_k[b] + 1 - S ... in place and attends
+    causally to the positions up to each query's own, plus attention_bias [B,1,S,C] (0, or the float
+    minimum where a position is padding). total_sequence_length is C and query_seqlens is S for every
+    row (every row's chunk is whole): the op's contract for a shared, fixed-capacity buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache,
+                position_ids, attention_bias, query_seqlens, num_heads, kv_num_heads):
+        b, s, _ = qkv.shape
+        capacity, hd = past_key.shape[2], past_key.shape[3]
+        q, k, v = (t.reshape(b, s, -1, hd).transpose(1, 2)
+                   for t in qkv.split([num_heads * hd, kv_num_heads * hd, kv_num_heads * hd], dim=-1))
+        cos = torch.cat([cos_cache[position_ids]] * 2, dim=-1)[:, None]  # [B,1,S,hd]
+        sin = torch.cat([sin_cache[position_ids]] * 2, dim=-1)[:, None]
+        q, k = (x * cos + torch.cat([-x[..., hd // 2:], x[..., :hd // 2]], dim=-1) * sin for x in (q, k))
+        present_key, present_value = past_key.clone(), past_value.clone()
+        starts = seqlens_k.long() + 1 - query_seqlens.long()
+        for row in range(b):
+            present_key[row, :, starts[row]:starts[row] + s] = k[row]
+            present_value[row, :, starts[row]:starts[row] + s] = v[row]
+        groups = num_heads // kv_num_heads
+        scores = q @ present_key.repeat_interleave(groups, dim=1).transpose(-1, -2) + attention_bias  # [B,H,S,C]
+        query_at = starts[:, None] + torch.arange(s)  # [B,S]
+        causal = torch.arange(capacity)[None, None, :] <= query_at[:, :, None]  # [B,S,C]
+        probs = scores.masked_fill(~causal[:, None], float("-inf")).softmax(dim=-1)
+        out = probs @ present_value.repeat_interleave(groups, dim=1)  # [B,H,S,hd]
+        return out.transpose(1, 2).reshape(b, s, num_heads * hd), present_key, present_value
+
+    @staticmethod
+    def symbolic(g, qkv, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache,
+                 position_ids, attention_bias, query_seqlens, num_heads, kv_num_heads):
+        out, present_key, present_value = g.op(
+            f"{CONTRIB_DOMAIN}::GroupQueryAttention", qkv, _no_input(g), _no_input(g), past_key, past_value,
+            seqlens_k, total_sequence_length, cos_cache, sin_cache, position_ids, attention_bias,
+            *(_no_input(g) for _ in range(5)),  # head_sink, k/v_scale, q/k_norm_weight
+            query_seqlens, num_heads_i=num_heads, kv_num_heads_i=kv_num_heads, do_rotary_i=1,
+            rotary_interleaved_i=0, scale_f=1.0, outputs=3)
+        # the exporter cannot infer a contrib operator's outputs: [B,S,H*hd] and the cache's own type
+        out.setType(qkv.type().with_sizes([None, None, None]))
+        present_key.setType(past_key.type())
+        present_value.setType(past_value.type())
+        return out, present_key, present_value
+
+
 def _fuse_taking_over(projections: list[nn.Linear], scales: list[float]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The projections' weights (and biases), each times its scale, stacked along the output rows, as
     torch.cat would; each projection is emptied (meta) once copied, so at most one of them is held
@@ -204,6 +267,11 @@ class KVCacheLLM(nn.Module):
         rotate[torch.arange(half) + half, torch.arange(half)] = -1.0  # out[:half] = -x[half:]
         rotate[torch.arange(half), torch.arange(half) + half] = 1.0  # out[half:] = x[:half]
         self.register_buffer("rotate", rotate.to(causal_lm.lm_head.weight.dtype))
+        # cos/sin of every position the model takes, [max_position_embeddings, hd/2], as _rope computes
+        # them: the tables onnxruntime's RotaryEmbedding and GroupQueryAttention nodes read
+        freqs = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+        self.register_buffer("rope_cos_cache", (freqs.cos() * self.attention_scaling).contiguous())
+        self.register_buffer("rope_sin_cache", (freqs.sin() * self.attention_scaling).contiguous())
         # Buffers are persistent (in the state dict): the TorchScript exporter makes those graph weights,
         # where it would bake non-persistent ones into the graph as Constant nodes (copies, inline).
         with torch.no_grad():
@@ -234,9 +302,12 @@ class KVCacheLLM(nn.Module):
         """[B,1,S,K] -> [B,1,G*S,K], in the order of the grouped query rows."""
         return allowed.repeat(1, 1, self.groups, 1)
 
-    def _finish_layer(self, i, layer, x, attn_out):
-        """attn_out [B,Hkv,G*S,hd] -> o_proj + residual, then the MLP + residual."""
-        out = reshape(reshape(attn_out, 0, self.num_heads, -1, self.head_dim).transpose(1, 2), 0, 0, -1)
+    def _heads_last(self, attn_out):
+        """[B,Hkv,G*S,hd] -> [B,S,H*hd]."""
+        return reshape(reshape(attn_out, 0, self.num_heads, -1, self.head_dim).transpose(1, 2), 0, 0, -1)
+
+    def _finish_layer(self, i, layer, x, out):
+        """out [B,S,H*hd] -> o_proj + residual, then the MLP + residual."""
         x = x + layer.self_attn.o_proj(out)
         gate_up = F.linear(layer.post_attention_layernorm(x), getattr(self, f"gate_up_weight_{i}"),
                            getattr(self, f"gate_up_bias_{i}"))
@@ -261,7 +332,7 @@ class KVCacheLLM(nn.Module):
         for i, layer in enumerate(self.lm.model.layers):
             q, k, v = self._qkv(i, layer, x, cos, sin)
             probs = self._softmax(torch.matmul(q, k.transpose(-1, -2)), allowed).to(v.dtype)
-            x = self._finish_layer(i, layer, x, torch.matmul(probs, v))
+            x = self._finish_layer(i, layer, x, self._heads_last(torch.matmul(probs, v)))
             presents += [k, v]
         return (self._logits(x), *presents)
 
@@ -282,6 +353,20 @@ class KVCacheLLM(nn.Module):
             scores = torch.cat([torch.matmul(q, past_k.transpose(-1, -2)), torch.matmul(q, k.transpose(-1, -2))], dim=-1)
             probs = self._softmax(scores, allowed).to(v.dtype)
             out = torch.matmul(probs[..., :p], past_v) + torch.matmul(probs[..., p:], v)
+            x = self._finish_layer(i, layer, x, self._heads_last(out))
+            presents += [k, v]
+        return (self._logits(x), *presents)
+
+    def decode_in_place(self, inputs_embeds, position_ids, seqlens_k, total_sequence_length, attention_bias,
+                        query_seqlens, *cache):
+        """The decode step as onnxruntime runs it best: per layer one GroupQueryAttention node (RoPE, the
+        cache write and attention), the cache buffers [B,Hkv,C,hd] both read and written in place."""
+        x, presents = inputs_embeds, []
+        for i, layer in enumerate(self.lm.model.layers):
+            qkv = F.linear(layer.input_layernorm(x), getattr(self, f"qkv_weight_{i}"), getattr(self, f"qkv_bias_{i}"))
+            out, k, v = GroupQueryAttention.apply(qkv, cache[2 * i], cache[2 * i + 1], seqlens_k, total_sequence_length,
+                                                  self.rope_cos_cache, self.rope_sin_cache, position_ids,
+                                                  attention_bias, query_seqlens, self.num_heads, self.num_kv_heads)
             x = self._finish_layer(i, layer, x, out)
             presents += [k, v]
         return (self._logits(x), *presents)
@@ -303,6 +388,15 @@ class LLMDecodeGraph(nn.Module):
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         return self.core.decode(inputs_embeds, attention_mask, position_ids, *past)
+
+
+class LLMDecodeInPlaceGraph(nn.Module):
+    def __init__(self, core: KVCacheLLM):
+        super().__init__()
+        self.core = core
+
+    def forward(self, *inputs):
+        return self.core.decode_in_place(*inputs)
 
 
 def kv_names(num_layers: int, prefix: str) -> list[str]:
@@ -639,10 +733,7 @@ def fuse_rotary_embedding(graph: onnx.ModelProto, weights: dict[str, torch.Tenso
             for t in next(iter(tables))):
         return 0
     _replace_nodes(graph, replaced)
-    positions = torch.arange(core.lm.config.max_position_embeddings, dtype=torch.float32)
-    freqs = positions[:, None] * core.inv_freq[None, :]
-    weights["rope_cos_cache"] = (freqs.cos() * core.attention_scaling).contiguous()
-    weights["rope_sin_cache"] = (freqs.sin() * core.attention_scaling).contiguous()
+    weights["rope_cos_cache"], weights["rope_sin_cache"] = core.rope_cos_cache, core.rope_sin_cache
     used = {i for n in graph.graph.node for i in n.input}
     kept = [i for i in graph.graph.input if i.name in used or i.name not in weights]
     del graph.graph.input[:]
@@ -764,16 +855,31 @@ def _export_llm(model, out_dir: Path, simplify: bool, progress, onnxruntime_ops:
                     "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
     prefill_axes.update({k: {0: "batch", 2: "seq"} for k in kv_names(n, "present")})
     past = tuple(torch.randn(b, core.num_kv_heads, t, core.head_dim, generator=g) for _ in range(2 * n))
-    decode_axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "past_plus_seq"},
-                   "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
-    decode_axes.update({k: kv_axes for k in kv_names(n, "past")})
-    decode_axes.update({k: {0: "batch", 2: "seq"} for k in kv_names(n, "present")})
+    in_place = onnxruntime_ops and core.head_dim % GQA_HEAD_DIM_MULTIPLE == 0
+    if in_place:  # the cache buffers are the K/V inputs and outputs both: [B,Hkv,C,hd], C its capacity
+        capacity = t + s
+        cache = tuple(torch.cat([p, torch.zeros_like(p[:, :, :s])], dim=2) for p in past)
+        decode_inputs = ["inputs_embeds", "position_ids", *IN_PLACE_DECODE_INPUTS, *kv_names(n, "past")]
+        decode_args = (embeds[:, :s], pos[:, -1:] + 1, torch.full((b,), t + s - 1, dtype=torch.int32),
+                       torch.tensor(capacity, dtype=torch.int32), torch.zeros(b, 1, s, capacity),
+                       torch.full((b,), s, dtype=torch.int32), *cache)
+        decode_axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"},
+                       "seqlens_k": {0: "batch"}, "query_seqlens": {0: "batch"}, "logits": {0: "batch"},
+                       "attention_bias": {0: "batch", 2: "seq", 3: "capacity"}}
+        decode_axes.update({k: {0: "batch", 2: "capacity"} for k in kv_names(n, "past") + kv_names(n, "present")})
+        decode_module = LLMDecodeInPlaceGraph(core)
+    else:
+        decode_inputs = ["inputs_embeds", "attention_mask", "position_ids", *kv_names(n, "past")]
+        decode_args = (embeds[:, :s], torch.ones(b, t + s, dtype=torch.long), pos[:, -1:] + 1, *past)
+        decode_axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "past_plus_seq"},
+                       "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
+        decode_axes.update({k: kv_axes for k in kv_names(n, "past")})
+        decode_axes.update({k: {0: "batch", 2: "seq"} for k in kv_names(n, "present")})
+        decode_module = LLMDecodeGraph(core)
     traces = {
         "llm_prefill": (LLMPrefillGraph(core), (embeds, mask, pos),
                         ["inputs_embeds", "attention_mask", "position_ids"], prefill_axes),
-        "llm_decode": (LLMDecodeGraph(core), (embeds[:, :s], torch.ones(b, t + s, dtype=torch.long),
-                                              pos[:, -1:] + 1, *past),
-                       ["inputs_embeds", "attention_mask", "position_ids", *kv_names(n, "past")], decode_axes),
+        "llm_decode": (decode_module, decode_args, decode_inputs, decode_axes),
     }
     graphs = {}
     with WeightFile(out_dir / LLM_DATA_FILE) as data:
@@ -783,9 +889,16 @@ def _export_llm(model, out_dir: Path, simplify: bool, progress, onnxruntime_ops:
                                 "data_files": [LLM_DATA_FILE]}
             if simplify:
                 graph, components[name]["simplify"] = _simplify(graph)
+            if name == "llm_decode" and in_place:  # present_* are the past_* buffers: say so in their type
+                cache = {i.name: i.type for i in graph.graph.input}
+                for output in graph.graph.output:
+                    if output.name.startswith("present_"):
+                        output.type.CopyFrom(cache[output.name.replace("present_", "past_", 1)])
             if onnxruntime_ops:
                 components[name]["rotary_embedding_nodes"] = fuse_rotary_embedding(graph, weights, core)
                 components[name]["skip_rms_norm_nodes"] = fuse_skip_rms_norm(graph)
+                components[name]["group_query_attention_nodes"] = sum(
+                    node.op_type == "GroupQueryAttention" for node in graph.graph.node)
             attach_weights(graph, weights, data)
             graphs[name] = graph
             del weights

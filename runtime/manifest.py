@@ -43,6 +43,10 @@ QUANTIZED_OP = "MatMulNBits"
 # What a MatMulNBits multiplies, by the suffix of its input's name: [x, x] (an 8-bit weight as two 4-bit
 # nibble planes), then the sums of x's blocks (block offsets held as rows of the weight)
 TWICE, WITH_BLOCK_SUMS = "_twice", "_with_block_sums"
+# The decode graph's inputs, besides inputs_embeds, position_ids and the cache, where its attention is
+# onnxruntime's GroupQueryAttention writing the cache in place (export.onnx_export.KVCacheLLM.decode_in_place);
+# what tells a runtime which of the two decode graphs an engine folder holds.
+IN_PLACE_DECODE_INPUTS = ("seqlens_k", "total_sequence_length", "attention_bias", "query_seqlens")
 
 
 class EngineError(ValueError):

@@ -73,7 +73,8 @@ def test_graphs_are_checker_clean_opset17_with_dynamic_batch(tiny_engines):
         model = onnx.load(str(path), load_external_data=False)
         assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
         for tensor in entry["inputs"] + entry["outputs"]:
-            assert tensor["shape"][0] == "batch", f"{name}.{tensor['name']} has a static batch axis"
+            if tensor["shape"]:  # not a scalar (the in-place decode graph's total_sequence_length)
+                assert tensor["shape"][0] == "batch", f"{name}.{tensor['name']} has a static batch axis"
         assert entry["simplify"]["nodes_after"] <= entry["simplify"]["nodes_before"]
     for name in ("llm_prefill", "llm_decode"):
         assert "seq" in graphs[name]["inputs"][0]["shape"]
@@ -93,10 +94,13 @@ def test_onnxruntime_graphs_fuse_rope_and_residual_rms_norms(tiny_engines, tiny_
     layout = manifest["model"]["llm"]
     for name in ("llm_prefill", "llm_decode"):
         graph = onnx.load(str(tiny_engines / f"{name}.onnx"), load_external_data=False)
-        rotary = [n for n in graph.graph.node if n.op_type == "RotaryEmbedding"]
-        assert len(rotary) == layout["num_layers"] == manifest["components"][name]["rotary_embedding_nodes"]
-        assert all(n.domain == "com.microsoft" and n.input[1] == "position_ids" for n in rotary)
-        tables = {t.name: list(t.dims) for t in graph.graph.initializer if t.name.startswith("rope_")}
+        # the decode graph's RoPE is inside its GroupQueryAttention nodes (test_in_place_decode_graph...)
+        rope_op = "RotaryEmbedding" if name == "llm_prefill" else "GroupQueryAttention"
+        rotary = [n for n in graph.graph.node if n.op_type == rope_op]
+        assert len(rotary) == layout["num_layers"]
+        assert manifest["components"][name]["rotary_embedding_nodes"] == (len(rotary) if name == "llm_prefill" else 0)
+        assert all(n.domain == "com.microsoft" and "position_ids" in n.input for n in rotary)
+        tables = {t.name.split(".")[-1]: list(t.dims) for t in graph.graph.initializer if "rope_" in t.name}
         shape = [layout["max_position_embeddings"], layout["head_dim"] // 2]
         assert tables == {"rope_cos_cache": shape, "rope_sin_cache": shape}
         assert not any(n.op_type in ("Cos", "Sin") for n in graph.graph.node)
@@ -116,6 +120,37 @@ def test_onnxruntime_graphs_fuse_rope_and_residual_rms_norms(tiny_engines, tiny_
     assert fuse_rotary_embedding(altered, dict(weights), core) == 0
     assert not any(n.op_type == "RotaryEmbedding" for n in altered.graph.node)
     assert fuse_rotary_embedding(graph, weights, core) == layout["num_layers"]
+
+
+def test_in_place_decode_graph_where_onnxruntime_allows_it(tiny_engines, tiny_facellm_engines):
+    """onnxruntime's decode graph: one GroupQueryAttention a layer, the cache buffers its K/V inputs and
+    outputs both (bound to one address, written in place), for head sizes its CPU kernel takes (a
+    multiple of 16: the tiny Llama's 16); the tiny Qwen2's 12 keeps the plain attention graph. The
+    parity tests above run both against transformers."""
+    import json
+
+    from export.onnx_export import GQA_HEAD_DIM_MULTIPLE
+    from runtime.manifest import IN_PLACE_DECODE_INPUTS
+
+    for engines, in_place in ((tiny_engines, True), (tiny_facellm_engines, False)):
+        manifest = json.loads((engines / "manifest.json").read_text())
+        layout, decode = manifest["model"]["llm"], manifest["components"]["llm_decode"]
+        assert (layout["head_dim"] % GQA_HEAD_DIM_MULTIPLE == 0) == in_place
+        graph = onnx.load(str(engines / "llm_decode.onnx"), load_external_data=False)
+        attention = [n for n in graph.graph.node if n.op_type == "GroupQueryAttention"]
+        assert len(attention) == decode["group_query_attention_nodes"] == (layout["num_layers"] if in_place else 0)
+        inputs = {t["name"]: t["shape"] for t in decode["inputs"]}
+        outputs = {t["name"]: t["shape"] for t in decode["outputs"]}
+        assert all(name in inputs for name in IN_PLACE_DECODE_INPUTS) == in_place
+        assert ("attention_mask" in inputs) != in_place
+        if in_place:
+            assert inputs["past_key_0"] == outputs["present_key_0"] == ["batch", layout["num_kv_heads"], "capacity",
+                                                                       layout["head_dim"]]
+            assert [list(n.input[3:5]) for n in attention] == [[f"past_key_{i}", f"past_value_{i}"]
+                                                               for i in range(layout["num_layers"])]
+            assert [dict((a.name, a.i) for a in n.attribute if a.name in ("do_rotary", "num_heads", "kv_num_heads"))
+                    for n in attention][0] == {"do_rotary": 1, "num_heads": layout["num_heads"],
+                                               "kv_num_heads": layout["num_kv_heads"]}
 
 
 def test_llm_weights_are_stored_once(tiny_engines, tiny_model):
@@ -230,8 +265,8 @@ def test_decode_step_reads_the_cache_in_place(tiny_ort):
     for step in range(3):
         full[:, 6 + step] = 1
         llm.forward(torch.randn(2, 1, 64), full, pos[:, -1:] + 1 + step, cache, torch.tensor([6 + step]))
-        bindings.append(cache.binding)
-    assert all(b is bindings[0] for b in bindings)
+        bindings.append(cache.row_bindings[0, 2])
+    assert llm.in_place and len(cache.row_bindings) == 1 and all(b is bindings[0] for b in bindings)
     assert [t.data_ptr() for t in cache.keys + cache.values] == addresses
     assert cache.keys[0][:, :, 6:9].abs().sum() > 0 and cache.keys[0][:, :, 9:].abs().sum() == 0
 

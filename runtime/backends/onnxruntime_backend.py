@@ -35,12 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.manifest import EngineError
+from runtime.generate import check_slot_call, slot_positions
+from runtime.manifest import IN_PLACE_DECODE_INPUTS, EngineError
 from runtime.backends.base import Components
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = PROVIDER_ORDER[:2]
-NUMPY_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.uint8: np.uint8}
+NUMPY_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
+               torch.uint8: np.uint8}
 
 
 def _ort():
@@ -128,24 +130,28 @@ class Graph:
 
 
 class OrtKVCache:
-    """Preallocated K/V buffers for every layer, plus the decode step's bound inputs and outputs."""
+    """Preallocated K/V buffers for every layer, plus the one-token decode step's bound inputs and outputs."""
 
-    def __init__(self, layout: dict, batch: int, max_len: int, device: torch.device, vocab_size: int):
+    def __init__(self, layout: dict, batch: int, max_len: int, device: torch.device, vocab_size: int,
+                 in_place: bool):
         layers, heads, hd = layout["num_layers"], layout["num_kv_heads"], layout["head_dim"]
-        # [layer, K/V, B, Hkv, rows, hd]: every layer's buffers one tensor, so a decode step's new rows
-        # (new_kv, laid out alike) go in with one copy; keys[i] / values[i] are contiguous views of it
+        # [layer, K/V, B, Hkv, rows, hd]: every layer's buffers one tensor (so the plain decode graph's new
+        # rows, new_kv, laid out alike, go in with one copy); keys[i] / values[i] are contiguous views of it
         self.kv = torch.zeros(layers, 2, batch, heads, max_len, hd, device=device)
         self.keys, self.values = list(self.kv[:, 0].unbind(0)), list(self.kv[:, 1].unbind(0))
         self.batch, self.max_len = batch, max_len
-        # decode step (one token): the graph's attention_mask covers the buffer then the new token
         self.step_embeds = torch.zeros(batch, 1, layout["hidden_size"], device=device)
-        self.step_mask = torch.zeros(batch, max_len + 1, dtype=torch.long, device=device)
         self.step_position = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.new_kv = torch.empty(layers, 2, batch, heads, 1, hd, device=device)
-        self.new_keys, self.new_values = list(self.new_kv[:, 0].unbind(0)), list(self.new_kv[:, 1].unbind(0))
         self.logits = torch.empty(batch, vocab_size, device=device)
-        self.binding = None  # made by OrtLLM on the first decode step
-        self.row_bindings: dict[tuple[int, int], object] = {}  # slots: (first row, rows) -> decode-step binding
+        if in_place:  # GroupQueryAttention: it writes the new rows into the bound buffers itself
+            self.seqlens_k = torch.zeros(batch, dtype=torch.int32, device=device)
+            self.capacity = torch.tensor(max_len, dtype=torch.int32, device=device)
+            self.attention_bias = torch.zeros(batch, 1, 1, max_len, device=device)
+            self.query_seqlens = torch.ones(batch, dtype=torch.int32, device=device)
+        else:  # the plain graph's mask covers the buffer then the new token; it returns the new rows
+            self.step_mask = torch.zeros(batch, max_len + 1, dtype=torch.long, device=device)
+            self.new_kv = torch.empty(layers, 2, batch, heads, 1, hd, device=device)
+        self.row_bindings: dict[tuple[int, int], object] = {}  # (first row, rows) -> decode-step binding
 
     # the KV-cache slot interface (runtime.generate): a cache of `batch` rows is `batch` slots
     @property
@@ -158,7 +164,13 @@ class OrtKVCache:
 
 
 class OrtLLM:
-    """runtime.generate's LLM interface (vocab_size, device, embed, new_cache, forward) over ONNX graphs."""
+    """runtime.generate's LLM interface (vocab_size, device, embed, new_cache, forward) over ONNX graphs.
+
+    Two decode graphs (export/onnx_export.py): onnxruntime's GroupQueryAttention per layer, reading and
+    writing the cache buffers in place (`in_place`; what `facert build --backend onnxruntime` exports
+    where the head size allows), or plain attention over the buffer returning the new K/V rows, which
+    are copied in here (TensorRT's graphs; heads onnxruntime's kernel refuses).
+    """
 
     def __init__(self, prefill: Graph, decode: Graph, embed_table: np.ndarray, layout: dict):
         self.prefill, self.decode = prefill, decode
@@ -166,6 +178,7 @@ class OrtLLM:
         self.layout = layout
         self.vocab_size = int(embed_table.shape[0])
         self.num_layers = int(layout["num_layers"])
+        self.in_place = all(name in decode.inputs for name in IN_PLACE_DECODE_INPUTS)
 
     @property
     def device(self) -> torch.device:
@@ -181,7 +194,7 @@ class OrtLLM:
         limit = int(self.layout.get("max_position_embeddings", max_len))
         if max_len > limit:
             raise ValueError(f"prompt + max_tokens = {max_len} tokens, over the model's {limit}-token context")
-        return OrtKVCache(self.layout, batch, max_len, self.device, self.vocab_size)
+        return OrtKVCache(self.layout, batch, max_len, self.device, self.vocab_size, self.in_place)
 
     def _kv_outputs(self, b: int, s: int) -> dict[str, torch.Tensor]:
         shape = (b, self.layout["num_kv_heads"], s, self.layout["head_dim"])
@@ -191,14 +204,89 @@ class OrtLLM:
             out[f"present_value_{i}"] = torch.empty(shape, device=self.device)
         return out
 
-    def _step_binding(self, cache: OrtKVCache):
-        feeds = {"inputs_embeds": cache.step_embeds, "attention_mask": cache.step_mask,
-                 "position_ids": cache.step_position}
-        outputs = {"logits": cache.logits}
+    def _cache_feeds(self, cache: OrtKVCache, rows: slice, prefix: str) -> dict[str, torch.Tensor]:
+        feeds = {}
         for i in range(self.num_layers):
-            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = cache.keys[i], cache.values[i]
-            outputs[f"present_key_{i}"], outputs[f"present_value_{i}"] = cache.new_keys[i], cache.new_values[i]
+            feeds[f"{prefix}_key_{i}"], feeds[f"{prefix}_value_{i}"] = cache.keys[i][rows], cache.values[i][rows]
+        return feeds
+
+    def _step_binding(self, cache: OrtKVCache, rows: slice):
+        """The one-token decode step over some contiguous rows: views of the bound buffers, by address."""
+        feeds = {"inputs_embeds": cache.step_embeds[rows], "position_ids": cache.step_position[rows],
+                 **self._cache_feeds(cache, rows, "past")}
+        outputs = {"logits": cache.logits[rows]}
+        if self.in_place:
+            feeds.update(seqlens_k=cache.seqlens_k[rows], total_sequence_length=cache.capacity,
+                         attention_bias=cache.attention_bias[rows], query_seqlens=cache.query_seqlens[rows])
+            outputs.update(self._cache_feeds(cache, rows, "present"))
+        else:
+            feeds["attention_mask"] = cache.step_mask[rows]
+            for i in range(self.num_layers):
+                outputs[f"present_key_{i}"] = cache.new_kv[i, 0, rows]
+                outputs[f"present_value_{i}"] = cache.new_kv[i, 1, rows]
         return self.decode.bind(feeds, outputs)
+
+    def _run(self, cache: OrtKVCache, rows: slice, embeds: torch.Tensor, positions: torch.Tensor,
+             starts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Last-position logits [b, V] of s new tokens per row of cache rows `rows`, row r's written at
+        starts[r]...; mask [b, max_len]: the cache positions each row attends to (its new ones included)."""
+        dev, max_len = self.device, cache.max_len
+        b, s = embeds.shape[0], embeds.shape[1]
+        if b and int(starts.max()) == 0:  # prompts from position 0: the prefill graph, its K/V copied in
+            outputs = {"logits": torch.empty(b, self.vocab_size, device=dev), **self._kv_outputs(b, s)}
+            feeds = {"inputs_embeds": embeds, "attention_mask": mask[:, :s].contiguous(), "position_ids": positions}
+            self.prefill.run_bound(self.prefill.bind(feeds, outputs))
+            for i in range(self.num_layers):
+                cache.keys[i][rows, :, :s].copy_(outputs[f"present_key_{i}"])
+                cache.values[i][rows, :, :s].copy_(outputs[f"present_value_{i}"])
+            return outputs["logits"]
+
+        if self.in_place:  # the op attends causally to each row's positions up to its own; the bias masks padding
+            bias = torch.where(mask.bool(), 0.0, torch.finfo(torch.float32).min)
+            seqlens_k = (starts + s - 1).to(torch.int32)
+        else:
+            written = torch.arange(max_len, device=dev).view(1, -1) < starts.view(-1, 1)  # [b, max_len]
+            new_mask = mask.gather(1, slot_positions(starts, s))  # [b, s]
+            past_mask = (mask.bool() & written).long()
+        if s == 1:  # the bound step
+            binding = cache.row_bindings.get((rows.start, b))
+            if binding is None:
+                binding = cache.row_bindings[rows.start, b] = self._step_binding(cache, rows)
+            cache.step_embeds[rows].copy_(embeds)
+            cache.step_position[rows].copy_(positions)
+            if self.in_place:
+                cache.seqlens_k[rows].copy_(seqlens_k)
+                cache.attention_bias[rows, 0, 0].copy_(bias)
+            else:
+                cache.step_mask[rows, :max_len].copy_(past_mask)
+                cache.step_mask[rows, max_len:].copy_(new_mask)
+            self.decode.run_bound(binding)
+            logits, new_kv = cache.logits[rows].clone(), (None if self.in_place else cache.new_kv[:, :, rows])
+        else:  # several tokens a row onto a filled cache: bound for this call only
+            feeds = {"inputs_embeds": embeds, "position_ids": positions.contiguous(),
+                     **self._cache_feeds(cache, rows, "past")}
+            outputs = {"logits": torch.empty(b, self.vocab_size, device=dev)}
+            if self.in_place:
+                feeds.update(seqlens_k=seqlens_k, total_sequence_length=cache.capacity,
+                             attention_bias=bias.view(b, 1, 1, max_len).expand(b, 1, s, max_len).contiguous(),
+                             query_seqlens=torch.full((b,), s, dtype=torch.int32, device=dev))
+                outputs.update(self._cache_feeds(cache, rows, "present"))
+            else:
+                feeds["attention_mask"] = torch.cat([past_mask, new_mask], dim=1)
+                outputs.update(self._kv_outputs(b, s))
+            self.decode.run_bound(self.decode.bind(feeds, outputs))
+            logits = outputs["logits"]
+            new_kv = None if self.in_place else torch.stack([torch.stack(
+                [outputs[f"present_key_{i}"], outputs[f"present_value_{i}"]]) for i in range(self.num_layers)])
+        if new_kv is not None:  # the plain graph's new rows [layers, 2, b, Hkv, s, hd] into each row's place
+            first = int(starts[0])
+            if bool((starts == first).all()):
+                cache.kv[:, :, rows, :, first:first + s].copy_(new_kv)
+            else:
+                for r in range(b):
+                    at = int(starts[r])
+                    cache.kv[:, :, rows.start + r, :, at:at + s].copy_(new_kv[:, :, r])
+        return logits
 
     @torch.inference_mode()
     def forward(self, embeds, attention_mask, position_ids, cache: OrtKVCache | None, cache_position) -> torch.Tensor:
@@ -212,53 +300,20 @@ class OrtLLM:
         attention_mask = torch.as_tensor(attention_mask).to(dev, torch.long)
         position_ids = torch.as_tensor(position_ids).to(dev, torch.long).contiguous()
         b, s = embeds.shape[0], embeds.shape[1]
-        start = 0 if cache is None or cache_position is None else int(cache_position[0])
-        if cache is not None:
-            if b != cache.batch:
-                raise ValueError(f"batch {b} does not match the cache's {cache.batch}")
-            if start + s > cache.max_len:
-                raise ValueError(f"writing tokens {start}..{start + s} past the cache's {cache.max_len} slots")
-
-        if start == 0:  # prefill (or a full recompute without a cache)
+        if cache is None:  # a full recompute: the prefill graph alone
             outputs = {"logits": torch.empty(b, self.vocab_size, device=dev), **self._kv_outputs(b, s)}
             feeds = {"inputs_embeds": embeds, "attention_mask": attention_mask[:, :s].contiguous(),
                      "position_ids": position_ids}
             self.prefill.run_bound(self.prefill.bind(feeds, outputs))
-            if cache is not None:
-                for i in range(self.num_layers):
-                    cache.keys[i][:, :, :s].copy_(outputs[f"present_key_{i}"])
-                    cache.values[i][:, :, :s].copy_(outputs[f"present_value_{i}"])
             return outputs["logits"]
-
-        # decode: the graph's mask is [B, max_len + S], buffer rows not yet written (>= start) are masked
-        if s == 1:
-            if cache.binding is None:
-                cache.binding = self._step_binding(cache)
-            cache.step_embeds.copy_(embeds)
-            cache.step_position.copy_(position_ids)
-            cache.step_mask[:, :start].copy_(attention_mask[:, :start])
-            cache.step_mask[:, start:cache.max_len].zero_()
-            cache.step_mask[:, cache.max_len:].copy_(attention_mask[:, start:start + 1])
-            self.decode.run_bound(cache.binding)
-            cache.kv[..., start:start + 1, :].copy_(cache.new_kv)
-            return cache.logits.clone()
-        else:  # several tokens at once onto a filled cache: bound for this call only
-            mask = torch.zeros(b, cache.max_len + s, dtype=torch.long, device=dev)
-            mask[:, :start] = attention_mask[:, :start]
-            mask[:, cache.max_len:] = attention_mask[:, start:start + s]
-            outputs = {"logits": torch.empty(b, self.vocab_size, device=dev), **self._kv_outputs(b, s)}
-            feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": position_ids}
-            for i in range(self.num_layers):
-                feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = cache.keys[i], cache.values[i]
-            self.decode.run_bound(self.decode.bind(feeds, outputs))
-            new_keys = [outputs[f"present_key_{i}"] for i in range(self.num_layers)]
-            new_values = [outputs[f"present_value_{i}"] for i in range(self.num_layers)]
-            logits = outputs["logits"]
-        for i in range(self.num_layers):
-            cache.keys[i][:, :, start:start + s].copy_(new_keys[i])
-            cache.values[i][:, :, start:start + s].copy_(new_values[i])
-        return logits
-
+        start = 0 if cache_position is None else int(cache_position[0])
+        if b != cache.batch:
+            raise ValueError(f"batch {b} does not match the cache's {cache.batch}")
+        if start + s > cache.max_len:
+            raise ValueError(f"writing tokens {start}..{start + s} past the cache's {cache.max_len} slots")
+        mask = torch.zeros(b, cache.max_len, dtype=torch.long, device=dev)
+        mask[:, :attention_mask.shape[1]] = attention_mask[:, :cache.max_len]
+        return self._run(cache, slice(0, b), embeds, position_ids, torch.full((b,), start, device=dev), mask)
 
     # ------------------------------------------------------------------ KV-cache slots (in-flight)
 
@@ -270,67 +325,17 @@ class OrtLLM:
         in tests/test_inflight.py); every slot on a GPU provider, whose kernels are not known to."""
         return rows if self.device.type == "cpu" else num_slots
 
-    def _rows_step_binding(self, cache: OrtKVCache, rows: slice):
-        """The one-token decode step over some contiguous rows: views of the bound buffers, by address."""
-        feeds = {"inputs_embeds": cache.step_embeds[rows], "attention_mask": cache.step_mask[rows],
-                 "position_ids": cache.step_position[rows]}
-        outputs = {"logits": cache.logits[rows]}
-        for i in range(self.num_layers):
-            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = cache.keys[i][rows], cache.values[i][rows]
-            outputs[f"present_key_{i}"] = cache.new_keys[i][rows]
-            outputs[f"present_value_{i}"] = cache.new_values[i][rows]
-        return self.decode.bind(feeds, outputs)
-
     @torch.inference_mode()
     def forward_slots(self, cache: OrtKVCache, embeds, first_row: int, starts) -> torch.Tensor:
-        """Last-position logits [B, V] of the rows first_row.. (runtime.generate's slot interface).
-
-        One token per row: the decode graph bound once per row range to the slot buffers in place. A
-        slot's first chunk of a prompt (one row from position 0): the prefill graph, as a whole
-        prompt runs in runtime.generate. A later chunk: the decode graph over the row's slot."""
-        from runtime.generate import check_slot_call, slot_positions
-
+        """Last-position logits [B, V] of the rows first_row.. (runtime.generate's slot interface): s new
+        tokens a row, row b's at positions starts[b]..., attending to its slot's positions before them."""
         dev = self.device
         embeds = torch.as_tensor(embeds).to(dev, torch.float32).contiguous()
         b, s = embeds.shape[0], embeds.shape[1]
         starts = torch.as_tensor(starts, dtype=torch.long).to(dev)
         check_slot_call(cache.batch, cache.max_len, b, s, first_row, starts)
-        rows = slice(first_row, first_row + b)
-        positions = slot_positions(starts, s)
-        seen = torch.arange(cache.max_len, device=dev).view(1, -1) < starts.view(-1, 1)  # [B, L]: written before
-        if s == 1:
-            binding = cache.row_bindings.get((first_row, b))
-            if binding is None:
-                binding = cache.row_bindings[first_row, b] = self._rows_step_binding(cache, rows)
-            cache.step_embeds[rows].copy_(embeds)
-            cache.step_position[rows].copy_(positions)
-            cache.step_mask[rows, :cache.max_len].copy_(seen)
-            cache.step_mask[rows, cache.max_len:] = 1
-            self.decode.run_bound(binding)
-            new_keys = [k[rows] for k in cache.new_keys]
-            new_values = [v[rows] for v in cache.new_values]
-            logits = cache.logits[rows].clone()
-        else:
-            outputs = {"logits": torch.empty(b, self.vocab_size, device=dev), **self._kv_outputs(b, s)}
-            if b == 1 and int(starts[0]) == 0:
-                feeds = {"inputs_embeds": embeds, "attention_mask": torch.ones(1, s, dtype=torch.long, device=dev),
-                         "position_ids": positions}
-                self.prefill.run_bound(self.prefill.bind(feeds, outputs))
-            else:
-                mask = torch.ones(b, cache.max_len + s, dtype=torch.long, device=dev)
-                mask[:, :cache.max_len] = seen
-                feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions.contiguous()}
-                for i in range(self.num_layers):
-                    feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = cache.keys[i][rows], cache.values[i][rows]
-                self.decode.run_bound(self.decode.bind(feeds, outputs))
-            new_keys = [outputs[f"present_key_{i}"] for i in range(self.num_layers)]
-            new_values = [outputs[f"present_value_{i}"] for i in range(self.num_layers)]
-            logits = outputs["logits"]
-        row_index = torch.arange(b, device=dev).view(-1, 1).expand(b, s)
-        for i in range(self.num_layers):  # the new rows into each row's own slot, at its own positions
-            cache.keys[i][rows][row_index, :, positions] = new_keys[i].transpose(1, 2)
-            cache.values[i][rows][row_index, :, positions] = new_values[i].transpose(1, 2)
-        return logits
+        mask = (torch.arange(cache.max_len, device=dev).view(1, -1) < (starts + s).view(-1, 1)).long()
+        return self._run(cache, slice(first_row, first_row + b), embeds, slot_positions(starts, s), starts, mask)
 
 
 def _as_numpy(x, dtype) -> np.ndarray:
