@@ -157,33 +157,27 @@ def quantized_gemv_bandwidth(rows: int, cols: int, threads: int, bits: int, repe
 
 
 def decode_profile(engines: Path, past: int, steps: int, threads: int) -> dict:
-    """Where a decode step's time goes: onnxruntime's profiler over `steps` runs of the decode graph
-    (one token on a `past`-row cache, batch 1), node time summed per operator type, ms per step."""
-    import onnxruntime as ort
-
-    from runtime.backends.onnxruntime_backend import session_options
+    """Where a decode step's time goes: onnxruntime's profiler over `steps` runs of the decode graph as
+    the runtime runs it (OrtLLM's bound step: one token onto a `past`-row cache, batch 1), node time
+    summed per operator type, ms per step."""
+    from runtime.backends.onnxruntime_backend import Graph, OrtLLM, session_options
 
     manifest = json.loads((engines / "manifest.json").read_text())
     layout = manifest["model"]["llm"]
     so = session_options(threads)
     so.enable_profiling = True
     so.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"facert-decode-profile-{os.getpid()}")
-    sess = ort.InferenceSession(str(engines / manifest["components"]["llm_decode"]["file"]), so,
-                                providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    kv = (1, layout["num_kv_heads"], past, layout["head_dim"])
-    feeds = {"inputs_embeds": rng.standard_normal((1, 1, layout["hidden_size"]), dtype=np.float32) * 0.02,
-             "attention_mask": np.ones((1, past + 1), dtype=np.int64),
-             "position_ids": np.array([[past]], dtype=np.int64)}
-    for i in range(layout["num_layers"]):
-        feeds[f"past_key_{i}"] = rng.standard_normal(kv, dtype=np.float32)
-        feeds[f"past_value_{i}"] = rng.standard_normal(kv, dtype=np.float32)
-    sess.run(None, feeds)  # warm-up (profiled too, subtracted below)
+    decode = Graph(engines / manifest["components"]["llm_decode"]["file"], ["CPUExecutionProvider"], so)
+    llm = OrtLLM(decode, decode, np.zeros((layout["vocab_size"], 1), dtype=np.float32), layout)
+    cache = llm.new_cache(1, past + 1)
+    cache.kv.normal_(generator=torch.Generator().manual_seed(0))
+    embeds = torch.randn(1, 1, layout["hidden_size"], generator=torch.Generator().manual_seed(1)) * 0.02
+    llm.forward_slots(cache, embeds, 0, [past])  # warm-up (profiled too, subtracted below)
     t0 = time.perf_counter()
     for _ in range(steps):
-        sess.run(None, feeds)
+        llm.forward_slots(cache, embeds, 0, [past])
     wall = (time.perf_counter() - t0) / steps
-    trace = Path(sess.end_profiling())
+    trace = Path(decode.session.end_profiling())
     events = json.loads(trace.read_text())
     trace.unlink()
     per_op: dict[str, float] = {}

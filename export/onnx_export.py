@@ -311,7 +311,8 @@ class KVCacheLLM(nn.Module):
         x = x + layer.self_attn.o_proj(out)
         gate_up = F.linear(layer.post_attention_layernorm(x), getattr(self, f"gate_up_weight_{i}"),
                            getattr(self, f"gate_up_bias_{i}"))
-        gate, up = gate_up.chunk(2, dim=-1)
+        half = getattr(self, f"gate_up_weight_{i}").shape[0] // 2
+        gate, up = gate_up.split([half, half], dim=-1)  # constant sizes: one Split node, not a shape chain
         return x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
     @staticmethod
@@ -831,6 +832,27 @@ def _replace_nodes(graph: onnx.ModelProto, replaced: dict[int, onnx.NodeProto | 
         use_contrib_domain(graph)
 
 
+def _type_attention_outputs(graph: onnx.ModelProto, core: KVCacheLLM) -> onnx.ModelProto:
+    """ONNX's shape inference knows no contrib operator, so nothing after a GroupQueryAttention node has a
+    type: give its outputs theirs (the attention [batch, seq, H*hd]; present_* the type of the past_*
+    buffer they are) and infer the rest from them, before the other fusions replace the standard nodes
+    whose outputs the quantizer's rank lookup then finds typed. The graph is weightless: cheap."""
+    from onnx import TensorProto, helper
+
+    cache = {i.name: i.type for i in graph.graph.input}
+    for output in graph.graph.output:
+        if output.name.startswith("present_"):
+            output.type.CopyFrom(cache[output.name.replace("present_", "past_", 1)])
+    attention = {n.output[0] for n in graph.graph.node if n.op_type == "GroupQueryAttention"}
+    kept = [v for v in graph.graph.value_info if v.name not in attention and v.type.HasField("tensor_type")]
+    del graph.graph.value_info[:]
+    graph.graph.value_info.extend(kept)
+    graph.graph.value_info.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT,
+                                                                ["batch", "seq", core.num_heads * core.head_dim])
+                                  for name in sorted(attention))
+    return onnx.shape_inference.infer_shapes(graph)
+
+
 def _export_llm(model, out_dir: Path, simplify: bool, progress, onnxruntime_ops: bool = False) -> dict[str, dict]:
     """The prefill and decode graphs; with a tied lm_head (the table loaded with the rest), the table too.
     With `onnxruntime_ops`, RoPE and residual RMSNorms as onnxruntime's own operators (fuse_rotary_embedding,
@@ -889,11 +911,8 @@ def _export_llm(model, out_dir: Path, simplify: bool, progress, onnxruntime_ops:
                                 "data_files": [LLM_DATA_FILE]}
             if simplify:
                 graph, components[name]["simplify"] = _simplify(graph)
-            if name == "llm_decode" and in_place:  # present_* are the past_* buffers: say so in their type
-                cache = {i.name: i.type for i in graph.graph.input}
-                for output in graph.graph.output:
-                    if output.name.startswith("present_"):
-                        output.type.CopyFrom(cache[output.name.replace("present_", "past_", 1)])
+            if name == "llm_decode" and in_place:
+                graph = _type_attention_outputs(graph, core)
             if onnxruntime_ops:
                 components[name]["rotary_embedding_nodes"] = fuse_rotary_embedding(graph, weights, core)
                 components[name]["skip_rms_norm_nodes"] = fuse_skip_rms_norm(graph)

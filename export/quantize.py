@@ -12,9 +12,9 @@ nearest from the block's min and max, onnxruntime's default scheme). The lm_head
 Block offsets. MatMulNBits' fast CPU kernels take integer zero points, so a block's grid always
 holds 0 and cannot be shifted by a fraction of a step. Every quantized block therefore also gets
 the mean of what rounding took off it (a float per block and column, [K / block_size, N]), and the
-graph adds it back: y = [x, the sums of x's blocks] @ [W; offsets], the offsets as K / block_size
-more rows of the same MatMulNBits, quantized to 4 bits in blocks of their own (append_offset_rows):
-one Reshape, ReduceSum and Concat more per matmul, not a MatMul and an Add more. On weights that are
+graph adds it back: y = [x, the means of x's blocks] @ [W; block_size * offsets], the offsets as
+K / block_size more rows of the same MatMulNBits, quantized to 4 bits in blocks of their own
+(append_offset_rows): an AveragePool and a Concat more per matmul, not a MatMul and an Add more. On weights that are
 themselves decoded from a min/max grid with a float minimum (the demo model's, from its Q4_1 GGUF
 file; GPTQ/AWQ-style asymmetric checkpoints) this reproduces the grid but for the offsets' own
 4-bit rounding (about 1/30 of a step); on others it is the least-squares correction of each
@@ -60,7 +60,7 @@ import numpy as np
 import onnx
 
 from export.onnx_export import release_freed_memory, use_contrib_domain
-from runtime.manifest import QUANTIZED_OP, TWICE, WITH_BLOCK_SUMS, EngineError
+from runtime.manifest import QUANTIZED_OP, TWICE, WITH_BLOCK_MEANS, EngineError
 from runtime.manifest import QUANTIZED_BITS as BITS
 
 DEFAULT_BLOCK_SIZE = 32
@@ -134,7 +134,7 @@ def quantize_matmul(node: onnx.NodeProto, weight: np.ndarray, weight_name: str, 
     """One MatMul with its weight [K, N] -> (the MatMulNBits node, its initializers: packed weight,
     scales, zero points), by onnxruntime's MatMulNBitsQuantizer run on a graph of just that node, in
     slices of at most MAX_SLICE_BYTES of columns. With `offsets` (4 bits) the node holds the blocks'
-    offsets as K / block_size more rows, to be fed [x, block_sums(x)] (block_sum_nodes)."""
+    offsets as K / block_size more rows, to be fed [x, the means of x's blocks] (matmul_input_nodes)."""
     from onnx import numpy_helper
 
     qnode, arrays = _quantize_columns(node, weight, weight_name, bits, block_size, accuracy_level, offsets)
@@ -275,10 +275,10 @@ def nibble_planes(qnode: onnx.NodeProto, arrays: dict[str, np.ndarray], block_si
 def append_offset_rows(qnode: onnx.NodeProto, arrays: dict[str, np.ndarray], offsets: np.ndarray, block_size: int,
                        accuracy_level: int) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
     """A 4-bit MatMulNBits (K, N) and its blocks' offsets [K / block_size, N] -> one 4-bit MatMulNBits
-    (K + K / block_size, N) to be fed [x, the block sums of x]: the offsets as more rows of the weight,
-    quantized to 4 bits in blocks of their own (zero rows pad the last).
+    (K + K / block_size, N) to be fed [x, the block means of x]: block_size times the offsets as more rows
+    of the weight, quantized to 4 bits in blocks of their own (zero rows pad the last).
 
-    Why not a MatMul of the block sums and an Add after MatMulNBits: a decode step is bound by its
+    Why not a MatMul of the block means and an Add after MatMulNBits: a decode step is bound by its
     node count (benchmarks/results/2026-11-30-quant-offsets/NOTES.md), and the two nodes per matmul
     cost the demo model's int4 decode step 2.3 of 13.7 ms. What the offsets' 4-bit rounding costs:
     2026-11-30-quant-planes/NOTES.md."""
@@ -287,7 +287,7 @@ def append_offset_rows(qnode: onnx.NodeProto, arrays: dict[str, np.ndarray], off
         raise EngineError(f"{qnode.name}: block offsets go on 4-bit MatMulNBits nodes (or 8-bit ones on nibble planes)")
     name, scales_name, zero_points_name = qnode.input[1:4]
     rows = np.zeros((-(-offsets.shape[0] // block_size) * block_size, n), np.float32)
-    rows[:offsets.shape[0]] = offsets
+    rows[:offsets.shape[0]] = offsets * block_size  # fed the blocks' means, not their sums
     rows_node = onnx.helper.make_node("MatMul", ["x", name + "_offset_rows"], ["y"], name=qnode.name + "_offset_rows")
     rows_qnode, rows_arrays = _quantize_columns(rows_node, rows, name + "_offset_rows", 4, block_size, accuracy_level,
                                                 offsets=False)
@@ -435,35 +435,37 @@ def _rename(proto, old: str, new: str):
     return out
 
 
-def offset_constants(rank: int, blocks: int, block_size: int) -> list[onnx.TensorProto]:
-    """The shape x (of `rank`) takes to be summed block by block, and the axis summed over."""
-    from onnx import numpy_helper
-
-    return [numpy_helper.from_array(np.array([0] * (rank - 1) + [blocks, block_size], dtype=np.int64),
-                                    f"facert_blocks_{rank}d_{blocks}x{block_size}"),
-            numpy_helper.from_array(np.array([-1], dtype=np.int64), "facert_last_axis")]
-
-
 def matmul_input_nodes(x: str, rank: int, k: int, qnode: onnx.NodeProto, block_size: int
                        ) -> tuple[str, list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """What a quantized node of an x [..., K] multiplies: x itself, or [x, x] (nibble planes), each
-    followed by the sums of x's blocks [..., K / block_size] where the node holds block offsets as
-    rows (its K attribute says which: copies * K + K / block_size). -> (its name, the nodes and
-    constants that make it)."""
-    from onnx import helper
+    """What a quantized node of an x [B, S, K] multiplies: x itself, or [x, x] (nibble planes), each
+    followed by the means of x's blocks [B, S, K / block_size] where the node holds block offsets as
+    rows (its K attribute says which: copies * K + K / block_size). The means are one AveragePool over
+    the last axis (x read as [N, C, W]), not a Reshape and a ReduceSum: one node fewer per matmul, in a
+    step bound by its node count (demo int4 decode step 10.4 -> 9.7 ms); the rows carry block_size
+    times the offsets (append_offset_rows). An x [B, K] is pooled as [B, 1, K]. -> (its name, the nodes
+    and constants that make it)."""
+    from onnx import helper, numpy_helper
 
     copies, extra = divmod(_attribute(qnode, "K"), k)
     if copies == 1 and not extra:
         return x, [], []
-    inputs, nodes, constants, name = [x] * copies, [], [], x + (TWICE if copies == 2 else "")
+    inputs, nodes, name = [x] * copies, [], x + (TWICE if copies == 2 else "")
+    constants = []
     if extra:
-        constants = offset_constants(rank, k // block_size, block_size)
-        shape, axis = (t.name for t in constants)
-        nodes += [helper.make_node("Reshape", [x, shape], [f"{x}_blocks"], name=f"{x}_blocks"),
-                  helper.make_node("ReduceSum", [f"{x}_blocks", axis], [f"{x}_block_sums"], name=f"{x}_block_sums",
-                                   keepdims=0)]
-        inputs.append(f"{x}_block_sums")
-        name += WITH_BLOCK_SUMS
+        if rank not in (2, 3):
+            raise EngineError(f"cannot feed block offsets to {qnode.name}: its input {x} has rank {rank}, not 2 or 3")
+        means = f"{x}_block_means"
+        pool = helper.make_node("AveragePool", [x], [means], name=means, kernel_shape=[block_size], strides=[block_size])
+        if rank == 2:  # [B, K] (the lm_head's last position): pooled as [B, 1, K], the means back to [B, K / bs]
+            constants = [numpy_helper.from_array(np.array(shape, dtype=np.int64), label)
+                         for shape, label in (([0, 1, -1], "facert_rank_3"), ([0, -1], "facert_rank_2"))]
+            pool.input[0], pool.output[0] = f"{x}_rank_3", f"{means}_rank_3"
+            nodes += [helper.make_node("Reshape", [x, "facert_rank_3"], [pool.input[0]], name=pool.input[0]), pool,
+                      helper.make_node("Reshape", [pool.output[0], "facert_rank_2"], [means], name=f"{means}_rank_2")]
+        else:
+            nodes.append(pool)
+        inputs.append(means)
+        name += WITH_BLOCK_MEANS
     return name, nodes + [helper.make_node("Concat", inputs, [name], name=name, axis=-1)], constants
 
 
@@ -512,7 +514,7 @@ def _quantize_graph_streaming(graph: onnx.ModelProto, files: _WeightFiles, done:
             nodes += input_nodes
             added += [t for t in constants if t.name not in {a.name for a in added}]
         as_planes += TWICE in fed
-        with_offsets += fed.endswith(WITH_BLOCK_SUMS)
+        with_offsets += fed.endswith(WITH_BLOCK_MEANS)
         del qnode.input[0], qnode.output[:]
         qnode.input.insert(0, fed)
         qnode.output.append(node.output[0])
@@ -582,7 +584,7 @@ def quantize_llm(out_dir: Path, components: dict[str, dict], precision: str, blo
     scheme = "block-wise weight-only, asymmetric (uint, zero point per block), round to nearest"
     if offsets_bits:
         scheme += (f", plus, in {'/'.join(map(str, offsets_bits))}-bit matmuls, each block's mean residual as an "
-                   f"offset: K/{block_size} more 4-bit rows of the weight, fed the block sums of x")
+                   f"offset: K/{block_size} more 4-bit rows of the weight, fed the block means of x")
     if planes_bits:
         scheme += ", 8-bit codes stored as two 4-bit nibble planes of one 4-bit MatMulNBits over [x, x]"
     return {"scheme": scheme, "operator": f"com.microsoft.{QUANTIZED_OP}", "bits": bits,

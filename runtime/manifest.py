@@ -41,8 +41,8 @@ MANIFEST = "manifest.json"
 QUANTIZED_BITS = {"int8": 8, "int4": 4}  # onnxruntime precisions whose LLM matmuls are MatMulNBits
 QUANTIZED_OP = "MatMulNBits"
 # What a MatMulNBits multiplies, by the suffix of its input's name: [x, x] (an 8-bit weight as two 4-bit
-# nibble planes), then the sums of x's blocks (block offsets held as rows of the weight)
-TWICE, WITH_BLOCK_SUMS = "_twice", "_with_block_sums"
+# nibble planes), then the means of x's blocks (block offsets held as rows of the weight)
+TWICE, WITH_BLOCK_MEANS = "_twice", "_with_block_means"
 # The decode graph's inputs, besides inputs_embeds, position_ids and the cache, where its attention is
 # onnxruntime's GroupQueryAttention writing the cache in place (export.onnx_export.KVCacheLLM.decode_in_place);
 # what tells a runtime which of the two decode graphs an engine folder holds.
@@ -112,7 +112,7 @@ def _check_quantization(name: str, path: Path, graph, entry: dict) -> None:
     if len(nodes) != want.get("quantized_matmuls"):
         raise EngineError(f"component {name!r}: {path.name} holds {len(nodes)} {QUANTIZED_OP} nodes, the manifest "
                           f"says {want.get('quantized_matmuls')} (mismatched manifest or file)")
-    planes = {n.name for n in nodes if n.input[0].removesuffix(WITH_BLOCK_SUMS).endswith(TWICE)}
+    planes = {n.name for n in nodes if n.input[0].removesuffix(WITH_BLOCK_MEANS).endswith(TWICE)}
     if len(planes) != want.get("matmuls_as_nibble_planes", 0):
         raise EngineError(f"component {name!r}: {path.name} holds {len(planes)} {QUANTIZED_OP} nodes on nibble planes, "
                           f"the manifest says {want.get('matmuls_as_nibble_planes', 0)} (mismatched manifest or file)")

@@ -63,7 +63,7 @@ def test_llm_matmuls_become_matmulnbits(tiny_quantized, tiny_checkpoint, precisi
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             assert node.domain == "com.microsoft"
             lm_head = node.output[0] == "logits"
-            planes = node.input[0].removesuffix("_with_block_sums").endswith("_twice")
+            planes = node.input[0].removesuffix("_with_block_means").endswith("_twice")
             assert planes == (precision == "int8")
             assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (
                 4 if planes or not lm_head else 8, 32, level)
@@ -73,20 +73,25 @@ def test_llm_matmuls_become_matmulnbits(tiny_quantized, tiny_checkpoint, precisi
                 assert concat.op_type == "Concat" and concat.input[0] == concat.input[1]
                 # 16 s, then s per block, then the offsets' own blocks
                 assert list(inits[node.input[2]].dims) == [attrs["N"], 2 * k // 32 + -(-k // 32 // 32)]
-            # an offset-carrying node multiplies [x(, x), the sums of x's 32-blocks]: K + K / 32 rows
+            # an offset-carrying node multiplies [x(, x), the means of x's 32-blocks]: K + K / 32 rows
             if attrs["bits"] == 4:
                 concat = producers[node.input[0]]
-                assert node.input[0].endswith("_with_block_sums") and concat.op_type == "Concat"
-                sums = producers[concat.input[-1]]
-                assert sums.op_type == "ReduceSum" and producers[sums.input[0]].op_type == "Reshape"
+                assert node.input[0].endswith("_with_block_means") and concat.op_type == "Concat"
+                means = producers[concat.input[-1]]
+                if lm_head:  # its input [B, D] is pooled as [B, 1, D]
+                    means = producers[means.input[0]]
+                assert means.op_type == "AveragePool" and means.input[0].removesuffix("_rank_3") == concat.input[0]
+                assert [list(a.ints) for a in means.attribute if a.name in ("kernel_shape", "strides")] == [[32], [32]]
                 assert attrs["K"] == (2 if planes else 1) * k + k // 32
                 with_offsets += 1
         assert with_offsets == m["components"][name]["quantization"]["matmuls_with_offsets"]
         assert with_offsets == (len(nbits) if bits == 8 else len(nbits) - 1)
         assert m["components"][name]["quantization"]["matmuls_as_nibble_planes"] == (len(nbits) if bits == 8 else 0)
         # no weight MatMul is left: RoPE is one RotaryEmbedding per layer (export.onnx_export.fuse_rotary_embedding)
+        # in prefill, inside each layer's GroupQueryAttention in decode
         assert not [n for n in g.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
-        assert sum(n.op_type == "RotaryEmbedding" for n in g.graph.node) == layers
+        rope_op = "RotaryEmbedding" if name == "llm_prefill" else "GroupQueryAttention"
+        assert sum(n.op_type == rope_op for n in g.graph.node) == layers
         assert m["components"][name]["precision"] == precision
     assert not any(n.op_type == "MatMulNBits" for n in _graph(engines / "vision.onnx").graph.node)
     assert m["components"]["vision"]["precision"] == "fp32"
@@ -176,7 +181,7 @@ def test_block_offsets_reproduce_a_grid_with_float_minimums(bits):
     for offsets in (True, False):
         qnode, arrays = _quantize_columns(node, weight, "w", bits, block, 1, offsets)  # 8 bits: on nibble planes
         fed, nodes, constants = matmul_input_nodes("x", 3, k, qnode, block)
-        assert fed == "x" + ("_twice" if bits == 8 else "") + ("_with_block_sums" if offsets else "")
+        assert fed == "x" + ("_twice" if bits == 8 else "") + ("_with_block_means" if offsets else "")
         qnode.input[0] = fed
         graph = helper.make_graph(nodes + [qnode], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, k])],
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, n])],
