@@ -11,6 +11,12 @@ Graphs (file -> inputs -> outputs):
   llm_decode.onnx   inputs_embeds [B,S,D], attention_mask [B,P+S], position_ids [B,S],
                     past_key_i / past_value_i [B,Hkv,P,hd]
                     -> logits [B,V], present_key_i / present_value_i [B,Hkv,S,hd]
+                    or, for onnxruntime where its kernel takes the head size (in-place decode below):
+                    inputs_embeds [B,S,D], position_ids [B,S], seqlens_k [B] int32 (positions
+                    filled after the step - 1), total_sequence_length int32 scalar (C),
+                    attention_bias [B,1,S,C] (0 or the float minimum), query_seqlens [B] int32 (S),
+                    past_key_i / past_value_i [B,Hkv,C,hd] (the cache, C its capacity)
+                    -> logits [B,V], present_key_i / present_value_i [B,Hkv,C,hd] (the same buffers)
   llm.onnx.data     the LLM weights, stored once and shared by both LLM graphs (external data)
   vision.onnx.data  (and so on) the weights of a graph that has 64 MiB of them or more; smaller
                     graphs keep theirs inside
@@ -44,6 +50,14 @@ tensors. Its choices are for the runtime's preallocated cache:
   SkipSimplifiedLayerNormalization (`fuse_skip_rms_norm`): fewer nodes per layer, which a decode
   step, bound by its node count, feels (demo int4 decode step 11.2 -> 10.4 -> 9.8 ms;
   benchmarks/results/2026-11-30-quant-planes/NOTES.md).
+* In-place decode (onnxruntime, head size a multiple of GQA_HEAD_DIM_MULTIPLE): each layer's
+  attention is one com.microsoft.GroupQueryAttention (`KVCacheLLM.decode_in_place`): RoPE from the
+  cos/sin tables, the write of the new K/V rows into the cache and attention over each row's
+  filled positions, the cache buffers bound as both its past and present (onnxruntime writes them
+  in place when the two share an address). A step reads only the positions filled so far, not the
+  buffer's capacity, and its node count falls by ~15 a layer (demo int4 decode: 664 onnxruntime
+  nodes against 1,229; step 11.7 -> 10.3 ms on the same machine, 2026-11-30-quant-gqa). Other head
+  sizes keep the plain decode graph above.
 
 Exporter: torch.onnx.export's TorchScript-based exporter (`dynamo=False`), then onnxslim.
 Measured on the demo model (2-core CPU, first version of KVCacheLLM): the torch.export-based exporter (`dynamo=True`, which

@@ -19,12 +19,15 @@ op, and a demo decode step measured 119 ms spinning against 48 ms not (2 threads
 
 The KV cache: `new_cache` preallocates, per layer, K and V buffers [B, Hkv, max_len, hd] as torch
 tensors (views of one [layers, 2, B, Hkv, max_len, hd] tensor; on the CUDA device when a GPU provider
-runs the graphs) plus the decode step's inputs and outputs. The decode graph takes the whole buffer as
-`past_*` and returns only the new rows, `present_*` [B, Hkv, 1, hd], which are copied into the buffer
-at cache_position: a decode step reads the cache in place and writes B*Hkv*hd values per layer, it
-never copies the cache. All of it is bound once through one IOBinding (by address; the addresses never change), so a step is:
-copy the new token's embedding and position into the bound inputs, run, copy the new K/V rows (one
-copy for every layer's).
+runs the graphs) plus the decode step's inputs and outputs, bound once through one IOBinding per row
+range (by address; the addresses never change). The decode graph takes the whole buffer as `past_*`
+and never copies it. Where its attention is GroupQueryAttention (the in-place decode graph that
+`facert build --backend onnxruntime` exports where the head size allows), `present_*` are bound to
+the same buffers and the op writes the new K/V rows itself: a step is copy the new token's embedding,
+position and filled length into the bound inputs, run. Otherwise (the plain graph) `present_*` are
+just the new rows [B, Hkv, 1, hd], copied into the buffer after the run (one copy for every layer's).
+Note for GPU providers: onnxruntime's CUDA GroupQueryAttention takes fp16/bf16 only, so an fp32
+in-place graph runs that node on the CPU there (not measured: no GPU here).
 """
 
 from __future__ import annotations
