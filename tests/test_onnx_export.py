@@ -353,3 +353,55 @@ def test_demo_greedy_tokens_match_torch(demo_checkpoint, demo_engines, face_imag
         assert ours.token_ids == ref.token_ids, (question, ours.text, ref.text)
         assert_rel_close(ours.first_logits, ref.first_logits, rel=1e-4, what="first logits")
     assert np.isfinite(ours.timings["decode_tokens_per_s"])
+
+
+@pytest.mark.parametrize("s", [1, 3])
+def test_group_query_attention_node_matches_its_torch_reference(tmp_path, s):
+    """The GroupQueryAttention node facert exports, run by onnxruntime on a cache bound as its past and
+    present both, against GroupQueryAttention.forward (the torch reference the export traces): rows at
+    different fill levels, a padded position masked by the bias, fresh random inputs; fp32, 1e-4."""
+    import onnxruntime as ort
+
+    from export.onnx_export import GroupQueryAttention
+    from runtime.backends.onnxruntime_backend import NUMPY_TYPES
+
+    heads, kv_heads, hd, capacity, positions = 4, 2, 16, 12, 32
+
+    class Attention(torch.nn.Module):
+        def forward(self, qkv, past_key, past_value, seqlens_k, total, cos, sin, position_ids, bias, query_seqlens):
+            return GroupQueryAttention.apply(qkv, past_key, past_value, seqlens_k, total, cos, sin, position_ids,
+                                             bias, query_seqlens, heads, kv_heads)
+
+    g = torch.Generator().manual_seed(40 + s)
+    starts = torch.tensor([2, 7])
+    freqs = torch.arange(positions)[:, None] * torch.rand(hd // 2, generator=g)[None]
+    feeds = {"qkv": torch.randn(2, s, (heads + 2 * kv_heads) * hd, generator=g),
+             "past_key": torch.randn(2, kv_heads, capacity, hd, generator=g),
+             "past_value": torch.randn(2, kv_heads, capacity, hd, generator=g),
+             "seqlens_k": (starts + s - 1).int(), "total": torch.tensor(capacity, dtype=torch.int32),
+             "cos": freqs.cos(), "sin": freqs.sin(), "position_ids": starts[:, None] + torch.arange(s) + 3,
+             "bias": torch.zeros(2, 1, s, capacity), "query_seqlens": torch.full((2,), s, dtype=torch.int32)}
+    feeds["bias"][1, :, :, 4] = torch.finfo(torch.float32).min  # row 1's position 4 is padding
+    names = list(feeds)
+    out, key, value = Attention()(*feeds.values())
+    past_key = feeds["past_key"].clone()
+    path = tmp_path / "gqa.onnx"
+    torch.onnx.export(Attention(), tuple(feeds.values()), str(path), dynamo=False, opset_version=17,
+                      input_names=names, output_names=["out", "present_key", "present_value"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [n.op_type for n in onnx.load(str(path)).graph.node] == ["GroupQueryAttention"]
+    binding = session.io_binding()
+    got = torch.empty_like(out)
+    for name, t in feeds.items():
+        binding.bind_input(name, "cpu", 0, NUMPY_TYPES[t.dtype], list(t.shape), t.contiguous().data_ptr())
+    for name, t in (("out", got), ("present_key", feeds["past_key"]), ("present_value", feeds["past_value"])):
+        binding.bind_output(name, "cpu", 0, np.float32, list(t.shape), t.data_ptr())  # the cache, in place
+    session.run_with_iobinding(binding)
+    assert_rel_close(got, out, rel=1e-4, what="attention")
+    assert_rel_close(feeds["past_key"], key, rel=1e-4, what="keys written in place")
+    assert_rel_close(feeds["past_value"], value, rel=1e-4, what="values written in place")
+    for row, start in enumerate(starts.tolist()):  # each row's new rows at its own place, nothing else moved
+        kept = torch.ones(capacity, dtype=torch.bool)
+        kept[start:start + s] = False
+        assert torch.equal(feeds["past_key"][row, :, kept], past_key[row, :, kept])
+        assert not torch.equal(feeds["past_key"][row, :, ~kept], past_key[row, :, ~kept])
