@@ -75,9 +75,10 @@ class Progress:
 
 
 def build_command(checkpoint, backend, out, precision, max_batch, max_new_tokens, max_images=DEFAULT_MAX_IMAGES,
-                  max_tiles=DEFAULT_MAX_TILES, tp_size=1, pp_size=1, block_size=None) -> str:
+                  max_tiles=DEFAULT_MAX_TILES, tp_size=1, pp_size=1, block_size=None, accuracy_level=None) -> str:
     parallel = [*(["--tp", str(tp_size)] if tp_size != 1 else []), *(["--pp", str(pp_size)] if pp_size != 1 else [])]
-    quantized = ["--block-size", str(block_size)] if block_size is not None else []
+    quantized = [*(["--block-size", str(block_size)] if block_size is not None else []),
+                 *(["--accuracy-level", str(accuracy_level)] if accuracy_level is not None else [])]
     return shlex.join(["facert", "build", "--checkpoint", str(checkpoint), "--backend", backend,
                        "--precision", precision, *quantized, "--max-batch", str(max_batch), "--max-images", str(max_images),
                        "--max-tiles", str(max_tiles), "--max-new-tokens", str(max_new_tokens), *parallel,
@@ -151,7 +152,8 @@ def build_engines(checkpoint: str | Path, backend: str, out: str | Path, precisi
                   simplify: bool = True, force: bool = False, command: str | None = None,
                   progress: Progress | None = None, max_images: int = DEFAULT_MAX_IMAGES,
                   max_tiles: int = DEFAULT_MAX_TILES, expect_spec: str | None = None, tp_size: int = 1,
-                  pp_size: int = 1, block_size: int | None = None, check_accuracy: bool = True) -> Path:
+                  pp_size: int = 1, block_size: int | None = None, accuracy_level: int | None = None,
+                  check_accuracy: bool = True) -> Path:
     """Build an engines folder at `out`; returns its path. `precision` defaults to default_precision(backend).
 
     max_images / max_tiles: the most images a request holds and (InternVL) tiles per image, which size
@@ -159,6 +161,8 @@ def build_engines(checkpoint: str | Path, backend: str, out: str | Path, precisi
     expect_spec: refuse a checkpoint of another model (a recipe's model.spec).
     tp_size / pp_size (tensorrt-llm): split the LLM's engine over tp_size x pp_size GPUs.
     block_size (onnxruntime int8/int4): weights per quantization block (default 32).
+    accuracy_level (onnxruntime int8/int4): MatMulNBits' compute type, 1 (fp32 activations) or 4 (int8
+    activations); default the precision's measured choice (export.quantize.ACCURACY_LEVEL).
     check_accuracy (onnxruntime int8/int4): measure the quantized LLM against the fp32 model on a few
     fixed text prompts and record it in the manifest (export.quant_accuracy.build_check)."""
     from runtime.checkpoint import checkpoint_hash, load_checkpoint
@@ -169,12 +173,15 @@ def build_engines(checkpoint: str | Path, backend: str, out: str | Path, precisi
     _check_args(backend, precision, max_batch, out, force, max_images, max_tiles, tp_size, pp_size)
     quantized = backend == "onnxruntime" and precision in ("int8", "int4")
     if quantized:
-        from export.quantize import DEFAULT_BLOCK_SIZE, check_block_size
+        from export.quantize import ACCURACY_LEVELS, DEFAULT_BLOCK_SIZE, check_block_size
 
         block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
         check_block_size(block_size)
-    elif block_size is not None:
-        raise EngineError("--block-size is for --backend onnxruntime --precision int8|int4")
+        if accuracy_level not in (None, *ACCURACY_LEVELS):
+            raise EngineError(f"--accuracy-level must be one of {', '.join(map(str, ACCURACY_LEVELS))} "
+                              f"(1: fp32 activations, 4: int8 activations), got {accuracy_level}")
+    elif block_size is not None or accuracy_level is not None:
+        raise EngineError("--block-size and --accuracy-level are for --backend onnxruntime --precision int8|int4")
     if backend != "onnxruntime":
         _require_gpu_toolchain(backend, precision)  # before minutes of export that could not be built
     steps = {"onnxruntime": 4 + 2 * quantized, "tensorrt": 5, "tensorrt-llm": 6}[backend]
@@ -200,7 +207,8 @@ def build_engines(checkpoint: str | Path, backend: str, out: str | Path, precisi
         _build_into(out, skeleton, load, tokenizer, config, checkpoint=checkpoint, source=source, backend=backend,
                     precision=precision, max_batch=max_batch, max_new_tokens=max_new_tokens, simplify=simplify,
                     command=command, progress=progress, t0=t0, max_images=max_images, max_tiles=max_tiles,
-                    tp_size=tp_size, pp_size=pp_size, block_size=block_size, check_accuracy=check_accuracy)
+                    tp_size=tp_size, pp_size=pp_size, block_size=block_size, accuracy_level=accuracy_level,
+                    check_accuracy=check_accuracy)
     except BaseException:
         if out.is_dir() and not (out / "manifest.json").exists():
             shutil.rmtree(out, ignore_errors=True)  # no half-built folder left behind
@@ -214,7 +222,7 @@ def _build_into(out: Path, model, load: Callable, tokenizer, config: dict, *, ch
                 backend: str, precision: str, max_batch: int, max_new_tokens: int, simplify: bool,
                 command: str | None, progress: Progress, t0: float, max_images: int = DEFAULT_MAX_IMAGES,
                 max_tiles: int = DEFAULT_MAX_TILES, tp_size: int = 1, pp_size: int = 1,
-                block_size: int | None = None, check_accuracy: bool = True) -> None:
+                block_size: int | None = None, accuracy_level: int | None = None, check_accuracy: bool = True) -> None:
     """The build proper, into the fresh folder `out`. `model` is the checkpoint's structure without
     weights; `load(parts)` loads those parts' weights (runtime.checkpoint.load_checkpoint; None: all)."""
     from export.onnx_export import export_onnx, llm_layout
@@ -238,7 +246,7 @@ def _build_into(out: Path, model, load: Callable, tokenizer, config: dict, *, ch
                 "precision": precision, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "build_command": command or build_command(checkpoint, backend, out, precision, max_batch,
                                                           max_new_tokens, max_images, max_tiles, tp_size, pp_size,
-                                                          block_size),
+                                                          block_size, accuracy_level),
                 "source": source, "tools": tool_versions(), "exporter": "torch.onnx.export(dynamo=False)",
                 "spec": config, "model": spec_model}
     onnx_manifest = {**manifest, "backend": "onnxruntime", "components": components}
@@ -263,7 +271,7 @@ def _build_into(out: Path, model, load: Callable, tokenizer, config: dict, *, ch
         manifest["components"] = components
         if precision in ("int8", "int4"):
             manifest["quantization"] = _quantize(load, tokenizer, out, components, spec_model["llm"], precision,
-                                                 block_size, check_accuracy, progress)
+                                                 block_size, accuracy_level, check_accuracy, progress)
     if work != out:
         shutil.rmtree(work)
     if backend != "onnxruntime":
@@ -279,7 +287,7 @@ def _build_into(out: Path, model, load: Callable, tokenizer, config: dict, *, ch
 
 
 def _quantize(load: Callable, tokenizer, out: Path, components: dict, layout: dict, precision: str,
-              block_size: int, check_accuracy: bool, progress: Progress) -> dict:
+              block_size: int, accuracy_level: int | None, check_accuracy: bool, progress: Progress) -> dict:
     """int8/int4 LLM graphs in place of the fp32 ones, and what they cost in accuracy; the manifest's
     `quantization` record. The check loads the fp32 LLM (torch) once the quantized graphs are written,
     runs it, and lets it go before it opens the quantized session (--no-accuracy-check where the fp32
@@ -288,7 +296,7 @@ def _quantize(load: Callable, tokenizer, out: Path, components: dict, layout: di
     from export.quantize import quantize_llm
 
     progress.step(f"quantizing the LLM's matmuls to {precision} (onnxruntime MatMulNBits, block {block_size})")
-    record = quantize_llm(out, components, precision, block_size, progress=progress)
+    record = quantize_llm(out, components, precision, block_size, accuracy_level, progress=progress)
     if check_accuracy:
         progress.step(f"measuring the {precision} LLM against the fp32 model (teacher-forced next-token agreement)")
         check = record["accuracy_check"] = build_check(load, tokenizer, out, components, layout, precision)

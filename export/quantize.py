@@ -72,6 +72,7 @@ DEFAULT_BLOCK_SIZE = 32
 # the near-lossless one: level 1, on nibble planes with block offsets (10 prompts: 99.3 % top-1 against
 # 95.7 % at level 4), at about fp32's decode speed and a quarter of its weight bytes.
 ACCURACY_LEVEL = {"int8": 1, "int4": 4}
+ACCURACY_LEVELS = (1, 4)  # the two compute types onnxruntime's x86 kernels have for fp32 activations
 # The lm_head's bits: 8 at both precisions. It is the largest single matmul (a fifth of SmolLM2's
 # weights) and what every score goes through; the demo model's agreement with fp32, 10 prompts
 # (benchmarks/results/2026-11-30-quant-offsets/NOTES.md): int4 with an int4 lm_head 84.1 %, with an

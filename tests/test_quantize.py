@@ -244,6 +244,25 @@ def test_cli_builds_and_asks_int4(tiny_checkpoint, tmp_path, capsys):
                  "--block-size", "16", "--no-accuracy-check", "--out", str(out)]) == 0
     assert "quantizing the LLM's matmuls to int4" in capsys.readouterr().err
     assert _manifest(out)["quantization"]["block_size"] == 16
+    assert _manifest(out)["quantization"]["accuracy_level"] == 4  # int4's default
+
+
+def test_cli_builds_int4_at_the_accuracy_level_asked(tiny_checkpoint, tmp_path, capsys):
+    """--accuracy-level 1 (fp32 activations) instead of int4's default 4: every MatMulNBits node of both
+    LLM graphs carries it, the manifest and the recorded build command say it, and the engines answer."""
+    out = tmp_path / "int4-level1"
+    assert main(["build", "--checkpoint", str(tiny_checkpoint), "--backend", "onnxruntime", "--precision", "int4",
+                 "--accuracy-level", "1", "--no-accuracy-check", "--out", str(out)]) == 0
+    m = _manifest(out)
+    assert m["quantization"]["accuracy_level"] == 1 and "--accuracy-level 1" in m["build_command"]
+    for name in ("llm_prefill", "llm_decode"):
+        levels = {onnx.helper.get_attribute_value(a) for n in _graph(out / f"{name}.onnx").graph.node
+                  if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+        assert levels == {1}
+    capsys.readouterr()
+    assert main(["ask", str(DEMO_IMAGE), "Is this person smiling?", "--engines", str(out), "--max-tokens", "3",
+                 "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 3
     assert main(["ask", str(DEMO_IMAGE), "Is this person smiling?", "--engines", str(out), "--max-tokens", "4",
                  "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 4
@@ -253,8 +272,16 @@ def test_bad_quantization_arguments_are_refused(tiny_checkpoint, tmp_path, capsy
     for size in (0, 8, 24, 48):
         with pytest.raises(EngineError, match="power of two >= 16"):
             check_block_size(size)
-    with pytest.raises(EngineError, match="--block-size is for"):
+    with pytest.raises(EngineError, match="--block-size and --accuracy-level are for"):
         build_engines(tiny_checkpoint, "onnxruntime", tmp_path / "x", precision="fp32", block_size=32)
+    with pytest.raises(EngineError, match="--block-size and --accuracy-level are for"):
+        build_engines(tiny_checkpoint, "onnxruntime", tmp_path / "x", precision="fp32", accuracy_level=1)
+    with pytest.raises(EngineError, match="--accuracy-level must be one of 1, 4"):
+        build_engines(tiny_checkpoint, "onnxruntime", tmp_path / "x", precision="int4", accuracy_level=2)
+    with pytest.raises(SystemExit):  # argparse's own refusal: exit status 2, the choices in the message
+        main(["build", "--checkpoint", str(tiny_checkpoint), "--backend", "onnxruntime", "--precision", "int4",
+              "--accuracy-level", "3", "--out", str(tmp_path / "x")])
+    assert "invalid choice: 3 (choose from 1, 4)" in capsys.readouterr().err
     with pytest.raises(EngineError, match="int4 is for --backend onnxruntime or tensorrt-llm"):
         build_engines(tiny_checkpoint, "tensorrt", tmp_path / "x", precision="int4")
     assert main(["build", "--checkpoint", str(tiny_checkpoint), "--backend", "onnxruntime", "--precision", "int8",
