@@ -153,6 +153,26 @@ def test_in_place_decode_graph_where_onnxruntime_allows_it(tiny_engines, tiny_fa
                                                "kv_num_heads": layout["num_kv_heads"]}
 
 
+def test_an_in_place_decode_graph_keeps_the_llm_on_the_cpu_provider(tiny_engines, tiny_facellm_engines):
+    """With GPU providers asked for, the LLM graphs of a folder whose decode graph is the in-place one run
+    on the CPU provider (its fp32 GroupQueryAttention has no CUDA kernel), with a warning; a plain decode
+    graph keeps the providers asked for, and CPU-only stays as it is, silently."""
+    import json
+    import warnings
+
+    from runtime.backends.onnxruntime_backend import providers_for_llm
+
+    gpu = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    in_place = json.loads((tiny_engines / "manifest.json").read_text())["components"]["llm_decode"]
+    plain = json.loads((tiny_facellm_engines / "manifest.json").read_text())["components"]["llm_decode"]
+    with pytest.warns(UserWarning, match="LLM runs on the CPU"):
+        assert providers_for_llm(in_place, gpu) == ["CPUExecutionProvider"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert providers_for_llm(plain, gpu) == gpu
+        assert providers_for_llm(in_place, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
 def test_llm_weights_are_stored_once(tiny_engines, tiny_model):
     params = sum(p.numel() * 4 for p in tiny_model.llm.parameters())
     data = (tiny_engines / "llm.onnx.data").stat().st_size

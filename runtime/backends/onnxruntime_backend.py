@@ -26,13 +26,15 @@ and never copies it. Where its attention is GroupQueryAttention (the in-place de
 the same buffers and the op writes the new K/V rows itself: a step is copy the new token's embedding,
 position and filled length into the bound inputs, run. Otherwise (the plain graph) `present_*` are
 just the new rows [B, Hkv, 1, hd], copied into the buffer after the run (one copy for every layer's).
-Note for GPU providers: onnxruntime's CUDA GroupQueryAttention takes fp16/bf16 only, so an fp32
-in-place graph runs that node on the CPU there (not measured: no GPU here).
+onnxruntime's CUDA GroupQueryAttention takes fp16/bf16 only, so with GPU providers the LLM graphs of
+a folder with the in-place decode graph run on the CPU provider (`providers_for_llm`, with a
+warning), the vision graphs on the GPU; not run on a GPU here (none was lent).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -347,6 +349,20 @@ def _as_numpy(x, dtype) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=dtype)
 
 
+def providers_for_llm(decode_entry: dict, providers: list) -> list:
+    """The LLM graphs' providers: `providers`, but the CPU's alone for an in-place decode graph (its
+    attention is onnxruntime's GroupQueryAttention in fp32, which the CUDA provider does not run, so
+    onnxruntime would put that node on the CPU behind copies that break the cache's sharing of past
+    and present); the vision graphs keep the GPU."""
+    names = {t["name"] for t in decode_entry.get("inputs", [])}
+    if providers[:1] == ["CPUExecutionProvider"] or not all(n in names for n in IN_PLACE_DECODE_INPUTS):
+        return providers
+    warnings.warn("this engines folder's decode graph attends with onnxruntime's fp32 CPU GroupQueryAttention: "
+                  "its LLM runs on the CPU, the vision graphs on the GPU (for the LLM on a GPU, build "
+                  "--backend tensorrt or tensorrt-llm)", stacklevel=3)
+    return ["CPUExecutionProvider"]
+
+
 class OrtComponents(Components):
     """runtime.backends.base.Components over an engines folder's ONNX graphs."""
 
@@ -358,7 +374,8 @@ class OrtComponents(Components):
         comps = manifest["components"]
         providers = choose_providers(device, trt_cache_dir or root / "ort_trt_cache", manifest.get("precision", "fp32"))
         options = session_options(intra_op_threads)
-        self.graphs = {name: Graph(root / e["file"], providers, options)
+        llm_providers = providers_for_llm(comps["llm_decode"], providers)
+        self.graphs = {name: Graph(root / e["file"], llm_providers if name.startswith("llm_") else providers, options)
                        for name, e in comps.items() if e.get("kind") == "onnx"}
         self.spec = manifest["spec"]
         self.family = self.spec["family"]
