@@ -112,7 +112,7 @@ def _check_quantization(name: str, path: Path, graph, entry: dict) -> None:
     if len(nodes) != want.get("quantized_matmuls"):
         raise EngineError(f"component {name!r}: {path.name} holds {len(nodes)} {QUANTIZED_OP} nodes, the manifest "
                           f"says {want.get('quantized_matmuls')} (mismatched manifest or file)")
-    planes = {n.name for n in nodes if n.input[0].removesuffix(WITH_BLOCK_MEANS).endswith(TWICE)}
+    planes = {n.name for n in nodes if TWICE in n.input[0]}  # fed [x, x] (and maybe x's block means or sums)
     if len(planes) != want.get("matmuls_as_nibble_planes", 0):
         raise EngineError(f"component {name!r}: {path.name} holds {len(planes)} {QUANTIZED_OP} nodes on nibble planes, "
                           f"the manifest says {want.get('matmuls_as_nibble_planes', 0)} (mismatched manifest or file)")
