@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -250,3 +253,68 @@ def test_a_wheel_install_fills_a_repository_from_its_own_templates(tiny_checkpoi
     assert "faceinsight" in run.stdout and "llm" in run.stdout
     assert (tmp_path / "repo" / "llm" / "1" / "model.py").read_bytes() == (
         root / "model_repository" / "llm" / "1" / "model.py").read_bytes()
+
+
+def _processes_naming(text: str, but: int) -> dict[int, str]:
+    """pid -> command line of every live process whose command line holds `text`, but `but`'s."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == but:
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = next((ln for ln in (entry / "status").read_text().splitlines() if ln.startswith("State:")), "")
+        except OSError:
+            continue
+        if text in cmdline and "zombie" not in state:
+            found[int(entry.name)] = cmdline
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_killed_facert_serve_leaves_no_server_behind(tiny_checkpoint, tmp_path):
+    """`facert serve` killed outright (SIGKILL: no cleanup of its own) takes its tritonserver, gateway and
+    stubs with it (the kernel's parent-death signal), and its ports can be bound again."""
+    import subprocess
+    import time
+    import urllib.request
+
+    repo = tmp_path / "repo"
+    fill_repository(repo, checkpoint=tiny_checkpoint)
+    http, grpc, metrics = free_ports(3)
+    serve = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "--model-repository", str(repo),
+                              "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+                              "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert serve.poll() is None and time.monotonic() < deadline, "facert serve did not become ready"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        children = _processes_naming(str(repo), but=serve.pid)
+        assert any("tritonserver" in c for c in children.values()), children
+        assert any("runtime.serving.gateway" in c for c in children.values()), children
+        serve.kill()
+        serve.wait()
+        deadline = time.monotonic() + 60
+        while _processes_naming(str(repo), but=serve.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _processes_naming(str(repo), but=serve.pid), "left running after facert serve was killed"
+        for port in (http, grpc, metrics):
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", port))
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+        for pid in _processes_naming(str(repo), but=serve.pid):  # never leak them, even when the test fails
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass

@@ -377,6 +377,25 @@ def inflight_models(repository: Path) -> set[str]:
     return out
 
 
+# Run before exec in a server process we start (Linux): the kernel sends it SIGTERM when the thread
+# that started it ends (prctl's parent-death signal, kept across exec), so a `facert serve` killed
+# outright (SIGKILL, the OOM killer, a test run stopped by a signal) leaves no tritonserver or gateway
+# holding its ports and memory; started after its parent already died, it exits at once. The thread
+# that starts a server is the caller of start() or the stub supervisor, both alive as long as it is.
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys\n"
+                    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+                    "if os.getppid() != int(sys.argv[1]):\n"
+                    "    sys.exit(70)\n"
+                    "os.execvp(sys.argv[2], sys.argv[2:])\n")
+
+
+def dying_with_parent(cmd: list[str]) -> list[str]:
+    """`cmd` started through the parent-death guard above (the same process once it execs; as is off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
+
+
 class StubSupervisor(threading.Thread):
     """Reloads a model whose python-backend stub died (tritonserver 2.51 does not restart it), and
     restarts tritonserver itself if it exits on its own.
@@ -695,8 +714,8 @@ class TritonServer:
             cmd += ["--openai-port", str(self.openai_port)]
             if self.openai_max_body_mb is not None:
                 cmd += ["--openai-max-body-mb", str(self.openai_max_body_mb)]
-        self.gateway = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                                        errors="replace", bufsize=1, start_new_session=True)
+        self.gateway = subprocess.Popen(dying_with_parent(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        env=env, text=True, errors="replace", bufsize=1, start_new_session=True)
         ready = threading.Event()
 
         def forward(proc: subprocess.Popen) -> None:
@@ -728,7 +747,7 @@ class TritonServer:
 
     def _launch(self, timeout_s: float) -> None:
         cmd, env = self._launch_args
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(dying_with_parent(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      env=env, text=True, errors="replace", bufsize=1,
                                      start_new_session=True)  # Ctrl-C reaches us; we stop it cleanly
         self._reader = threading.Thread(target=self._forward_log, args=(self.proc,), daemon=True)
