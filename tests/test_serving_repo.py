@@ -272,7 +272,7 @@ def _processes_naming(text: str, but: int) -> dict[int, str]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
-def test_a_killed_facert_serve_leaves_no_server_behind(tiny_checkpoint, tmp_path):
+def test_a_killed_facert_serve_leaves_no_served_process_behind(tiny_checkpoint, tmp_path):
     """`facert serve` killed outright (SIGKILL: no cleanup of its own) takes its tritonserver, gateway and
     stubs with it (the kernel's parent-death signal), and its ports can be bound again."""
     import subprocess
