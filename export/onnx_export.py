@@ -55,7 +55,7 @@ tensors. Its choices are for the runtime's preallocated cache:
   cos/sin tables, the write of the new K/V rows into the cache and attention over each row's
   filled positions, the cache buffers bound as both its past and present (onnxruntime writes them
   in place when the two share an address). A step reads only the positions filled so far, not the
-  buffer's capacity, and its node count falls by ~15 a layer (demo int4 decode: 664 onnxruntime
+  buffer's capacity, and its node count falls by ~15 a layer (demo int4 decode: 844 onnxruntime
   nodes against 1,229; step 11.7 -> 10.3 ms on the same machine, 2026-11-30-quant-gqa). Other head
   sizes keep the plain decode graph above.
 
