@@ -303,11 +303,14 @@ class KVCacheLLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B,1,S,hd]
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
 
+    def _packed_qkv(self, i, layer, x):
+        """The input norm and the fused q/k/v projection: [B,S,(H+2Hkv)*hd], q pre-scaled."""
+        return F.linear(layer.input_layernorm(x), getattr(self, f"qkv_weight_{i}"), getattr(self, f"qkv_bias_{i}"))
+
     def _qkv(self, i, layer, x, cos, sin):
         """q [B,Hkv,G*S,hd] (the G query heads of each KV head side by side, pre-scaled), k, v [B,Hkv,S,hd]."""
         h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = F.linear(layer.input_layernorm(x), getattr(self, f"qkv_weight_{i}"), getattr(self, f"qkv_bias_{i}"))
-        qkv = reshape(qkv, 0, -1, h + 2 * hkv, hd).transpose(1, 2)  # [B, H+2Hkv, S, hd]
+        qkv = reshape(self._packed_qkv(i, layer, x), 0, -1, h + 2 * hkv, hd).transpose(1, 2)  # [B, H+2Hkv, S, hd]
         qk, v = qkv[:, :h + hkv], qkv[:, h + hkv:]
         qk = qk * cos + torch.matmul(qk, self.rotate) * sin
         return reshape(qk[:, :h], 0, hkv, -1, hd), qk[:, h:], v
@@ -378,8 +381,7 @@ class KVCacheLLM(nn.Module):
         cache write and attention), the cache buffers [B,Hkv,C,hd] both read and written in place."""
         x, presents = inputs_embeds, []
         for i, layer in enumerate(self.lm.model.layers):
-            qkv = F.linear(layer.input_layernorm(x), getattr(self, f"qkv_weight_{i}"), getattr(self, f"qkv_bias_{i}"))
-            out, k, v = GroupQueryAttention.apply(qkv, cache[2 * i], cache[2 * i + 1], seqlens_k, total_sequence_length,
+            out, k, v = GroupQueryAttention.apply(self._packed_qkv(i, layer, x), cache[2 * i], cache[2 * i + 1], seqlens_k, total_sequence_length,
                                                   self.rope_cos_cache, self.rope_sin_cache, position_ids,
                                                   attention_bias, query_seqlens, self.num_heads, self.num_kv_heads)
             x = self._finish_layer(i, layer, x, out)

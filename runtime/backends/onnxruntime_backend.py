@@ -209,6 +209,14 @@ class OrtLLM:
             out[f"present_value_{i}"] = torch.empty(shape, device=self.device)
         return out
 
+    def _prefill(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The prefill graph over whole prompts from position 0: its logits and every layer's K/V."""
+        b, s = embeds.shape[0], embeds.shape[1]
+        outputs = {"logits": torch.empty(b, self.vocab_size, device=self.device), **self._kv_outputs(b, s)}
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask[:, :s].contiguous(), "position_ids": positions}
+        self.prefill.run_bound(self.prefill.bind(feeds, outputs))
+        return outputs
+
     def _cache_feeds(self, cache: OrtKVCache, rows: slice, prefix: str) -> dict[str, torch.Tensor]:
         feeds = {}
         for i in range(self.num_layers):
@@ -238,9 +246,7 @@ class OrtLLM:
         dev, max_len = self.device, cache.max_len
         b, s = embeds.shape[0], embeds.shape[1]
         if b and int(starts.max()) == 0:  # prompts from position 0: the prefill graph, its K/V copied in
-            outputs = {"logits": torch.empty(b, self.vocab_size, device=dev), **self._kv_outputs(b, s)}
-            feeds = {"inputs_embeds": embeds, "attention_mask": mask[:, :s].contiguous(), "position_ids": positions}
-            self.prefill.run_bound(self.prefill.bind(feeds, outputs))
+            outputs = self._prefill(embeds, mask, positions)
             for i in range(self.num_layers):
                 cache.keys[i][rows, :, :s].copy_(outputs[f"present_key_{i}"])
                 cache.values[i][rows, :, :s].copy_(outputs[f"present_value_{i}"])
@@ -306,11 +312,7 @@ class OrtLLM:
         position_ids = torch.as_tensor(position_ids).to(dev, torch.long).contiguous()
         b, s = embeds.shape[0], embeds.shape[1]
         if cache is None:  # a full recompute: the prefill graph alone
-            outputs = {"logits": torch.empty(b, self.vocab_size, device=dev), **self._kv_outputs(b, s)}
-            feeds = {"inputs_embeds": embeds, "attention_mask": attention_mask[:, :s].contiguous(),
-                     "position_ids": position_ids}
-            self.prefill.run_bound(self.prefill.bind(feeds, outputs))
-            return outputs["logits"]
+            return self._prefill(embeds, attention_mask, position_ids)["logits"]
         start = 0 if cache_position is None else int(cache_position[0])
         if b != cache.batch:
             raise ValueError(f"batch {b} does not match the cache's {cache.batch}")
