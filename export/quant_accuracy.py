@@ -187,8 +187,9 @@ def open_llm(engines_dir: Path, components: dict, layout: dict, intra_op_threads
 
     from runtime.backends.onnxruntime_backend import Graph, OrtLLM, choose_providers, session_options
 
-    providers, options = choose_providers("cpu"), session_options(intra_op_threads)
-    graphs = {name: Graph(engines_dir / components[name]["file"], providers, options)
+    providers = choose_providers("cpu")
+    graphs = {name: Graph(engines_dir / components[name]["file"], providers,
+                          session_options(intra_op_threads, hot_loop=name == "llm_decode"))
               for name in ("llm_prefill", "llm_decode")}
     table = np.load(engines_dir / components["embed_tokens"]["file"], mmap_mode="r")
     return OrtLLM(graphs["llm_prefill"], graphs["llm_decode"], table, layout)

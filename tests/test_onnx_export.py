@@ -17,6 +17,7 @@ import torch
 from export.build import Progress, build_engines
 from runtime.checkpoint import load_checkpoint
 from runtime.engines import open_components, open_pipeline
+from runtime.manifest import EngineError
 from runtime.generate import SamplingParams, TorchLLM, generate
 from runtime.pipeline import FacePipeline
 
@@ -341,6 +342,33 @@ def test_facellm_pipeline_matches_torch(tiny_facellm_engines, tiny_facellm_check
     params = SamplingParams(max_new_tokens=8)
     for image, q in zip(face_images[:2], ["Who is this?", "How old is this person?"]):
         assert ort_pipe.ask(image, q, params).token_ids == torch_pipe.ask(image, q, params).token_ids
+
+
+def _spin_entries(options) -> tuple[str, str]:
+    """(allow_spinning, force_spinning_stop or "" where unset) of a SessionOptions."""
+    def entry(key: str) -> str:
+        try:
+            return options.get_session_config_entry(key)
+        except Exception:  # onnxruntime raises its own Fail where a key is unset
+            return ""
+    return entry("session.intra_op.allow_spinning"), entry("session.force_spinning_stop")
+
+
+def test_only_the_decode_graph_spins_and_only_while_it_runs(tiny_engines, monkeypatch):
+    from runtime.backends.onnxruntime_backend import session_options
+
+    monkeypatch.delenv("FACERT_ORT_SPIN", raising=False)
+    comps = open_components(tiny_engines, intra_op_threads=1)
+    spins = {name: _spin_entries(g.session.get_session_options()) for name, g in comps.graphs.items()}
+    assert spins.pop("llm_decode") == ("1", "1")  # spinning, stopped when a step returns
+    assert spins and all(entries == ("0", "") for entries in spins.values()), spins
+    monkeypatch.setenv("FACERT_ORT_SPIN", "0")  # a shared machine: every worker sleeps
+    assert _spin_entries(session_options(1, hot_loop=True)) == ("0", "")
+    monkeypatch.setenv("FACERT_ORT_SPIN", "1")
+    assert _spin_entries(session_options(1)) == ("1", "1")
+    monkeypatch.setenv("FACERT_ORT_SPIN", "yes")
+    with pytest.raises(EngineError, match="FACERT_ORT_SPIN='yes'"):
+        session_options(1)
 
 
 def test_onnxruntime_threads_and_providers(tiny_engines):

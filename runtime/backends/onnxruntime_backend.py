@@ -11,12 +11,15 @@ timing cache in `trt_cache_dir` (default: `ort_trt_cache/` in the engines folder
 first session build pays for TensorRT's tactic search.
 
 Threads: `intra_op_threads` (default: the env var FACERT_ORT_THREADS, else onnxruntime's default,
-one per physical core); one inter-op thread, since the graphs run their nodes in sequence. The
-intra-op workers sleep instead of spin-waiting between ops (FACERT_ORT_SPIN=1 turns spinning back
-on): on a CPU shared with other processes a spinning pool waits on a descheduled worker at every
-op, and a demo decode step measured 119 ms spinning against 48 ms not (2 threads, load average
-5.6 on 2 cores).
-
+one per physical core); one inter-op thread, since the graphs run their nodes in sequence.
+Spinning: the LLM's one-token decode graph lets its intra-op workers spin-wait between its ops while
+a step runs (`session.force_spinning_stop`: they stop spinning when the step returns, so an idle
+server burns no CPU); every other graph's workers sleep. A decode step is ~500 small ops, and waking a
+sleeping worker for each costs more than the op: the demo's int4 step measured 6.7-6.9 ms spinning
+against 8.2-9.3 sleeping on a quiet 2-core machine. Spinning loses where the cores are shared: two
+decoders on those 2 cores took 21-22 ms a step spinning against 12-14 sleeping
+(benchmarks/results/2026-11-30-quant-spin/NOTES.md). FACERT_ORT_SPIN=0 makes every graph's workers
+sleep (a machine shared with other work), FACERT_ORT_SPIN=1 lets every graph's spin.
 The KV cache: `new_cache` preallocates, per layer, K and V buffers [B, Hkv, max_len, hd] as torch
 tensors (views of one [layers, 2, B, Hkv, max_len, hd] tensor; on the CUDA device when a GPU provider
 runs the graphs) plus the decode step's inputs and outputs, bound once through one IOBinding per row
@@ -83,7 +86,17 @@ def choose_providers(device: str = "cpu", trt_cache_dir: str | Path | None = Non
     return chosen + ["CPUExecutionProvider"]
 
 
-def session_options(intra_op_threads: int | None = None):
+def spinning(hot_loop: bool) -> bool:
+    """Whether a session's intra-op workers spin between ops: FACERT_ORT_SPIN=0/1 for every session,
+    else only the sessions run in a hot loop of small steps (the LLM's one-token decode graph)."""
+    chosen = os.environ.get("FACERT_ORT_SPIN", "").strip()
+    if chosen not in ("", "0", "1"):
+        raise EngineError(f"FACERT_ORT_SPIN={chosen!r}: use 0 (workers sleep between ops) or 1 (they spin)")
+    return hot_loop if chosen == "" else chosen == "1"
+
+
+def session_options(intra_op_threads: int | None = None, hot_loop: bool = False):
+    """SessionOptions for one graph; `hot_loop`: it runs as many small back-to-back steps (see spinning)."""
     ort = _ort()
     so = ort.SessionOptions()
     threads = intra_op_threads if intra_op_threads is not None else int(os.environ.get("FACERT_ORT_THREADS", "0"))
@@ -92,7 +105,10 @@ def session_options(intra_op_threads: int | None = None):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # errors only: the CPU provider warns about every node it does not fuse
-    so.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("FACERT_ORT_SPIN", "0"))
+    spin = spinning(hot_loop)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if spin:  # only while a run is in flight: workers go to sleep when it returns
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     return so
 
 
@@ -272,7 +288,7 @@ class OrtLLM:
                 cache.step_mask[rows, :max_len].copy_(past_mask)
                 cache.step_mask[rows, max_len:].copy_(new_mask)
             self.decode.run_bound(binding)
-            logits, new_kv = cache.logits[rows].clone(), (None if self.in_place else cache.new_kv[:, :, rows])
+            logits, new_kv = _copied(cache.logits[rows]), (None if self.in_place else cache.new_kv[:, :, rows])
         else:  # several tokens a row onto a filled cache: bound for this call only
             feeds = {"inputs_embeds": embeds, "position_ids": positions.contiguous(),
                      **self._cache_feeds(cache, rows, "past")}
@@ -345,6 +361,15 @@ class OrtLLM:
         return self._run(cache, slice(first_row, first_row + b), embeds, slot_positions(starts, s), starts, mask)
 
 
+def _copied(t: torch.Tensor) -> torch.Tensor:
+    """A copy of a CPU tensor made by numpy, one thread: torch's copy of the logits (over its parallel
+    grain) wakes torch's OpenMP workers, whose spin-wait after it fights the decode graph's spinning
+    workers for the cores (demo int4 step, 2 cores: 10.5-11.6 ms against 6.7)."""
+    if t.device.type != "cpu":
+        return t.clone()
+    return torch.from_numpy(t.numpy().copy())
+
+
 def _as_numpy(x, dtype) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
@@ -375,9 +400,9 @@ class OrtComponents(Components):
         root = Path(engines_dir)
         comps = manifest["components"]
         providers = choose_providers(device, trt_cache_dir or root / "ort_trt_cache", manifest.get("precision", "fp32"))
-        options = session_options(intra_op_threads)
         llm_providers = providers_for_llm(comps["llm_decode"], providers)
-        self.graphs = {name: Graph(root / e["file"], llm_providers if name.startswith("llm_") else providers, options)
+        self.graphs = {name: Graph(root / e["file"], llm_providers if name.startswith("llm_") else providers,
+                                   session_options(intra_op_threads, hot_loop=name == "llm_decode"))
                        for name, e in comps.items() if e.get("kind") == "onnx"}
         self.spec = manifest["spec"]
         self.family = self.spec["family"]
