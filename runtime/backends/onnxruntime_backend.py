@@ -20,6 +20,7 @@ against 8.2-9.3 sleeping on a quiet 2-core machine. Spinning loses where the cor
 decoders on those 2 cores took 21-22 ms a step spinning against 12-14 sleeping
 (benchmarks/results/2026-11-30-quant-spin/NOTES.md). FACERT_ORT_SPIN=0 makes every graph's workers
 sleep (a machine shared with other work), FACERT_ORT_SPIN=1 lets every graph's spin.
+
 The KV cache: `new_cache` preallocates, per layer, K and V buffers [B, Hkv, max_len, hd] as torch
 tensors (views of one [layers, 2, B, Hkv, max_len, hd] tensor; on the CUDA device when a GPU provider
 runs the graphs) plus the decode step's inputs and outputs, bound once through one IOBinding per row
