@@ -405,3 +405,17 @@ def test_demo_quantized_engines_stay_close_to_fp32(demo_engines, tmp_path, face_
         r = results[precision]
         assert r["top1_agreement"] >= min_top1 and r["mean_kl"] <= max_kl, (precision, r)
         assert np.isfinite(r["mean_kl"])
+
+
+def test_spin_probe_times_the_decode_step_spinning_and_sleeping(tiny_quantized, tmp_path):
+    """benchmarks/spin_probe.py on the tiny int4 engines: every setting times two decoders at once."""
+    from benchmarks import spin_probe
+
+    out = tmp_path / "spin.json"
+    assert spin_probe.main([str(tiny_quantized["int4"]), "--threads", "1", "--past", "20", "--steps", "3",
+                            "--rounds", "1", "--concurrent", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {r["setting"] for r in rows} == set(spin_probe.SETTINGS)
+    for r in rows:
+        assert r["concurrent"] == 2 and r["samples"] == 2  # one round from each of the two decoders
+        assert 0 < r["min"] <= r["ms_per_step_median"] <= r["max"]
