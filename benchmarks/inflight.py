@@ -344,6 +344,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.rates = [float(x) for x in args.rates.split(",")]
     work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)  # the repositories and the servers' log go here, engines given or not
     if args.engines:
         engines = Path(args.engines)
     else:
