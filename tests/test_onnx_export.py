@@ -362,6 +362,8 @@ def test_only_the_decode_graph_spins_and_only_while_it_runs(tiny_engines, monkey
     spins = {name: _spin_entries(g.session.get_session_options()) for name, g in comps.graphs.items()}
     assert spins.pop("llm_decode") == ("1", "1")  # spinning, stopped when a step returns
     assert spins and all(entries == ("0", "") for entries in spins.values()), spins
+    served = open_components(tiny_engines, intra_op_threads=1, spin_decode=False)  # what the served steps open
+    assert {_spin_entries(g.session.get_session_options()) for g in served.graphs.values()} == {("0", "")}
     monkeypatch.setenv("FACERT_ORT_SPIN", "0")  # a shared machine: every worker sleeps
     assert _spin_entries(session_options(1, hot_loop=True)) == ("0", "")
     monkeypatch.setenv("FACERT_ORT_SPIN", "1")

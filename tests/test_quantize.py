@@ -365,7 +365,7 @@ def test_demo_engines_fall_back_to_fp32_when_the_quantized_build_misses_its_goal
 
 
 @pytest.mark.slow
-def test_served_repository_runs_int4_engines_unchanged(tiny_quantized, tmp_path, face_png):
+def test_served_repository_runs_int4_engines_unchanged(tiny_quantized, tmp_path, face_png, monkeypatch):
     from runtime.client import ask_remote
     from runtime.serving.repo import fill_repository
     from runtime.serving.server import TritonServer, free_ports
@@ -374,11 +374,15 @@ def test_served_repository_runs_int4_engines_unchanged(tiny_quantized, tmp_path,
     params = SamplingParams(max_new_tokens=8)
     expected = open_pipeline(engines).ask(face_png, "Is this person smiling?", params)
     fill_repository(tmp_path / "repo", engines=engines)
+    monkeypatch.delenv("FACERT_ORT_SPIN", raising=False)  # the server inherits it
     http, grpc, metrics = free_ports(3)
+    lines = []
     with TritonServer(tmp_path / "repo", http_port=http, grpc_port=grpc, metrics_port=metrics,
-                      log=lambda _l: None, exit_timeout_s=3) as server:
+                      log=lines.append, exit_timeout_s=3) as server:
         served = ask_remote(server.grpc_url, face_png, "Is this person smiling?", params, stream=True)
     assert served["token_ids"] == expected.token_ids and served["text"] == expected.text
+    # the served steps share the cores: the llm step's decode workers sleep
+    assert any("decode graph's workers sleep between ops" in line for line in lines), lines[-20:]
 
 
 # ------------------------------------------------------------------------------- the demo model

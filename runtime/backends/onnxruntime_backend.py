@@ -12,14 +12,17 @@ first session build pays for TensorRT's tactic search.
 
 Threads: `intra_op_threads` (default: the env var FACERT_ORT_THREADS, else onnxruntime's default,
 one per physical core); one inter-op thread, since the graphs run their nodes in sequence.
-Spinning: the LLM's one-token decode graph lets its intra-op workers spin-wait between its ops while
-a step runs (`session.force_spinning_stop`: they stop spinning when the step returns, so an idle
-server burns no CPU); every other graph's workers sleep. A decode step is ~500 small ops, and waking a
-sleeping worker for each costs more than the op: the demo's int4 step measured 6.7-6.9 ms spinning
-against 8.2-9.3 sleeping on a quiet 2-core machine. Spinning loses where the cores are shared: two
-decoders on those 2 cores took 21-22 ms a step spinning against 12-14 sleeping
-(benchmarks/results/2026-11-30-quant-spin/NOTES.md). FACERT_ORT_SPIN=0 makes every graph's workers
-sleep (a machine shared with other work), FACERT_ORT_SPIN=1 lets every graph's spin.
+Spinning: in-process (`facert ask --engines`, the library), the LLM's one-token decode graph lets its
+intra-op workers spin-wait between its ops while a step runs (`session.force_spinning_stop`: they stop
+when the step returns, so an idle process burns no CPU); every other graph's workers sleep. A decode
+step is ~500 small ops, and waking a sleeping worker for each costs more than the op: the demo's int4
+step measured 6.95 ms spinning against 8.87 sleeping on a quiet 2-core machine. Spinning loses where
+other processes want the cores: two decoders on those 2 cores took 20.5 ms a step spinning against
+12.6 sleeping. The served repository is such a case (its image steps and the gateway run in other
+processes beside the llm step), so its steps open the components with `spin_decode=False`
+(runtime/serving/python_backend.py; measured there, benchmarks/results/2026-11-30-quant-spin/NOTES.md).
+FACERT_ORT_SPIN=0 makes every graph's workers sleep, FACERT_ORT_SPIN=1 lets every graph's spin,
+whatever the caller chose.
 
 The KV cache: `new_cache` preallocates, per layer, K and V buffers [B, Hkv, max_len, hd] as torch
 tensors (views of one [layers, 2, B, Hkv, max_len, hd] tensor; on the CUDA device when a GPU provider
@@ -397,14 +400,16 @@ class OrtComponents(Components):
     backend = "onnxruntime"
 
     def __init__(self, engines_dir: str | Path, manifest: dict, device: str = "cpu",
-                 intra_op_threads: int | None = None, trt_cache_dir: str | Path | None = None):
+                 intra_op_threads: int | None = None, trt_cache_dir: str | Path | None = None,
+                 spin_decode: bool = True):
         root = Path(engines_dir)
         comps = manifest["components"]
         providers = choose_providers(device, trt_cache_dir or root / "ort_trt_cache", manifest.get("precision", "fp32"))
         llm_providers = providers_for_llm(comps["llm_decode"], providers)
         self.graphs = {name: Graph(root / e["file"], llm_providers if name.startswith("llm_") else providers,
-                                   session_options(intra_op_threads, hot_loop=name == "llm_decode"))
+                                   session_options(intra_op_threads, hot_loop=spin_decode and name == "llm_decode"))
                        for name, e in comps.items() if e.get("kind") == "onnx"}
+        self.decode_spins = spinning(spin_decode)  # what the decode session was given (FACERT_ORT_SPIN included)
         self.spec = manifest["spec"]
         self.family = self.spec["family"]
         model = manifest["model"]

@@ -220,6 +220,9 @@ class TritonPythonModel(Step):
         if self.pipe is not None:
             self.tokenizer, self.vocab_size = self.pipe.tokenizer, self.pipe.c.vocab_size
             self.eos_ids = self.pipe.eos_token_ids
+            if hasattr(self.pipe.c, "decode_spins"):  # onnxruntime: say which, FACERT_ORT_SPIN may have changed it
+                pb_utils.Logger.log_info(f"llm: the onnxruntime decode graph's workers "
+                                         f"{'spin' if self.pipe.c.decode_spins else 'sleep'} between ops")
             if self.params.get("scheduler", "inflight") == "inflight":
                 self._start_scheduler()
         else:  # tensorrtllm: the tokenizer and vocabulary size come from the engines folder
