@@ -72,10 +72,11 @@ def open_pipeline(params: dict, device: str, parts: tuple[str, ...] | None = Non
             from runtime.engines import open_pipeline as open_engines  # the engines backends (export issue)
 
             backend = params.get("backend") or "onnxruntime"
-            # onnxruntime: the decode graph's workers sleep between ops here too. The served steps share
-            # the cores with each other's processes, and spinning workers took them from the image steps
-            # and prefills of new requests: in-flight at 1 request/s, TTFT p50 2.6-3.2 s spinning against
-            # 1.3-1.6 s sleeping (benchmarks/results/2026-11-30-quant-spin/NOTES.md). FACERT_ORT_SPIN=1 spins.
+            # onnxruntime: every worker sleeps between ops here (in-process, the decode graph's spin). The
+            # served steps share the cores with each other's processes, and spinning decode workers took them
+            # from the image steps and prefills of new requests: in-flight at 1 request/s, TTFT p50 2.6-3.2 s
+            # spinning against 1.3-1.6 s sleeping (benchmarks/results/2026-11-30-quant-spin/NOTES.md).
+            # FACERT_ORT_SPIN=1 spins anyway.
             options = {"spin_decode": False} if backend == "onnxruntime" else {}
             _PIPELINES[key] = open_engines(params["engines"], backend=backend, device=device, **options)
         elif params.get("checkpoint"):
