@@ -63,6 +63,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_cpu_backends import (QUESTION, cpu_name, ensure_demo, gemv_bandwidth, load_average,  # noqa: E402
                                 machine_id, run_facert, run_transformers)
 from runtime.cli import DEMO_IMAGE  # noqa: E402
+from spin_probe import bound_decode_step  # noqa: E402
 
 GOALS = {"int4_decode_vs_llama_cpp": 1.0, "int4_decode_vs_transformers": 5.0, "llama_cpp_prefill_vs_int4": 1.5}
 FIGURES = ("prefill_ms", "decode_tokens_per_s", "end_to_end_ms")
@@ -160,22 +161,16 @@ def decode_profile(engines: Path, past: int, steps: int, threads: int) -> dict:
     """Where a decode step's time goes: onnxruntime's profiler over `steps` runs of the decode graph as
     the runtime runs it (OrtLLM's bound step: one token onto a `past`-row cache, batch 1), node time
     summed per operator type, ms per step."""
-    from runtime.backends.onnxruntime_backend import Graph, OrtLLM, session_options
+    from runtime.backends.onnxruntime_backend import session_options
 
-    manifest = json.loads((engines / "manifest.json").read_text())
-    layout = manifest["model"]["llm"]
     so = session_options(threads, hot_loop=True)
     so.enable_profiling = True
     so.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"facert-decode-profile-{os.getpid()}")
-    decode = Graph(engines / manifest["components"]["llm_decode"]["file"], ["CPUExecutionProvider"], so)
-    llm = OrtLLM(decode, decode, np.zeros((layout["vocab_size"], 1), dtype=np.float32), layout)
-    cache = llm.new_cache(1, past + 1)
-    cache.kv.normal_(generator=torch.Generator().manual_seed(0))
-    embeds = torch.randn(1, 1, layout["hidden_size"], generator=torch.Generator().manual_seed(1)) * 0.02
-    llm.forward_slots(cache, embeds, 0, [past])  # warm-up (profiled too, subtracted below)
+    step, decode = bound_decode_step(engines, past, so)
+    step()  # warm-up (profiled too, subtracted below)
     t0 = time.perf_counter()
     for _ in range(steps):
-        llm.forward_slots(cache, embeds, 0, [past])
+        step()
     wall = (time.perf_counter() - t0) / steps
     trace = Path(decode.session.end_profiling())
     events = json.loads(trace.read_text())
@@ -218,18 +213,11 @@ SLEEPING = "onnxruntime int4, sleeping workers"
 
 
 def sleeping_runner(engines: Path, image: bytes, n: int, threads: int):
-    """run_facert on its own int4 pipeline whose sessions' workers all sleep between ops (FACERT_ORT_SPIN=0)."""
+    """run_facert on its own int4 pipeline whose decode graph's workers sleep between ops, like every other
+    graph's (what FACERT_ORT_SPIN=0 and the served steps run)."""
     from runtime.engines import open_pipeline
 
-    before = os.environ.get("FACERT_ORT_SPIN")
-    os.environ["FACERT_ORT_SPIN"] = "0"
-    try:
-        pipe = open_pipeline(engines, intra_op_threads=threads)
-    finally:
-        if before is None:
-            del os.environ["FACERT_ORT_SPIN"]
-        else:
-            os.environ["FACERT_ORT_SPIN"] = before
+    pipe = open_pipeline(engines, intra_op_threads=threads, spin_decode=False)
     return lambda: run_facert(pipe, image, n)
 
 

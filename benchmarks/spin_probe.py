@@ -28,30 +28,39 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"default (decode spins)": None, "FACERT_ORT_SPIN=0": "0"}
 
 
-def time_steps(engines: Path, threads: int, past: int, steps: int, rounds: int) -> list[float]:
-    """ms per step of each round, in this process (the child's side)."""
+def bound_decode_step(engines: Path, past: int, options):
+    """The LLM decode step of `engines` as the runtime runs it (OrtLLM's bound step: one token onto a
+    `past`-row cache of seeded random K/V, batch 1), its graph opened with SessionOptions `options`
+    -> (a function that runs one step, the decode Graph)."""
     import numpy as np
     import torch
 
-    from runtime.backends.onnxruntime_backend import Graph, OrtLLM, session_options
+    from runtime.backends.onnxruntime_backend import Graph, OrtLLM
 
     manifest = json.loads((engines / "manifest.json").read_text())
     layout = manifest["model"]["llm"]
-    decode = Graph(engines / manifest["components"]["llm_decode"]["file"], ["CPUExecutionProvider"],
-                   session_options(threads, hot_loop=True))
+    decode = Graph(engines / manifest["components"]["llm_decode"]["file"], ["CPUExecutionProvider"], options)
     llm = OrtLLM(decode, decode, np.zeros((layout["vocab_size"], 1), dtype=np.float32), layout)
     cache = llm.new_cache(1, past + 1)
     cache.kv.normal_(generator=torch.Generator().manual_seed(0))
     embeds = torch.randn(1, 1, layout["hidden_size"], generator=torch.Generator().manual_seed(1)) * 0.02
+    return (lambda: llm.forward_slots(cache, embeds, 0, [past])), decode
+
+
+def time_steps(engines: Path, threads: int, past: int, steps: int, rounds: int) -> list[float]:
+    """ms per step of each round, in this process (the child's side)."""
+    from runtime.backends.onnxruntime_backend import session_options
+
+    step, _ = bound_decode_step(engines, past, session_options(threads, hot_loop=True))
     for _ in range(5):
-        llm.forward_slots(cache, embeds, 0, [past])
+        step()
     print("ready", flush=True)
     sys.stdin.readline()  # every decoder starts timing at once
     per_round = []
     for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(steps):
-            llm.forward_slots(cache, embeds, 0, [past])
+            step()
         per_round.append((time.perf_counter() - t0) / steps * 1e3)
     return per_round
 

@@ -409,7 +409,6 @@ class OrtComponents(Components):
         self.graphs = {name: Graph(root / e["file"], llm_providers if name.startswith("llm_") else providers,
                                    session_options(intra_op_threads, hot_loop=spin_decode and name == "llm_decode"))
                        for name, e in comps.items() if e.get("kind") == "onnx"}
-        self.decode_spins = spinning(spin_decode)  # what the decode session was given (FACERT_ORT_SPIN included)
         self.spec = manifest["spec"]
         self.family = self.spec["family"]
         model = manifest["model"]
@@ -421,6 +420,12 @@ class OrtComponents(Components):
         self.llm = OrtLLM(self.graphs["llm_prefill"], self.graphs["llm_decode"], table, model["llm"])
         self.device = self.llm.device
         self.providers = self.graphs["llm_decode"].providers
+
+    @property
+    def decode_spins(self) -> bool:
+        """Whether the decode graph's workers spin between ops: what its session got, FACERT_ORT_SPIN included."""
+        options = self.graphs["llm_decode"].session.get_session_options()
+        return options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
 
     def _require(self, name: str) -> Graph:
         if name not in self.graphs:
